@@ -42,7 +42,7 @@ def get_config(arg=None):
   config.model.dtype = 'float32'  # Compute dtype: float32 or bfloat16.
   config.model.remat_policy = 'none'  # none | full | dots | dots_no_batch
   config.model.scan_layers = False  # nn.scan over blocks: fast compiles for deep models.
-  config.model.attention_impl = 'xla'  # xla | cudnn | naive
+  config.model.attention_impl = 'xla'  # xla | cudnn (GPU) | tpu_flash (TPU) | naive
   config.model.encoder_mask_tokens = False  # Ablation: mask tokens in the encoder.
 
   # Data.

@@ -72,6 +72,7 @@ from mae_jax import checkpoint as ckpt_lib
 from mae_jax import metrics as metrics_lib
 from mae_jax import models, optim, parallel
 from mae_jax import train as train_lib
+from mae_jax.models import vit
 
 KINDS = ('finetune', 'linprobe', 'knn')
 MIXUP_MODES = ('batch', 'elem')
@@ -210,8 +211,8 @@ def validate_config(config, mesh) -> None:
     if config.get('freeze_encoder', False):
       raise ValueError('freeze_encoder=True with downstream=finetune: use downstream=linprobe to train '
                        'a head on a frozen encoder')
-  if config.model.get('attention_impl', 'xla') == 'cudnn' and jax.default_backend() != 'gpu':
-    raise ValueError("model.attention_impl='cudnn' needs a GPU backend; use 'xla' here")
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  vit.check_attention_platform(config.model.get('attention_impl', 'xla'), platform)
 
 
 # ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from mae_jax import metrics as metrics_lib
 from mae_jax import models
 from mae_jax import optim
 from mae_jax import parallel
+from mae_jax.models import vit
 
 
 @flax.struct.dataclass
@@ -111,8 +112,8 @@ def validate_config(config, mesh: jax.sharding.Mesh | None = None) -> None:
           f'batch_size={config.batch_size} (micro-batch {micro} with grad_accum_steps={accum}) is not '
           f'divisible by the data-parallel size {dp} = mesh data x fsdp {dict(mesh.shape)}')
   models.num_visible(build_model(config).num_patches, config.mask_ratio)
-  if config.model.get('attention_impl', 'xla') == 'cudnn' and jax.default_backend() != 'gpu':
-    raise ValueError("model.attention_impl='cudnn' needs a GPU backend; use 'xla' here")
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  vit.check_attention_platform(config.model.get('attention_impl', 'xla'), platform)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
 

@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.models import pos_embed
+from mae_jax.models import pos_embed, tpu_attention
 
 Dtype = Any
 
 LAYER_NORM_EPS = 1e-6
-ATTENTION_IMPLS = ('xla', 'cudnn', 'naive')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'tpu_flash', 'naive')
+# The device platform each fused implementation runs on (the others run anywhere).
+ATTENTION_PLATFORMS = {'cudnn': 'gpu', 'tpu_flash': 'tpu'}
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -43,6 +45,16 @@ def canonical_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
   except TypeError as e:
     raise ValueError(f'model.dtype={dtype!r}: must be float32, bfloat16 or float16') from e
+
+
+def check_attention_platform(attention_impl: str, platform: str, prefix: str = 'model.') -> None:
+  """Raises ValueError when a fused attention implementation cannot run on `platform`."""
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f'{prefix}attention_impl={attention_impl!r}: must be one of {ATTENTION_IMPLS}')
+  needs = ATTENTION_PLATFORMS.get(attention_impl)
+  if needs and platform != needs:
+    raise ValueError(f'{prefix}attention_impl={attention_impl!r} needs a {needs.upper()} backend and the devices '
+                     f"here are {platform!r}: use {prefix}attention_impl='xla'")
 
 
 def check_vit_settings(image_size, patch_size, embed_dim, num_heads, prefix=''):
@@ -107,6 +119,8 @@ class Attention(nn.Module):
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
       weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    elif self.attention_impl == 'tpu_flash':
+      out = tpu_attention.flash_attention(q, k, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     out = out.reshape(batch, tokens, width)

@@ -33,6 +33,8 @@ def get_config(arg=None):
   config.visualize_every_steps = -1  # Reconstruction grid period; <= 0 disables it.
   config.profile_steps = 0  # > 0: capture a profiler trace of this many steps after step 10.
   config.max_nonfinite_steps = 10  # Stop after this many non-finite steps in a row.
+  # Multi-process runs agree on a SIGTERM every this many steps (one all-gather), then all save and stop.
+  config.preemption_sync_every_steps = 10
   config.mask_ratio = 0.75
   config.norm_pix_loss = True
 

@@ -301,8 +301,8 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
     config = configs[run.name]
     try:
       if local_runner == 'inprocess':
-        from mae_jax import train  # pylint: disable=g-import-not-at-top
-        result = train.train_and_evaluate(config, run.workdir)
+        from mae_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+        result = main_lib.run_experiment(config, run.workdir)
         status = 'done' if result.get('status') == 'done' else 'interrupted'
       else:
         runner.echo('$ ' + shlex.join(argv))

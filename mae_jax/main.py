@@ -1,5 +1,8 @@
 """Entry point: `python -m mae_jax.main --config=configs/FILE.py[:ARGS] --workdir=DIR`.
 
+Runs pretraining, or what `config.downstream` names (finetune, linprobe, knn)
+for the configs that have that key (configs/finetune.py, configs/linprobe.py).
+
 Overrides: `--config.KEY=VALUE` (e.g. `--config.batch_size=512`). Multi-process
 jobs (TPU pods, SLURM, or the --coordinator_address flags) initialise
 jax.distributed before anything touches the devices.
@@ -36,6 +39,15 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None, p
     jax.distributed.initialize()
 
 
+def run_experiment(config, workdir: str) -> dict:
+  """Runs what the config describes: pretraining, or (with a `downstream` key) fine-tuning, probe or kNN."""
+  if 'downstream' in config:
+    from mae_jax import downstream  # pylint: disable=g-import-not-at-top
+    return downstream.train_and_evaluate(config, workdir)
+  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  return train.train_and_evaluate(config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
@@ -46,8 +58,7 @@ def main(argv):
   maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX process %d / %d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = run_experiment(FLAGS.config, FLAGS.workdir)
   logging.info('Finished: %s', result)
   if result.get('status') == 'preempted':
     # Saved and stopped early: a non-zero code tells launchers to relaunch (resume is automatic).

@@ -47,10 +47,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PreemptionFlag:
-  """Set by SIGTERM; the loop saves a checkpoint and exits cleanly."""
+  """Set by SIGTERM; the loop saves a checkpoint and exits cleanly.
 
-  def __init__(self):
+  With several processes every one must stop at the same step (the save is
+  collective), but SIGTERM reaches them at different times: `requested(step)`
+  then agrees across processes every `sync_every_steps` steps (an all-gather
+  of one flag per process) and says True on all of them at the same step.
+  """
+
+  def __init__(self, sync_every_steps: int = 10):
+    if sync_every_steps < 1:
+      raise ValueError(f'preemption_sync_every_steps={sync_every_steps}: must be >= 1')
     self.event = threading.Event()
+    self.sync_every_steps = sync_every_steps
     self._previous = {}
 
   def install(self):
@@ -64,6 +73,16 @@ class PreemptionFlag:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
+
+  def requested(self, step: int) -> bool:
+    """Whether to save and stop after `step`; the same answer on every process."""
+    if jax.process_count() == 1:
+      return self.event.is_set()
+    if step % self.sync_every_steps:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.event.is_set()))
+    return bool(np.max(flags))
 
 
 # ----------------------------------------------------------------------------
@@ -116,6 +135,17 @@ def validate_config(config, mesh: jax.sharding.Mesh | None = None) -> None:
   vit.check_attention_platform(config.model.get('attention_impl', 'xla'), platform)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
+  for key in ('log_every_steps', 'max_nonfinite_steps', 'preemption_sync_every_steps'):
+    if key in config and config[key] < 1:
+      raise ValueError(f'{key}={config[key]}: must be >= 1')
+
+
+def check_total_steps(config, steps_per_epoch: int, total_steps: int) -> None:
+  """Names the setting when the schedule has no step at all."""
+  if total_steps <= 0:
+    raise ValueError(
+        f'num_epochs={config.num_epochs} gives {total_steps} steps at {steps_per_epoch} steps per epoch '
+        f'(batch_size={config.batch_size}): raise num_epochs or set num_train_steps')
 
 
 def mesh_context(mesh: jax.sharding.Mesh):
@@ -151,11 +181,16 @@ def guarded_update(state, loss, grads, tx, max_nonfinite: int, **other_fields):
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  # As the reference, a skipped step leaves the moments (and Adam's bias-correction count)
+  # alone, but the learning-rate schedule follows the iteration: its counters advance.
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  keep_opt = lambda new, old: jax.tree.map(lambda n, o: n if is_schedule(n) else keep(n, o), new, old,
+                                           is_leaf=is_schedule)
   nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
   new_state = state.replace(
       step=state.step + 1,
       params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      opt_state=keep_opt(new_opt_state, state.opt_state),
       nonfinite_run=nonfinite_run,
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
       halted=state.halted | (nonfinite_run >= max_nonfinite),
@@ -247,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config, mesh)
   model = build_model(config)
   steps_per_epoch, total_steps = train_steps(config, num_train_examples(config))
+  check_total_steps(config, steps_per_epoch, total_steps)
   tx, lr_fn = optim.create_optimizer(config.optim, global_batch=config.batch_size,
                                      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   logging.info('Mesh %s; %d steps (%d per epoch); global batch %d', dict(mesh.shape), total_steps,
@@ -310,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get('eval_every_steps', -1) > 0:
     from mae_jax import downstream  # pylint: disable=g-import-not-at-top
     knn_monitor = downstream.KnnMonitor(model, config, mesh)
-  preemption = PreemptionFlag().install()
+  preemption = PreemptionFlag(config.get('preemption_sync_every_steps', 10)).install()
   pending, last_metrics, status = [], {}, 'done'
   timer_step, timer_start = start_step, None
   step = start_step
@@ -359,7 +395,7 @@ def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted, 
 
   A run halted on non-finite steps is not saved, so the last good checkpoint stays the newest.
   """
-  preempted = preemption.event.is_set() or checkpointer.reached_preemption(step)
+  preempted = preemption.requested(step) or checkpointer.reached_preemption(step)
   if checkpointer.should_save(step) or step == total_steps or preempted:
     if bool(jax.device_get(halted)):
       logging.warning('Not saving step %d: the run halted on non-finite steps', step)

@@ -9,12 +9,15 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from mae_jax import checkpoint
 from mae_jax import metrics
+from mae_jax import optim
 from mae_jax import train
 from tests.configs import tiny_synthetic
 
@@ -145,10 +148,16 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     ('batch_size', 12, r'batch_size=12 .*data-parallel size 8'),
     ('grad_accum_steps', 3, 'grad_accum_steps=3'),
     ('mask_ratio', 1.5, r'mask_ratio=1.5: must be in \(0, 1\)'),
+    ('log_every_steps', 0, 'log_every_steps=0: must be >= 1'),
+    ('max_nonfinite_steps', 0, 'max_nonfinite_steps=0: must be >= 1'),
+    ('preemption_sync_every_steps', 0, 'preemption_sync_every_steps=0: must be >= 1'),
+    ('num_epochs', 0.001, r'num_epochs=0.001 gives 0 steps at 64 steps per epoch .*raise num_epochs'),
 ])
 def test_config_errors_before_compile(tmp_path, key, value, match):
   config = _config(data=8, fsdp=1)
   config[key] = value
+  if key == 'num_epochs':
+    config.num_train_steps = -1
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(os.path.join(str(tmp_path), 'checkpoints'))
@@ -159,17 +168,64 @@ def test_mesh_larger_than_devices(tmp_path):
     train.train_and_evaluate(_config(data=4, fsdp=4), str(tmp_path))
 
 
-def test_grad_accumulation_matches_full_batch(tmp_path):
-  plain = _config(data=8, fsdp=1)
-  plain.num_train_steps = 2
-  plain.optim.warmup_steps = 1
-  train.train_and_evaluate(plain, str(tmp_path / 'plain'))
+def test_skipped_steps_keep_the_moments_but_not_the_schedule():
+  """A non-finite step leaves params and Adam's moments and count alone; the lr schedule still advances."""
+  schedule = lambda count: 0.1 * (count + 1)
+  tx = optax.adam(schedule)
+  params = {'w': jnp.ones((3,))}
+  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                           nonfinite_run=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32),
+                           halted=jnp.zeros([], bool))
+  for loss in (1.0, np.inf, 1.0, np.nan, 1.0):
+    before = state.params
+    state, _, finite = train.guarded_update(state, jnp.float32(loss), {'w': jnp.ones((3,))}, tx, 10)
+    if not finite:
+      np.testing.assert_array_equal(state.params['w'], before['w'])
+  adam, schedule_state = state.opt_state
+  assert int(adam.count) == 3 and int(state.nonfinite_total) == 2
+  assert int(schedule_state.count) == int(state.step) == 5  # the lr logged for a step is the lr applied
+
+
+def test_grad_accumulation_matches_full_batch(monkeypatch):
+  """grad_accum_steps=2 gives the mean of the two micro-batches' gradients, each with its own mask key."""
+  config = _config(data=8, fsdp=1)
+  model = train.build_model(config)
+  tx, lr_fn = optim.create_optimizer(config.optim, global_batch=16, steps_per_epoch=10, total_steps=20)
+  state = train.init_state(model, tx, config, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+  base_rng = jax.random.key(2)
+  captured = {}
+
+  def capture(state, loss, grads, tx, max_nonfinite):
+    captured['loss'], captured['grads'] = loss, grads
+    return train.guarded_update.__wrapped__(state, loss, grads, tx, max_nonfinite)
+
+  capture.__wrapped__ = train.guarded_update
+  monkeypatch.setattr(train, 'guarded_update', capture)
+  train.train_step(state, {'image': images}, model=model, tx=tx, lr_fn=lr_fn, mask_ratio=0.75, accum_steps=2,
+                   max_nonfinite=10, base_rng=base_rng)  # eagerly, so the captured values are arrays
+
+  def loss_fn(params, chunk, key):
+    return model.apply({'params': params}, chunk, mask_ratio=0.75, rngs={'mask': key}, train=True)[0]
+
+  rng = jax.random.fold_in(base_rng, 0)  # the step's key at step 0
+  parts = [jax.value_and_grad(loss_fn)(state.params, images[j::2], jax.random.fold_in(rng, j)) for j in range(2)]
+  want_loss = (parts[0][0] + parts[1][0]) / 2
+  want_grads = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+  np.testing.assert_allclose(captured['loss'], want_loss, rtol=1e-5)
+  assert _max_abs_diff(captured['grads'], want_grads) < 1e-5
+  # And the masks matter: one full-batch step with the step's key gives other gradients.
+  _, full_grads = jax.value_and_grad(loss_fn)(state.params, images, rng)
+  assert _max_abs_diff(full_grads, want_grads) > 1e-4
+
+
+def test_accumulated_run_writes_reconstructions(tmp_path):
   accum = _config(data=8, fsdp=1)
   accum.num_train_steps = 2
   accum.optim.warmup_steps = 1
   accum.batch_size = 32
   accum.grad_accum_steps = 2
-  accum.visualize_every_steps = 2  # also writes a reconstruction grid to TensorBoard
+  accum.visualize_every_steps = 2  # writes a reconstruction grid to TensorBoard
   train.train_and_evaluate(accum, str(tmp_path / 'accum'))
   assert np.isfinite(_losses(str(tmp_path / 'accum'))).all()
   events = [f for f in os.listdir(str(tmp_path / 'accum')) if f.startswith('events.out.tfevents')]
@@ -213,6 +269,47 @@ def test_two_processes_match_one(tmp_path):
   assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
   assert checkpoint.latest_step(multi) == 10
   assert 'Resumed from checkpoint at step 8' in resumed.stderr.decode()
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+  """Only process 0 gets SIGTERM; both agree, save the same step and exit 75 (no deadlock)."""
+  port = _free_port()
+  workdir = str(tmp_path / 'multi')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+             PYTHONPATH=REPO)
+  argv = lambda i: _main_argv(workdir, [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                                        f'--process_id={i}', '--config.num_train_steps=100000',
+                                        '--config.checkpoint_every_steps=100000',
+                                        '--config.preemption_sync_every_steps=3'])
+  procs = [subprocess.Popen(argv(i), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    jsonl = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 240
+    while not (os.path.exists(jsonl) and len(metrics.read_jsonl(jsonl)) >= 5):
+      assert time.time() < deadline and all(p.poll() is None for p in procs), 'no training progress'
+      time.sleep(0.2)
+    procs[0].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [75, 75], outputs[0][-3000:] + outputs[1][-3000:]
+  step = checkpoint.latest_step(workdir)
+  assert step is not None and step >= 5 and step % 3 == 0
+  assert all(f'saved step {step} and stopping' in out for out in outputs)
+
+
+def test_main_runs_the_downstream_configs(tmp_path):
+  """`mae_jax.main` with configs/linprobe.py (a `downstream` key) trains the probe, not an MAE."""
+  workdir = str(tmp_path / 'probe')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, '-m', 'mae_jax.main', '--config=configs/linprobe.py:variant=B/16,runlocal=True',
+                        f'--workdir={workdir}', '--config.num_train_steps=2'],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert any('eval/top1' in r for r in records), records[-1]
 
 
 def test_unknown_config_key_fails_with_close_match(tmp_path):

@@ -6,8 +6,10 @@ the given image files, writes a PNG (and a TensorBoard image under the
 workdir) and prints the PNG's path.
 
 With norm_pix_loss the model predicts each patch in its own normalised space;
-predictions are mapped back with the statistics of that same patch of the
-input, otherwise the picture would look wrong although the model is right.
+predictions are mapped back to pixels with statistics the model saw: a visible
+patch's own mean and variance, and for a masked patch the average over the
+image's visible patches (never the hidden patch's own, which would let the
+picture look better than the model is).
 """
 
 import os
@@ -23,6 +25,23 @@ import numpy as np
 from mae_jax.models import mae as mae_lib
 
 
+def denormalize_pixels(pred, target, mask):
+  """Maps norm_pix predictions [N, L, P] back to pixels using only what the model saw.
+
+  A visible patch uses its own mean and variance; a masked patch, whose
+  statistics the model never saw, uses the average mean and variance of the
+  image's visible patches.
+  """
+  mean = target.mean(-1, keepdims=True)
+  var = target.var(-1, keepdims=True, ddof=1)
+  visible = (1.0 - mask)[..., None]
+  pooled = lambda x: (x * visible).sum(1, keepdims=True) / jnp.maximum(visible.sum(1, keepdims=True), 1.0)
+  hidden = mask[..., None] > 0
+  mean = jnp.where(hidden, pooled(mean), mean)
+  var = jnp.where(hidden, pooled(var), var)
+  return pred * jnp.sqrt(var + mae_lib.NORM_PIX_EPS) + mean
+
+
 def reconstruct(model, params, images, mask_ratio: float, rng):
   """Returns (reconstruction, reconstruction with visible patches pasted, mask image), NHWC."""
   images = jnp.asarray(images, jnp.float32)
@@ -30,10 +49,7 @@ def reconstruct(model, params, images, mask_ratio: float, rng):
                               train=False)
   pred = pred.astype(jnp.float32)
   if model.norm_pix_loss:
-    target = mae_lib.patchify(images, model.patch_size)
-    mean = target.mean(-1, keepdims=True)
-    var = target.var(-1, keepdims=True, ddof=1)
-    pred = pred * jnp.sqrt(var + mae_lib.NORM_PIX_EPS) + mean
+    pred = denormalize_pixels(pred, mae_lib.patchify(images, model.patch_size), mask)
   grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
   channels = images.shape[-1]
   recon = mae_lib.unpatchify(pred, model.patch_size, grid, channels)

@@ -9,17 +9,43 @@ from mae_jax import models
 from mae_jax import visualize
 
 
-def test_norm_pix_reconstruction_uses_each_patch_statistics():
+def test_norm_pix_reconstruction_uses_only_visible_statistics():
   model = models.get_model('mae_vit_test', norm_pix_loss=True)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3)) * 3 + 1
   variables = model.init({'params': jax.random.key(0), 'mask': jax.random.key(1)}, images)
-  # A model whose prediction is exactly the normalised target reconstructs the image.
+  # A prediction equal to the normalised target: visible patches come back exactly; masked ones
+  # are mapped with the average mean and variance of the image's visible patches.
   target = models.patch_targets(images, 8, True)
   recon, pasted, mask_image = visualize.reconstruct(
       _Const(model, target), variables['params'], images, 0.75, jax.random.key(2))
-  np.testing.assert_allclose(recon, images, atol=1e-4)
-  np.testing.assert_allclose(pasted, images, atol=1e-4)
+  visible = np.asarray(mask_image) == 0
+  np.testing.assert_allclose(np.asarray(recon)[visible], np.asarray(images)[visible], atol=1e-4)
+  np.testing.assert_allclose(np.asarray(pasted)[visible], np.asarray(images)[visible], atol=1e-4)
   assert float(mask_image.mean()) == 0.75
+  patches = np.asarray(models.patchify(images, 8))
+  _, _, mask = model.apply(variables, images, mask_ratio=0.75, rngs={'mask': jax.random.key(2)})
+  mask = np.asarray(mask)
+  recon_patches = np.asarray(models.patchify(recon, 8))
+  for n in range(2):
+    seen = patches[n][mask[n] == 0]
+    mean, var = seen.mean(-1).mean(), seen.var(-1, ddof=1).mean()
+    hidden = mask[n] > 0
+    want = np.asarray(target)[n][hidden] * np.sqrt(var + 1e-6) + mean
+    np.testing.assert_allclose(recon_patches[n][hidden], want, rtol=1e-4, atol=1e-4)
+
+
+def test_reconstruction_does_not_depend_on_hidden_pixels():
+  """Changing a masked patch's pixels changes nothing the picture shows of the model's guess."""
+  model = models.get_model('mae_vit_test', norm_pix_loss=True)
+  images = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+  variables = model.init({'params': jax.random.key(0), 'mask': jax.random.key(1)}, images)
+  recon, _, mask_image = visualize.reconstruct(model, variables['params'], images, 0.75, jax.random.key(2))
+  hidden = np.argwhere(np.asarray(mask_image)[0, :, :, 0] > 0)[0]  # a pixel of some masked patch
+  row, col = (hidden // 8) * 8
+  changed = np.array(images)
+  changed[0, row:row + 8, col:col + 8] = changed[0, row:row + 8, col:col + 8] * 5 + 3
+  recon2, _, _ = visualize.reconstruct(model, variables['params'], changed, 0.75, jax.random.key(2))
+  np.testing.assert_allclose(recon2, recon, atol=1e-5)
 
 
 class _Const:

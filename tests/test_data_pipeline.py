@@ -2,9 +2,12 @@
 
 Most tests use a prepared folder of tiny single-colour images whose grey
 level encodes the image's index, so an example can be identified after any
-crop, resize and flip: its pixels all equal that level.
+crop, resize and flip: its pixels all equal that level. Others write TFRecord
+shards directly: many shards whose labels number the examples (order
+tests), and coded images some of which are garbage (corrupt-image tests).
 """
 
+import io
 import itertools
 import os
 
@@ -85,8 +88,9 @@ def test_train_batches_shapes_dtypes_labels(coded):
   iterator = input_pipeline.create_pretrain_iterator(
       coded, global_batch_size=8, seed=0, process_index=0, process_count=1)
   for batch in _take(iterator, 3):
-    assert set(batch) == {'image', 'label'}
+    assert set(batch) == {'image', 'label', 'corrupt'}
     assert batch['image'].shape == (8, 8, 8, 3)
+    assert batch['corrupt'].dtype == bool and not batch['corrupt'].any()
     assert batch['image'].dtype == np.float32
     assert batch['label'].dtype == np.int32
     ids = _ids(batch)
@@ -311,3 +315,207 @@ def test_configuration_errors_name_the_setting(coded):
   with pytest.raises(ValueError, match='process_index=2'):
     input_pipeline.create_pretrain_iterator(
         coded, global_batch_size=8, seed=0, process_index=2, process_count=2)
+
+
+# ----------------------------------------------------------------------------
+# Data sets written record by record: shard layout and image bytes chosen.
+
+def _png(level, size=(6, 6)):
+  buffer = io.BytesIO()
+  Image.new('RGB', size, (level,) * 3).save(buffer, 'PNG')
+  return buffer.getvalue()
+
+
+def _write_records(data_dir, name, images, shard_sizes, image_shape):
+  """A TFDS data set of encoded `images` labelled 0, 1, ... in shards."""
+  assert sum(shard_sizes) == len(images)
+  directory = os.path.join(data_dir, name, '1.0.0')
+  os.makedirs(directory)
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=image_shape),
+      'label': tfds.features.ClassLabel(num_classes=len(images))})
+  index = 0
+  for shard, size in enumerate(shard_sizes):
+    path = os.path.join(directory, f'{name}-train.tfrecord-{shard:05d}-of-'
+                        f'{len(shard_sizes):05d}')
+    with tf.io.TFRecordWriter(path) as writer:
+      for _ in range(size):
+        example = tf.train.Example(features=tf.train.Features(feature={
+            'image': tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[images[index]])),
+            'label': tf.train.Feature(
+                int64_list=tf.train.Int64List(value=[index]))}))
+        writer.write(example.SerializeToString())
+        index += 1
+  tfds.folder_dataset.write_metadata(
+      data_dir=directory, features=features, check_data=False,
+      split_infos=[tfds.core.SplitInfo(name='train',
+                                       shard_lengths=list(shard_sizes),
+                                       num_bytes=0)])
+
+
+MANY = 800  # Examples of the 'many' data set: 32 shards of 25.
+
+
+@pytest.fixture(scope='module')
+def many(tmp_path_factory):
+  """config.dataset of 'many': labels number the examples, images tiny."""
+  data_dir = str(tmp_path_factory.mktemp('many'))
+  _write_records(data_dir, 'many', [_png(0, (2, 2))] * MANY, [25] * 32,
+                 (None, None, 3))
+  return {'name': 'many', 'data_dir': data_dir, 'image_size': 2,
+          'channels': 3, 'mean': (0.5,) * 3, 'std': (0.5,) * 3}
+
+
+def _labels(config, steps, batch=80, process_index=0, process_count=1,
+            start_step=0):
+  """Labels (= example numbers) of `steps` batches, concatenated."""
+  iterator = input_pipeline.create_pretrain_iterator(
+      config, global_batch_size=batch, seed=0, start_step=start_step,
+      process_index=process_index, process_count=process_count,
+      preprocess_fn=lambda image, seed: tf.zeros([1], tf.float32))
+  return np.concatenate([b['label'] for b in _take(iterator, steps)])
+
+
+def _label_epochs(config, epochs):
+  """Labels of the first `epochs` epochs (batches of 80), one per row."""
+  return _labels(config, epochs * MANY // 80).reshape(epochs, MANY)
+
+
+def _position_correlation(first, second):
+  """Correlation of each example's positions in two epochs."""
+  where_first = np.argsort(first)
+  where_second = np.argsort(second)
+  return np.corrcoef(where_first, where_second)[0, 1]
+
+
+@pytest.mark.parametrize('shuffle_buffer', [5, 50])
+def test_examples_change_places_from_epoch_to_epoch(many, shuffle_buffer):
+  # Blocks of 5 or 50 records in a split of 800: the order of the pieces
+  # (5-record runs of the 25-record files, or whole files read two at a
+  # time) changes every epoch, so positions do not carry over.
+  epochs = _label_epochs({**many, 'shuffle_buffer': shuffle_buffer}, 3)
+  for labels in epochs:  # Every epoch reads every record once.
+    np.testing.assert_array_equal(np.sort(labels), np.arange(MANY))
+  # 160 pieces in random order give |correlation| ~ 1 / sqrt(160); 32
+  # files read two at a time, ~ 1 / sqrt(16). Blocks in a fixed order
+  # (pieces never reordered) gave 0.99 and more.
+  bound = 0.2 if shuffle_buffer == 5 else 0.3
+  for a, b in itertools.combinations(range(3), 2):
+    correlation = _position_correlation(epochs[a], epochs[b])
+    assert abs(correlation) < bound, (a, b, correlation)
+
+
+def test_no_shuffling_reads_the_files_in_order(many):
+  epochs = _label_epochs({**many, 'shuffle_buffer': 1}, 2)
+  np.testing.assert_array_equal(epochs, np.tile(np.arange(MANY), (2, 1)))
+
+
+@pytest.mark.parametrize('process_index,process_count,start_step',
+                         [(0, 1, 13), (1, 2, 7)])
+def test_resume_is_exact_when_files_are_read_in_parallel(
+    many, process_index, process_count, start_step):
+  config = {**many, 'shuffle_buffer': 50}  # Two 25-record files at a time.
+  kwargs = {'batch': 60, 'process_index': process_index,
+            'process_count': process_count}
+  # 60 or 30 examples per step over 800 or 400 per epoch: steps cross
+  # epochs, and resuming starts inside one.
+  full = _labels(config, start_step + 8, **kwargs)
+  resumed = _labels(config, 8, start_step=start_step, **kwargs)
+  local = 60 // process_count
+  np.testing.assert_array_equal(full[start_step * local:], resumed)
+
+
+def test_cache_yields_the_same_order_when_files_are_read_in_parallel(many):
+  config = {**many, 'shuffle_buffer': 50}
+  np.testing.assert_array_equal(_label_epochs(config, 2),
+                                _label_epochs({**config, 'cache': True}, 2))
+
+
+GARBLED = 40  # Examples of the 'garbled' data set: 2 shards of 20.
+CORRUPT = {3: b'', 17: b'not an image at all',
+           22: _png(_level(22))[:40],  # Truncated PNG.
+           35: b'\xff\xd8\xff\xe0' + bytes(range(256)) * 4}  # JPEG header.
+
+
+@pytest.fixture(scope='module')
+def garbled(tmp_path_factory):
+  """config.dataset of 'garbled' (4 corrupt images) and of its clean twin."""
+  data_dir = str(tmp_path_factory.mktemp('garbled'))
+  clean = [_png(_level(i)) for i in range(GARBLED)]
+  garbage = [CORRUPT.get(i, image) for i, image in enumerate(clean)]
+  _write_records(data_dir, 'clean', clean, [20, 20], (6, 6, 3))
+  _write_records(data_dir, 'garbled', garbage, [20, 20], (6, 6, 3))
+  config = {'data_dir': data_dir, 'image_size': 8, 'channels': 3,
+            'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25),
+            'shuffle_buffer': 8, 'eval_resize': 256}
+  return {**config, 'name': 'garbled'}, {**config, 'name': 'clean'}
+
+
+def _train_batches(config, steps, start_step=0):
+  return _take(input_pipeline.create_pretrain_iterator(
+      config, global_batch_size=8, seed=4, start_step=start_step,
+      process_index=0, process_count=1), steps)
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_corrupt_images_are_replaced_and_counted_in_place(garbled, cache):
+  config, clean_config = garbled
+  config = {**config, 'cache': cache}  # Decoded before caching if cached.
+  steps = 3 * GARBLED // 8  # Three epochs.
+  batches = _train_batches(config, steps)
+  clean = _train_batches(clean_config, steps)
+  for epoch in range(3):  # Each corrupt record counted once per epoch.
+    epoch_batches = batches[epoch * 5:(epoch + 1) * 5]
+    assert sum(b['corrupt'].sum() for b in epoch_batches) == len(CORRUPT)
+  for batch, expected in zip(batches, clean):
+    assert not expected['corrupt'].any()
+    corrupt = batch['corrupt']
+    # Every other example is where it would be without corrupt records.
+    np.testing.assert_array_equal(batch['image'][~corrupt],
+                                  expected['image'][~corrupt])
+    np.testing.assert_array_equal(batch['label'][~corrupt],
+                                  expected['label'][~corrupt])
+    assert set(expected['label'][corrupt]) <= set(CORRUPT)
+    assert not set(expected['label'][~corrupt]) & set(CORRUPT)
+    # A corrupt row holds a copy (image and label) of a valid one.
+    for row in np.flatnonzero(corrupt):
+      copies = [other for other in np.flatnonzero(~corrupt)
+                if (batch['image'][other] == batch['image'][row]).all()]
+      assert copies
+      assert batch['label'][row] == batch['label'][copies[0]]
+      np.testing.assert_array_equal(_ids(batch)[row], batch['label'][row])
+  # Resuming stays exact across corrupt records.
+  for expected, actual in zip(batches[6:], _train_batches(config, 4, 6)):
+    for key in ('image', 'label', 'corrupt'):
+      np.testing.assert_array_equal(expected[key], actual[key])
+
+
+def test_a_batch_without_any_decodable_image_is_blank(tmp_path):
+  _write_records(str(tmp_path), 'junk', [b'junk'] * 4, [4], (None, None, 3))
+  config = {'name': 'junk', 'data_dir': str(tmp_path), 'image_size': 8,
+            'channels': 3, 'mean': (0.5,) * 3, 'std': (0.5,) * 3}
+  batch = next(input_pipeline.create_pretrain_iterator(
+      config, global_batch_size=4, seed=0, process_index=0, process_count=1))
+  assert batch['corrupt'].all()
+  assert (batch['image'] == 0).all() and (batch['label'] == -1).all()
+
+
+def test_eval_skips_and_counts_corrupt_images(garbled):
+  config, _ = garbled
+  batches = list(input_pipeline.create_eval_iterator(
+      config, split='train', batch_size=16, process_index=0, process_count=1))
+  assert len(batches) == 3  # 40 examples: 16, 16, 8 + padding.
+  corrupt = np.concatenate([b['corrupt'] for b in batches])
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert corrupt.sum() == len(CORRUPT)
+  assert not (mask & corrupt).any()
+  labels = np.concatenate([b['label'] for b in batches])[mask]
+  np.testing.assert_array_equal(np.sort(labels),
+                                sorted(set(range(GARBLED)) - set(CORRUPT)))
+  for batch in batches:
+    real = batch['mask']
+    np.testing.assert_array_equal(_ids({'image': batch['image'][real]}),
+                                  batch['label'][real])
+    assert (batch['label'][~real] == -1).all()
+    assert (batch['image'][~real] == 0).all()

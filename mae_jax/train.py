@@ -230,6 +230,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, mask_ratio: 
   new_state, grad_norm, finite = guarded_update(state, loss, grads, tx, max_nonfinite)
   metrics = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': lr_fn(state.step),
              'train/skipped': (~finite).astype(jnp.float32)}
+  if 'corrupt' in batch:
+    metrics['train/corrupt_images'] = jnp.sum(batch['corrupt'].astype(jnp.int32))
   return new_state, metrics
 
 
@@ -251,7 +253,9 @@ def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int = 2) -> Iterator[
   """Moves host batches into global device arrays `size` steps ahead."""
   queue = []
   for local in iterator:
-    queue.append(parallel.global_batch_from_local({'image': local['image']}, mesh))
+    # 'corrupt' marks rows whose record could not be decoded (replaced by another row of the batch).
+    corrupt = local.get('corrupt', np.zeros((len(local['image']),), bool))
+    queue.append(parallel.global_batch_from_local({'image': local['image'], 'corrupt': corrupt}, mesh))
     if len(queue) > size:
       yield queue.pop(0)
   while queue:
@@ -327,7 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       accum_steps=config.get('grad_accum_steps', 1), max_nonfinite=config.max_nonfinite_steps,
       base_rng=base_rng, micro_sharding=micro_sharding)
   metric_sharding = parallel.replicated(mesh)
-  jit_step = jax.jit(step_fn, in_shardings=(state_shardings, {'image': parallel.batch_sharding(mesh)}),
+  batch_shardings = {'image': parallel.batch_sharding(mesh), 'corrupt': parallel.batch_sharding(mesh)}
+  jit_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
 
   model_fields = {f: getattr(model, f) for f in models.MaskedAutoencoder.__dataclass_fields__
@@ -418,6 +423,8 @@ def _log_metrics(writer, step, pending, state, timer_step, timer_start, config, 
   """Averages the pending step metrics (one host sync per log period) and writes them."""
   fetched = jax.device_get(pending)
   scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  if 'train/corrupt_images' in scalars:  # a count over the log period, not a mean
+    scalars['train/corrupt_images'] = float(np.sum([m['train/corrupt_images'] for m in fetched]))
   scalars['train/lr'] = float(fetched[-1]['train/lr'])
   scalars['train/nonfinite_total'] = float(jax.device_get(state.nonfinite_total))
   if timer_start is not None and step > timer_step:

@@ -1,5 +1,6 @@
 """Trainer tests on 8 CPU devices: meshes, resume after SIGTERM, mesh change, multi-host, errors."""
 
+import io
 import os
 import signal
 import socket
@@ -310,6 +311,35 @@ def test_main_runs_the_downstream_configs(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   records = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   assert any('eval/top1' in r for r in records), records[-1]
+
+
+def test_corrupt_images_are_skipped_and_counted_in_pretraining(tmp_path):
+  """A TFDS data set with undecodable images trains on; the log counts them (4 per epoch, 2 epochs)."""
+  from PIL import Image
+
+  from tests import test_data_pipeline as data_tests
+
+  def png(level):
+    buffer = io.BytesIO()
+    Image.new('RGB', (32, 32), (level, 255 - level, level // 2)).save(buffer, 'PNG')
+    return buffer.getvalue()
+
+  images = [png(6 * i) for i in range(40)]
+  for i in (1, 9, 22, 30):
+    images[i] = b'not an image'
+  data_dir = str(tmp_path / 'data')
+  data_tests._write_records(data_dir, 'garbled', images, [20, 20], (32, 32, 3))
+  config = _config(data=8, fsdp=1)
+  config.dataset.name = 'garbled'
+  config.dataset.data_dir = data_dir
+  config.dataset.shuffle_buffer = 8
+  config.num_train_steps = 5  # 80 images: two passes over the 40
+  config.checkpoint_every_steps = 5
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['status'] == 'done'
+  records = metrics.read_jsonl(os.path.join(str(tmp_path / 'run'), 'metrics.jsonl'))
+  assert sum(r['train/corrupt_images'] for r in records) == 8
+  assert all(np.isfinite(r['train/loss']) for r in records)
 
 
 def test_unknown_config_key_fails_with_close_match(tmp_path):

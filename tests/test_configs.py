@@ -270,8 +270,6 @@ def test_pretrain_runlocal_trains(variant, tmp_path, jit_cache):
 @pytest.mark.parametrize('recipe', (finetune, linprobe), ids=('finetune', 'linprobe'))
 def test_downstream_runlocal_trains(recipe, tmp_path, jit_cache):
   del jit_cache
-  if importlib.util.find_spec('mae_jax.downstream') is None:
-    pytest.skip('mae_jax.downstream (the fine-tune / linear-probe trainer) does not exist yet')
   from mae_jax import downstream  # pylint: disable=g-import-not-at-top
   config = recipe.get_config('variant=B/16,runlocal=True')
   result = downstream.train_and_evaluate(config, str(tmp_path))

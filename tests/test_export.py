@@ -467,9 +467,7 @@ def test_cli_converts_a_file(params, tmp_path):
 
 @needs_safetensors
 def test_export_from_workdir(params, tmp_path):
-  checkpoint = pytest.importorskip('mae_jax.checkpoint')
-  if not hasattr(checkpoint, 'load_params'):
-    pytest.skip('mae_jax.checkpoint.load_params is not there yet')
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   scanned = export.stack_blocks(params)
   config = {'model': {'name': TEST_MODEL, 'scan_layers': True, 'dtype': 'float32'},

@@ -149,7 +149,7 @@ def test_weight_decay_mask_names_win_over_rank():
 
 
 def test_boxed_params_use_the_inner_name():
-  nn = pytest.importorskip('flax.linen')
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   params = {'encoder': {'blocks_1': {'fc': {
       'kernel': nn.Partitioned(jnp.ones((2, 3)), names=('a', 'b')),
       'bias': nn.Partitioned(jnp.ones((3,)), names=('b',))}}}}
@@ -226,7 +226,7 @@ def reference_layer_id(path, depth):
 
 @pytest.mark.parametrize('scanned', [False, True])
 def test_layerwise_scales_real_classifier(scanned):
-  models = pytest.importorskip('mae_jax.models')
+  from mae_jax import models  # pylint: disable=g-import-not-at-top
   model = models.get_classifier('mae_vit_base_patch16', num_classes=1000, scan_layers=scanned)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
   params = variables['params']
@@ -241,7 +241,7 @@ def test_layerwise_scales_real_classifier(scanned):
 
 
 def test_real_mae_weight_decay_mask():
-  models = pytest.importorskip('mae_jax.models')
+  from mae_jax import models  # pylint: disable=g-import-not-at-top
   model = models.get_model('mae_vit_base_patch16')
   variables = jax.eval_shape(lambda: model.init(
       {'params': jax.random.PRNGKey(0), 'mask': jax.random.PRNGKey(1)},
@@ -461,7 +461,7 @@ def test_config_errors():
 
 
 def test_default_config_builds_every_optimizer():
-  default = pytest.importorskip('configs.default')
+  from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config().optim
   for name in optim.OPTIMIZERS:
     config.name = name

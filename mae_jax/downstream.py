@@ -22,7 +22,10 @@ mae_jax.export, a reference .pth, safetensors or a Hugging Face folder); with
 neither, the encoder starts from random weights (runlocal, tests, baselines).
 
 Training is the pretraining loop's design: one named mesh, state initialised
-into its shardings, a jitted step with donated state, non-finite steps skipped,
+into its shardings (pretrained weights are merged on the host and placed shard
+by shard, so a mesh whose FSDP axis spans hosts, as for L/16 and H/14, never
+needs a whole parameter on one process), a jitted step with donated state,
+non-finite steps skipped,
 Orbax checkpoints with automatic and exact resume, SIGTERM saves and stops,
 clu metrics plus metrics.jsonl. A fine-tuning checkpoint holds the classifier
 params (`encoder`, `fc_norm` or nothing, `head`), so it can be exported or
@@ -94,21 +97,26 @@ def _kind(config) -> str:
   return kind
 
 
-def knn_settings(config) -> dict:
-  """config.knn.* over KNN_DEFAULTS (the knn keys are optional)."""
+def knn_settings(config, **overrides) -> dict:
+  """config.knn.* and then `overrides` over KNN_DEFAULTS (the knn keys are optional), checked."""
   knn = dict(KNN_DEFAULTS)
   given = config.get('knn', None)
-  if given:
-    given = given.to_dict() if hasattr(given, 'to_dict') else dict(given)
-    unknown = sorted(set(given) - set(KNN_DEFAULTS))
+  for what, values in (('config.knn', given), ('kNN settings', overrides)):
+    if not values:
+      continue
+    values = values.to_dict() if hasattr(values, 'to_dict') else dict(values)
+    unknown = sorted(set(values) - set(KNN_DEFAULTS))
     if unknown:
-      raise ValueError(f'config.knn has unknown keys {unknown}; known: {sorted(KNN_DEFAULTS)}')
-    knn.update(given)
+      raise ValueError(f'{what} has unknown keys {unknown}; known: {sorted(KNN_DEFAULTS)}')
+    knn.update(values)
   if knn['pool'] not in POOLS:
     raise ValueError(f'knn.pool={knn["pool"]!r}: must be one of {POOLS}')
-  if knn['k'] < 1:
-    raise ValueError(f'knn.k={knn["k"]}: must be >= 1')
-  if knn['temperature'] <= 0:
+  for key, low in (('k', 1), ('batch_size', 1), ('train_examples', None), ('eval_examples', None)):
+    value = knn[key]
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or (low is not None and value < low)):
+      raise ValueError(f'knn.{key}={value!r}: must be an integer ' + (f'>= {low}' if low else '(<= 0: all)'))
+  if not knn['temperature'] > 0:
     raise ValueError(f'knn.temperature={knn["temperature"]}: must be > 0')
   return knn
 
@@ -173,13 +181,19 @@ def num_train_examples(config) -> int:
 
 
 def train_steps(config, num_examples: int) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps) from num_train_steps or num_epochs."""
+  """(steps_per_epoch, total_steps) from num_train_steps or num_epochs; total_steps >= 1."""
   steps_per_epoch = max(1, num_examples // config.batch_size)
   if config.get('num_train_steps', -1) > 0:
     return steps_per_epoch, int(config.num_train_steps)
   if config.get('num_epochs', 0) <= 0:
     raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
-  return steps_per_epoch, max(1, round(config.num_epochs * steps_per_epoch))
+  total_steps = round(config.num_epochs * steps_per_epoch)
+  if total_steps < 1:
+    raise ValueError(
+        f'num_epochs={config.num_epochs} x {steps_per_epoch} steps per epoch ({num_examples} examples '
+        f'of dataset.train_split // batch_size={config.batch_size}) is {total_steps} training steps: '
+        'raise num_epochs or set num_train_steps > 0')
+  return steps_per_epoch, total_steps
 
 
 def validate_config(config, mesh) -> None:
@@ -197,6 +211,14 @@ def validate_config(config, mesh) -> None:
                      f'divisible by the data-parallel size {dp} = mesh data x fsdp {dict(mesh.shape)}')
   if config.get('pretrained_workdir', '') and config.get('pretrained_path', ''):
     raise ValueError('pretrained_workdir and pretrained_path are both set: set one of them')
+  log_every = config.get('log_every_steps', None)
+  if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+    raise ValueError(f'log_every_steps={log_every!r}: must be an integer >= 1 (train metrics are '
+                     'averaged and written every log_every_steps steps)')
+  max_nonfinite = config.get('max_nonfinite_steps', 10)
+  if isinstance(max_nonfinite, bool) or not isinstance(max_nonfinite, int) or max_nonfinite < 1:
+    raise ValueError(f'max_nonfinite_steps={max_nonfinite!r}: must be an integer >= 1 (the run stops '
+                     'after this many non-finite steps in a row)')
   if kind == 'finetune':
     mode = config.get('mixup_mode', 'batch')
     if mode not in MIXUP_MODES:
@@ -257,7 +279,15 @@ def load_pretrained_encoder(config) -> tuple[dict | None, str]:
 
 
 def merge_encoder(params: dict, encoder: dict, source: str) -> dict:
-  """Replaces params['encoder'] by pretrained `encoder` (shapes checked; a spare `norm` dropped)."""
+  """Replaces params['encoder'] by pretrained `encoder` (shapes checked; a spare `norm` dropped).
+
+  Only the shapes and dtypes of `params` are read: it may be abstract
+  (ShapeDtypeStructs), host arrays or global arrays sharded over any mesh. The
+  merged encoder leaves are host (numpy) arrays in the target dtypes; every
+  other leaf of `params` is passed through untouched. Place the result with
+  `place_tree` / `place_on_mesh`: no process ever fetches a parameter that
+  spans other processes' devices (FSDP over hosts for L/16 and H/14).
+  """
   target = flax.traverse_util.flatten_dict(_plain(params['encoder']), sep='/')
   found = flax.traverse_util.flatten_dict(_plain(encoder), sep='/')
   missing = sorted(set(target) - set(found))
@@ -270,13 +300,46 @@ def merge_encoder(params: dict, encoder: dict, source: str) -> dict:
                                    ('shape mismatches', wrong)) if keys]
     raise ValueError(f'pretrained encoder from {source} does not fit model.name / dataset.image_size / '
                      f'dataset.channels of this config: ' + '; '.join(problems))
-  merged = {k: jnp.asarray(found[k], target[k].dtype) for k in target}
+  merged = {k: np.asarray(found[k]).astype(target[k].dtype, copy=False) for k in target}
   dropped = sorted(set(found) - set(target))
   logging.info('Loaded the pretrained encoder from %s (%d tensors)%s', source, len(merged),
                f'; not used: {dropped}' if dropped else '')
   out = dict(_plain(params))
   out['encoder'] = flax.traverse_util.unflatten_dict(merged, sep='/')
   return out
+
+
+def host_to_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` (the same on every process) as a global array with `sharding`.
+
+  Host values are cut into this process's shards (make_array_from_callback),
+  so a sharding that spans several processes works and nothing is fetched from
+  another host. A global array already laid out so is returned as is; one with
+  another layout is resharded on the devices.
+  """
+  if isinstance(value, jax.Array):
+    if value.sharding == sharding:
+      return value
+    if not value.is_fully_addressable:
+      return jax.jit(lambda x: x, out_shardings=sharding)(value)
+    if sharding.is_fully_addressable:
+      return jax.device_put(value, sharding)
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def place_tree(tree, shardings):
+  """host_to_global over a tree and the matching tree of shardings."""
+  return jax.tree.map(host_to_global, tree, shardings)
+
+
+def init_on_mesh(init_fn: Callable[[], Any], config, mesh):
+  """init_fn() computed straight into the config's shardings (never whole on one device)."""
+  abstract = jax.eval_shape(init_fn)
+  shardings = parallel.tree_shardings(abstract, mesh, parallel.rules_from_config(config.mesh),
+                                      config.mesh.get('min_fsdp_size', 2**18))
+  with jax.set_mesh(mesh):
+    return jax.jit(init_fn, out_shardings=shardings)()
 
 
 # ----------------------------------------------------------------------------
@@ -738,12 +801,14 @@ def _pad_batches(batches, local, num_batches, image_shape):
 
 
 def limited_split(split: str, count: int) -> str:
-  """`split` limited to its first `count` examples ('train' -> 'train[:count]'); count <= 0: all."""
-  if count <= 0:
+  """`split` limited to its first `count` examples ('train' -> 'train[:count]'); count <= 0: all.
+
+  A split that is already sliced or combined ('train[:95%]', 'train+validation')
+  comes back unchanged: readers of it stop after `count` examples themselves
+  (extract_features' max_examples), so the count still holds.
+  """
+  if count <= 0 or '[' in split or '+' in split:
     return split
-  if '[' in split:
-    raise ValueError(f'split {split!r} is already sliced: set the example count to -1, or slice it '
-                     f'yourself, e.g. train[:{count}]')
   return f'{split}[:{count}]'
 
 
@@ -791,7 +856,7 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
   def on_mesh(x):  # Host or single-device arrays: replicated over the mesh.
     if isinstance(x, jax.Array) and x.sharding.device_set == devices:
       return x
-    return jax.device_put(x, parallel.replicated(mesh))
+    return host_to_global(x, parallel.replicated(mesh))
 
   params = jax.tree.map(on_mesh, params)
   features, labels, count = [], [], 0
@@ -895,20 +960,35 @@ class KnnMonitor:
   'cls' (default; the token the linear probe reads) or 'mean' (patch tokens).
   The bank is the first config.knn.train_examples (10,000) of
   dataset.train_split, queries the first knn.eval_examples (-1: all) of
-  dataset.eval_split, both with the eval transform. Any other module works
-  through `encode_fn(params, images) -> [B, D]`.
+  dataset.eval_split, both with the eval transform; sliced splits
+  ('train[:95%]') work, and a count above a split's size means all of it.
+  The settings and both splits are checked when the monitor is built, before
+  pretraining starts. Any other module works through
+  `encode_fn(params, images) -> [B, D]`.
   """
 
   def __init__(self, model, config, mesh=None, *, encode_fn=None, num_classes: int | None = None,
                **overrides):
-    self.settings = knn_settings(config)
-    unknown = sorted(set(overrides) - set(KNN_DEFAULTS))
-    if unknown:
-      raise ValueError(f'KnnMonitor: unknown settings {unknown}; known: {sorted(KNN_DEFAULTS)}')
-    self.settings.update(overrides)
+    # Everything is checked here, before the pretraining loop starts, not at the first evaluation.
+    self.settings = knn_settings(config, **overrides)
     self.config = config
     self.mesh = mesh or parallel.create_mesh(config.mesh)
     self.num_classes = num_classes or resolve_num_classes(_with_num_classes(config))
+    self.splits = {}  # The splits read: the bank and the queries.
+    for which in ('train', 'eval'):
+      split, count = config.dataset[f'{which}_split'], self.settings[f'{which}_examples']
+      if not _is_synthetic(config):
+        from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+        try:
+          size = input_pipeline.num_examples(config.dataset, split)
+        except ValueError as e:
+          raise ValueError(f'kNN monitor: dataset.{which}_split: {e}') from None
+        if size == 0:
+          raise ValueError(f'kNN monitor: dataset.{which}_split={split!r} of {config.dataset.name!r} '
+                           'has no examples')
+        if count >= size:  # 'train[:10000]' of a smaller split is not a valid TFDS split.
+          count = -1
+      self.splits[which] = limited_split(split, count)
     pool = self.settings['pool']
     if encode_fn is None:
       def encode_fn(params, images):
@@ -916,17 +996,14 @@ class KnnMonitor:
     self.encode_fn = jax.jit(encode_fn)
     self.batch_size = _eval_batch(int(self.settings['batch_size']), self.mesh)
 
-  def _batches(self, split: str, count: int):
-    if _is_synthetic(self.config):
-      return create_eval_iterator(self.config, self.num_classes, split, self.batch_size)
-    return create_eval_iterator(self.config, self.num_classes, limited_split(split, count), self.batch_size)
+  def _batches(self, which: str):
+    split = self.config.dataset[f'{which}_split'] if _is_synthetic(self.config) else self.splits[which]
+    return create_eval_iterator(self.config, self.num_classes, split, self.batch_size)
 
   def __call__(self, params, prefix: str = 'eval/knn_') -> dict:
     start = time.time()
     s = self.settings
-    result = knn_eval(self.encode_fn, params,
-                      self._batches(self.config.dataset.train_split, s['train_examples']),
-                      self._batches(self.config.dataset.eval_split, s['eval_examples']),
+    result = knn_eval(self.encode_fn, params, self._batches('train'), self._batches('eval'),
                       num_classes=self.num_classes, k=s['k'], temperature=s['temperature'],
                       max_train_examples=s['train_examples'], max_eval_examples=s['eval_examples'],
                       mesh=self.mesh)
@@ -1107,7 +1184,8 @@ class _Task:
   eval_fn: Callable  # (state, frozen) -> metrics dict
   batches_fn: Callable  # start_step -> local batches
   frozen: Any = None  # Encoder params (on the mesh) the step reads but does not train.
-  pretrained: Callable | None = None  # host params -> host params with the pretrained encoder
+  # params (global arrays) -> params whose encoder leaves are the pretrained host arrays.
+  pretrained: Callable | None = None
   saved_tree: Callable = lambda s: s.params  # What a checkpoint's 'params' item holds.
   from_saved: Callable = lambda saved: (saved, None)  # -> (params, batch_stats or None)
 
@@ -1153,20 +1231,22 @@ def _run(config, workdir: str, mesh, task: _Task, total_steps: int, steps_per_ep
         ckpt_lib.abstract_like(saved_abstract, saved_shardings),
         ckpt_lib.abstract_like(abstract_state.opt_state, shardings.opt_state), latest)
     params, batch_stats = task.from_saved(saved)
-    put = lambda v, s: jax.device_put(jnp.asarray(v, jnp.int32), s)
+    put = lambda v, s: host_to_global(np.asarray(v, np.int32), s)
     state = TrainState(
         step=put(meta['step'], shardings.step), params=params, opt_state=opt_state,
         batch_stats=batch_stats if batch_stats is not None else abstract_state.batch_stats,
         nonfinite_run=put(meta.get('nonfinite_run', 0), shardings.nonfinite_run),
         nonfinite_total=put(meta.get('nonfinite_total', 0), shardings.nonfinite_total),
-        halted=jax.device_put(jnp.zeros([], jnp.bool_), shardings.halted))
+        halted=host_to_global(np.zeros([], np.bool_), shardings.halted))
     logging.info('Resumed %s from checkpoint step %d', task.kind, meta['step'])
   else:
     with jax.set_mesh(mesh):
       state = jax.jit(task.init_fn, out_shardings=shardings)(init_rng)
     if task.pretrained is not None:
-      params = task.pretrained(jax.device_get(state.params))
-      state = state.replace(params=jax.device_put(params, shardings.params))
+      # Leaf by leaf: the pretrained encoder's host arrays go into their shardings, the rest stays
+      # as initialised. Nothing is fetched: with FSDP over hosts no process holds all of a param.
+      params = task.pretrained(state.params)
+      state = state.replace(params=place_tree(params, shardings.params))
   start_step = int(jax.device_get(state.step))
   _write_config(config, workdir)
   writer = metrics_lib.create_writer(workdir)
@@ -1376,11 +1456,11 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = source or f'random init, seed {config.seed}'
   if encoder_params is None:
     logging.warning('No pretrained_workdir / pretrained_path: probing a randomly initialised encoder')
-    encoder_params = jax.jit(lambda: encoder.init(jax.random.fold_in(jax.random.key(config.seed), 2),
-                                                  jnp.zeros(image_shape))['params'])()
+    encoder_params = init_on_mesh(lambda: encoder.init(jax.random.fold_in(jax.random.key(config.seed), 2),
+                                                       jnp.zeros(image_shape))['params'], config, mesh)
   else:
     encoder_params = merge_encoder({'encoder': abstract_encoder}, encoder_params, source)['encoder']
-  encoder_params = place_on_mesh(encoder_params, config, mesh)
+    encoder_params = place_on_mesh(encoder_params, config, mesh)
   width = encoder.embed_dim
   abstract_head = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((2, width))))
   tx, lr_fn = make_optimizer(config, abstract_head['params'], encoder.depth, steps_per_epoch, total_steps)
@@ -1471,10 +1551,11 @@ def _load_features(path: str, source: str):
 
 
 def place_on_mesh(params, config, mesh):
-  """params sharded by the config's partition rules (FSDP for large tensors)."""
+  """Host params (the same on every process) sharded by the config's partition rules (FSDP for large
+  tensors); each process builds only its own shards, so the mesh may span processes."""
   rules = parallel.rules_from_config(config.mesh)
   shardings = parallel.tree_shardings(params, mesh, rules, config.mesh.get('min_fsdp_size', 2**18))
-  return jax.device_put(params, shardings)
+  return place_tree(params, shardings)
 
 
 def _feature_batches(features, labels, batch_size: int):
@@ -1524,11 +1605,12 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
   if encoder_params is None:
     logging.warning('No pretrained_workdir / pretrained_path: kNN of a randomly initialised encoder')
-    encoder_params = jax.jit(lambda: encoder.init(jax.random.fold_in(jax.random.key(config.seed), 2),
-                                                  jnp.zeros((1, size, size, channels)))['params'])()
+    encoder_params = init_on_mesh(lambda: encoder.init(jax.random.fold_in(jax.random.key(config.seed), 2),
+                                                       jnp.zeros((1, size, size, channels)))['params'],
+                                  config, mesh)
   else:
     encoder_params = merge_encoder({'encoder': abstract['params']}, encoder_params, source)['encoder']
-  encoder_params = place_on_mesh(encoder_params, config, mesh)
+    encoder_params = place_on_mesh(encoder_params, config, mesh)
 
   def encode_fn(params, images):
     return pool_tokens(encoder.apply({'params': params}, images)[0], knn['pool'])

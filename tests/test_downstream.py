@@ -5,10 +5,12 @@ Tiny models (mae_vit_test) on the labelled synthetic source, 8 CPU devices
 reference's timm transforms use.
 """
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -25,6 +27,7 @@ from configs import linprobe as linprobe_recipe
 from configs import test as test_config
 from launch import sweep as sweep_lib
 from mae_jax import checkpoint, downstream, metrics, optim, train
+from mae_jax.data import prepare
 
 tf.config.set_visible_devices([], 'GPU')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -414,3 +417,194 @@ def test_command_line_knn(tmp_path):
   bad = subprocess.run(command[:-1] + ['--config.downstream=knn', '--config.downstrem=x', f'--workdir={workdir}'],
                        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert bad.returncode != 0 and 'downstream' in bad.stderr
+
+
+# ----------------------------------------------------------------------------
+# Several processes: FSDP over hosts (the L/16 and H/14 layout).
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_fine_tune_fsdp_over_both_from_pretrained_weights(pretrained, tmp_path):
+  """mesh fsdp=-1 over 2 processes x 4 devices: every parameter spans both processes.
+
+  Loading the pretrained encoder must not fetch a parameter to one host; the
+  run matches a 1-process run on 8 devices (lr 0: the checkpoint holds exactly
+  the loaded weights).
+  """
+  overrides = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.min_fsdp_size': 1, 'num_train_steps': 1,
+               'optim.base_lr': 0.0, 'pretrained_workdir': pretrained, 'randaug.num_layers': 0, 'reprob': 0.0,
+               'mixup': 0.0, 'cutmix': 0.0}
+  spec = 'variant=L/16,runlocal=True'
+  multi = str(tmp_path / 'multi')
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+             PYTHONPATH=REPO)
+  command = [sys.executable, '-m', 'mae_jax.downstream', f'--config=configs/finetune.py:{spec}',
+             f'--workdir={multi}', *[f'--config.{k}={v}' for k, v in overrides.items()],
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(open(str(tmp_path / f'process_{i}.log'), 'w+b')) for i in range(2)]
+    procs = [subprocess.Popen(command + [f'--process_id={i}'], env=env, cwd=REPO, stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+      # Meanwhile the same run in this process, on 8 devices.
+      config = finetune_recipe.get_config(spec)
+      for key, value in overrides.items():
+        node, name = config, key
+        while '.' in name:
+          head, name = name.split('.', 1)
+          node = node[head]
+        node[name] = value
+      single = str(tmp_path / 'single')
+      downstream.finetune(config, single)
+      for p in procs:
+        p.wait(timeout=240)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    outputs = []
+    for log in logs:
+      log.seek(0)
+      outputs.append(log.read().decode())
+  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  assert all('Loaded the pretrained encoder' in out for out in outputs)
+
+  results = {}
+  for workdir in (multi, single):
+    with open(os.path.join(workdir, downstream.RESULTS_FILE), encoding='utf-8') as f:
+      results[workdir] = json.load(f)
+  assert results[multi]['status'] == 'done' and results[multi]['step'] == 1
+  for key in ('eval/top1', 'eval/top5', 'eval/loss', 'eval/num_examples', 'train/loss'):
+    np.testing.assert_allclose(results[multi][key], results[single][key], rtol=1e-5, err_msg=key)
+  tuned = flat(checkpoint.load_params(multi)[0])
+  source = flat(checkpoint.load_params(pretrained)[0]['encoder'])
+  assert {k.split('/')[0] for k in tuned} == {'encoder', 'fc_norm', 'head'}
+  for key, value in tuned.items():
+    if key.startswith('encoder/'):
+      np.testing.assert_array_equal(value, source[key.removeprefix('encoder/')], err_msg=key)
+  for key, value in flat(checkpoint.load_params(single)[0]).items():
+    np.testing.assert_array_equal(tuned[key], value, err_msg=key)
+
+
+def test_merged_encoder_is_host_arrays_and_the_rest_is_untouched(pretrained):
+  config = _finetune_config()
+  config.pretrained_workdir = pretrained
+  encoder, source = downstream.load_pretrained_encoder(config)
+  model = downstream.build_classifier(config, 10)
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params'])()
+  merged = downstream.merge_encoder(params, encoder, source)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(merged['encoder']))
+  assert merged['head']['kernel'] is params['head']['kernel']  # Not fetched, not copied.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, 8, 1), ('data', 'fsdp', 'tensor'))
+  config.mesh.min_fsdp_size = 1
+  placed = downstream.place_on_mesh(merged, config, mesh)
+  flat_placed = flat(placed)
+  for key, value in flat(merged).items():
+    np.testing.assert_array_equal(flat_placed[key], value, err_msg=key)
+  assert flat_placed['encoder/cls_token'].sharding.mesh == mesh
+
+
+# ----------------------------------------------------------------------------
+# kNN settings and sliced splits.
+
+def test_limited_split_slices_plain_splits_and_passes_sliced_ones_through():
+  assert downstream.limited_split('train', 100) == 'train[:100]'
+  assert downstream.limited_split('train', -1) == 'train'
+  for split in ('train[:95%]', 'train[95%:]', 'train[10:20]', 'train+validation'):
+    assert downstream.limited_split(split, 100) == split  # Readers stop after 100 themselves.
+
+
+@pytest.fixture(scope='module')
+def two_shades(tmp_path_factory):
+  """config.dataset of a prepared folder of 24 8x8 images: class 'dark' and class 'light'."""
+  root = str(tmp_path_factory.mktemp('two_shades'))
+  for i in range(24):
+    shade = ('dark', 'light')[i % 2]
+    os.makedirs(os.path.join(root, shade), exist_ok=True)
+    value = 30 + i if shade == 'dark' else 200 + i
+    Image.new('RGB', (8, 8), (value, value // 2, value)).save(os.path.join(root, shade, f'{i:02d}.png'))
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  prepare.prepare_folder(root, data_dir, name='two_shades', progress=False)
+  return {'name': 'two_shades', 'data_dir': data_dir, 'image_size': 8, 'channels': 3,
+          'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)}
+
+
+def _knn_config(dataset: dict, **knn):
+  config = test_config.get_config('steps=1')
+  config.dataset.update(dataset)
+  config.knn.update({'train_examples': 10, 'eval_examples': -1, 'batch_size': 8, 'k': 3, **knn})
+  return config
+
+
+def _pixels(params, images):
+  del params
+  return images.reshape(images.shape[0], -1)
+
+
+@pytest.mark.parametrize('train_split,train_examples,bank', [
+    ('train[:75%]', 10, 10),  # The README's folder splits: limited, not refused.
+    ('train[:75%]', -1, 18),
+    ('train', 10, 10),
+    ('train', 1000, 24),  # More than the split holds: all of it ('train[:1000]' is no TFDS split).
+])
+def test_knn_monitor_on_sliced_splits_of_a_folder(two_shades, train_split, train_examples, bank,
+                                                  monkeypatch):
+  config = _knn_config({**two_shades, 'train_split': train_split, 'eval_split': 'train[75%:]'},
+                       train_examples=train_examples)
+  monitor = downstream.KnnMonitor(None, config, encode_fn=_pixels)
+  assert monitor.num_classes == 2
+  seen = []
+  knn_eval = downstream.knn_eval
+  monkeypatch.setattr(downstream, 'knn_eval', lambda *a, **k: seen.append(knn_eval(*a, **k)) or seen[-1])
+  result = monitor({})
+  assert seen[0]['num_train'] == bank and seen[0]['num_eval'] == 6
+  assert result == {'eval/knn_top1': 1.0, 'eval/knn_top5': 1.0}  # Dark and light never mix.
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'k': 0}, 'knn.k=0'),
+    ({'temperature': 0.0}, 'knn.temperature=0.0'),
+    ({'batch_size': 0}, 'knn.batch_size=0'),
+    ({'pool': 'max'}, "knn.pool='max'"),
+    ({'train_examples': 2.5}, 'knn.train_examples=2.5'),
+    ({'neighbours': 5}, r"unknown keys \['neighbours'\]"),
+    ({'eval_split': 'tset'}, "dataset.eval_split.*'tset'"),
+    ({'train_split': 'train[24:]'}, r"dataset.train_split='train\[24:\]'.*has no examples"),
+])
+def test_knn_monitor_checks_its_settings_when_built(two_shades, overrides, match, monkeypatch):
+  """Bad settings fail when the monitor is built (before pretraining starts), not at its first call."""
+  dataset = {**two_shades, 'train_split': 'train[:75%]', 'eval_split': 'train[75%:]'}
+  dataset.update({k: overrides.pop(k) for k in ('eval_split', 'train_split') if k in overrides})
+  config = _knn_config(dataset)
+  monkeypatch.setattr(downstream, 'knn_eval', lambda *a, **k: pytest.fail('evaluated'))
+  with pytest.raises(ValueError, match=match):
+    downstream.KnnMonitor(None, config, encode_fn=_pixels, **overrides)
+
+
+# ----------------------------------------------------------------------------
+# Loop settings checked before anything compiles.
+
+@pytest.mark.parametrize('recipe', [finetune_recipe, linprobe_recipe], ids=['finetune', 'linprobe'])
+@pytest.mark.parametrize('key,value,match', [
+    ('log_every_steps', 0, 'log_every_steps=0'),
+    ('log_every_steps', -10, 'log_every_steps=-10'),
+    ('max_nonfinite_steps', 0, 'max_nonfinite_steps=0'),
+    ('max_nonfinite_steps', -1, 'max_nonfinite_steps=-1'),
+    ('num_epochs', 0.1, r'num_epochs=0.1 x 4 steps per epoch \(64 examples.*is 0 training steps'),
+])
+def test_loop_settings_that_cannot_work_fail_before_any_compile(recipe, key, value, match, tmp_path,
+                                                                monkeypatch):
+  config = recipe.get_config('variant=B/16,runlocal=True')  # 64 examples, batch 16: 4 steps per epoch.
+  if key == 'num_epochs':
+    config.num_train_steps = -1
+  config[key] = value
+  monkeypatch.setattr(downstream, '_run', lambda *a, **k: pytest.fail('reached the training loop'))
+  run = downstream.finetune if recipe is finetune_recipe else downstream.linear_probe
+  with pytest.raises(ValueError, match=match):
+    run(config, str(tmp_path))
+  assert not os.listdir(str(tmp_path))

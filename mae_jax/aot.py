@@ -301,6 +301,7 @@ class AotReport:
   images_per_sec: float | None = None  # global_batch / step_seconds
   mfu: float | None = None  # analytic FLOPs / step_seconds / (chips x peak)
   peak_flops_per_chip: float | None = None
+  hbm_bandwidth_per_chip: float | None = None  # bytes/s
   error: str = ''  # the compiler's message when it refused the program
 
   def message(self) -> str:
@@ -384,7 +385,8 @@ def compile_report(config: ml_collections.ConfigDict, spec: TopologySpec,
       remat_policy=str(config.model.get('remat_policy', 'none')),
       scan_layers=bool(config.model.get('scan_layers', False)), fits=True,
       hbm_capacity_bytes=chip.hbm_usable_bytes, hbm_nominal_bytes=chip.hbm_bytes, compile_seconds=0.0,
-      flops_per_step_analytic=flops_step, peak_flops_per_chip=chip.peak_flops)
+      flops_per_step_analytic=flops_step, peak_flops_per_chip=chip.peak_flops,
+      hbm_bandwidth_per_chip=chip.hbm_bandwidth)
   start = time.perf_counter()
   try:
     with mesh_context(mesh):
@@ -468,6 +470,14 @@ def format_report(report: AotReport) -> str:
         f'{_flop(report.flops_per_device_compiled) if report.flops_per_device_compiled else "n/a"} '
         f'per chip' + (' (while-loop bodies counted once)' if report.has_loops else ''),
     ]
+    if report.bytes_accessed_per_device and report.flops_per_device_compiled:
+      intensity = report.flops_per_device_compiled / report.bytes_accessed_per_device
+      line = f'HBM traffic     {report.bytes_accessed_per_device / 1e9:.1f} GB accessed per chip per step'
+      line += ' (while-loop bodies counted once)' if report.has_loops else ''
+      line += f': {intensity:.0f} FLOP/byte'
+      if report.peak_flops_per_chip and report.hbm_bandwidth_per_chip:
+        line += f', compute-bound above {report.peak_flops_per_chip / report.hbm_bandwidth_per_chip:.0f}'
+      lines.append(line)
     if report.step_seconds:
       bound = ('max(FLOPs / peak, bytes accessed / HBM bandwidth), communication not modelled'
                if report.step_time_source == 'roofline' else 'TPU cost model')

@@ -129,7 +129,7 @@ def test_compile_tiny_on_v5e(libtpu):
   step = aot.make_train_step(config, aot.parallel.create_mesh(config.mesh, devices))
   assert 0 < aot._argument_bytes_per_device(step) <= report.argument_bytes
   text = aot.format_report(report)
-  for field in ('HBM per chip', 'HBM total', 'FLOPs per step', 'step time', 'fits:'):
+  for field in ('HBM per chip', 'HBM total', 'FLOPs per step', 'HBM traffic', 'FLOP/byte', 'step time', 'fits:'):
     assert field in text
 
 

@@ -2,7 +2,7 @@ r"""Fashion-MNIST study: MAE pretraining against random weights and training fro
 
   python benchmarks/fashion_mnist_study.py --workdir=workdirs/fm_study
 
-Pretrains the demo MAE (mae_vit_tiny_patch4) on Fashion-MNIST 'train', then,
+Pretrains the demo MAE (mae_vit_mini_patch4) on Fashion-MNIST 'train', then,
 for the MAE encoder and for the same encoder with random weights, measures on
 the 10,000-image 'test' split: kNN top-1, linear-probe top-1 and fine-tuning
 top-1 (fine-tuning random weights is training from scratch, with the same

@@ -28,8 +28,8 @@ def get_config(arg=None):
   config.norm_pix_loss = True
   config.batch_size = 256
   config.num_train_steps = int(args.get('steps', 600))
-  config.log_every_steps = 50
+  config.log_every_steps = min(50, max(1, config.num_train_steps))
   config.checkpoint_every_steps = 200
   config.optim.base_lr = 1.5e-4 * 10  # short schedule: a higher lr than the 800-epoch recipe
-  config.optim.warmup_steps = 50
+  config.optim.warmup_steps = min(50, max(1, config.num_train_steps // 12))  # 50 of the default 600
   return config

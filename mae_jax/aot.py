@@ -582,7 +582,11 @@ def main(argv):
     try:
       report = compile_report(config, spec, devices)
     except ValueError as e:
-      sys.exit(f'error: {e}')
+      hint = ''
+      if str(e).startswith('batch_size='):
+        hint = (f'; for {len(devices)} chips set --per_chip_batch=N (batch_size = N x {len(devices)}) '
+                f'or --config.batch_size to a multiple of the data-parallel size')
+      sys.exit(f'error: {e}{hint}')
   print(format_report(report))
   if FLAGS.json_out:
     with open(FLAGS.json_out, 'w', encoding='utf-8') as f:

@@ -665,6 +665,10 @@ def _save_safetensors(state: dict, path: str, meta: dict):
   header = {'format': 'pt', 'mae_jax': json.dumps(meta)}
   _safetensors().numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path,
                                  metadata=header)
+  if '://' not in path:  # safetensors writes 0600; give the file the mode of the others (umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _to_numpy_array(value) -> np.ndarray:

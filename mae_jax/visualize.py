@@ -123,11 +123,18 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from mae_jax import train  # pylint: disable=g-import-not-at-top
   params, config_dict = checkpoint.load_params(workdir, step)
+  if 'decoder' not in params or 'downstream' in config_dict:
+    raise ValueError(
+        f'--workdir={workdir}: its checkpoint has no MAE decoder (top-level keys {sorted(params)}), so '
+        f'nothing can be reconstructed: use the workdir of a pretraining run.')
   config = ml_collections.ConfigDict(config_dict)
   model = train.build_model(config)
   if image_files:
     images = load_image_files(image_files, config.dataset.image_size, config.dataset.channels,
                               config.dataset.mean, config.dataset.std)
+  elif config.dataset.name == 'synthetic':  # a run on generated data: show generated images
+    from mae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    images = synthetic.global_batch(seed, 0, num_images, config.dataset.image_size, config.dataset.channels)
   else:
     images = eval_images(config, num_images)
   ratio = config.mask_ratio if mask_ratio is None else mask_ratio

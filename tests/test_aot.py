@@ -157,3 +157,12 @@ def test_does_not_fit_fails_with_clear_message(libtpu):
   assert 'try --config.model.remat_policy=full' in result.stderr
   assert 'global 16384 = 4096 per chip' in result.stdout
   assert 'RESOURCE_EXHAUSTED' in result.stdout  # the compiler's own words are shown too
+
+
+def test_indivisible_batch_names_the_fix(libtpu):
+  cmd = [sys.executable, '-m', 'mae_jax.aot', '--config=configs/test.py', '--topology=v4-128']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'not divisible by the data-parallel size 64' in result.stderr, result.stderr[-2000:]
+  assert '--per_chip_batch=N (batch_size = N x 64)' in result.stderr

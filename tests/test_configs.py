@@ -274,3 +274,14 @@ def test_downstream_runlocal_trains(recipe, tmp_path, jit_cache):
   config = recipe.get_config('variant=B/16,runlocal=True')
   result = downstream.train_and_evaluate(config, str(tmp_path))
   assert result['status'] == 'done' and result['step'] == common.RUNLOCAL_STEPS
+
+
+@pytest.mark.parametrize('steps', [1, 4, 600])
+def test_demo_schedule_fits_any_step_count(steps):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from mae_jax import optim  # pylint: disable=g-import-not-at-top
+  config = demo.get_config(f'steps={steps}')
+  assert 1 <= config.optim.warmup_steps <= steps and 1 <= config.log_every_steps <= steps
+  optim.create_optimizer(config.optim, global_batch=config.batch_size, steps_per_epoch=234, total_steps=steps)
+  if steps == 600:
+    assert config.optim.warmup_steps == 50 and config.log_every_steps == 50  # the README demo's schedule

@@ -111,6 +111,10 @@ def test_round_trip_tiny_patch16_safetensors(tmp_path):
   out = export.export_weights(params, 'mae_vit_tiny_patch16', 'safetensors',
                               _out(tmp_path, 'safetensors'), encoder_only=False)
   _assert_trees_equal(params, export.import_weights(out, 'mae_vit_tiny_patch16'))
+  # The file gets the mode the umask gives every other file (safetensors alone would write 0600).
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
 
 
 @needs_safetensors

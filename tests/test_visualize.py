@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from mae_jax import models
@@ -83,3 +84,33 @@ def test_load_image_files_converts_modes(tmp_path):
   assert images.shape == (2, 32, 32, 3)
   np.testing.assert_allclose(images[0], 200 / 255, atol=1e-6)
   assert jnp.allclose(images[1], 100 / 255, atol=1e-2)
+
+
+def _tiny_run(tmp_path, **overrides):
+  from mae_jax import train
+  from tests.configs import tiny_synthetic
+  config = tiny_synthetic.get_config()
+  config.num_train_steps = 2
+  config.checkpoint_every_steps = 2
+  config.optim.warmup_steps = 1
+  for key, value in overrides.items():
+    config[key] = value
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_visualize_a_run_on_synthetic_data(tmp_path):
+  workdir = _tiny_run(tmp_path)
+  path = visualize.visualize_checkpoint(workdir, str(tmp_path / 'grid.png'), num_images=3)
+  assert Image.open(path).size[1] >= 3 * 32
+
+
+def test_visualize_needs_a_decoder(tmp_path, monkeypatch):
+  from mae_jax import checkpoint
+  workdir = _tiny_run(tmp_path)
+  params, config = checkpoint.load_params(workdir)
+  encoder_only = {'encoder': params['encoder']}
+  monkeypatch.setattr(checkpoint, 'load_params', lambda *_: (encoder_only, config))
+  with pytest.raises(ValueError, match='has no MAE decoder.*workdir of a pretraining run'):
+    visualize.visualize_checkpoint(workdir)

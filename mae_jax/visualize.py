@@ -3,7 +3,8 @@
 `python -m mae_jax.visualize --workdir=DIR [--step=N] [--out=PATH] [--images=FILE,...]`
 takes a pretraining checkpoint and either images from the run's eval split or
 the given image files, writes a PNG (and a TensorBoard image under the
-workdir) and prints the PNG's path.
+workdir) and prints the PNG's path. `--weights=PATH --images=FILE,...` does the
+same for exported or imported weights that include the decoder.
 
 With norm_pix_loss the model predicts each patch in its own normalised space;
 predictions are mapped back to pixels with statistics the model saw: a visible
@@ -153,22 +154,68 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
   return out
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_name: str | None = None,
+                      seed: int = 0, mask_ratio: float = 0.75, norm_pix_loss: bool | None = None) -> str:
+  """Writes the reconstruction grid of exported or imported weights (with a decoder); returns the PNG path.
+
+  `path` is anything `export.import_weights` reads (an export of this project, a
+  reference .pth, a safetensors file, a Hugging Face folder). The image
+  normalisation and norm_pix_loss come from the export's metadata (its run's
+  config) when it has them, else ImageNet's statistics and norm_pix_loss=True.
+  """
+  from mae_jax import export  # pylint: disable=g-import-not-at-top
+  if not image_files:
+    raise ValueError('--weights needs --images=FILE,...: weights carry no data set to take images from')
+  model_name, overrides = export.resolve_model(path, model_name, {})
+  meta = export.read_metadata(path) or {}
+  dataset = ((meta.get('config') or {}).get('dataset') or {})
+  if norm_pix_loss is None:
+    norm_pix_loss = bool(meta.get('norm_pix_loss', True))
+  params = export.import_weights(path, model_name)
+  if 'decoder' not in params:
+    raise ValueError(f'--weights={path}: the weights have no MAE decoder, so nothing can be reconstructed; '
+                     f'export or import them with --full')
+  model = mae_lib.get_model(model_name, **{**overrides, 'norm_pix_loss': norm_pix_loss})
+  mean, std = dataset.get('mean', IMAGENET_MEAN), dataset.get('std', IMAGENET_STD)
+  size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
+  images = load_image_files(image_files, size, model.in_channels, mean, std)
+  grid = reconstruction_grid(model, params, images, mask_ratio, jax.random.key(seed), mean=mean, std=std)
+  return save_png(grid, out)
+
+
 FLAGS = flags.FLAGS
 
 
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'Workdir of a pretraining run.')
+  flags.DEFINE_string('weights', None, 'Instead of --workdir: exported or imported weights with a decoder '
+                      '(an export of this project, a reference .pth, safetensors or a Hugging Face folder).')
+  flags.DEFINE_string('model', None, "With --weights: the model name, when the weights' metadata lacks it.")
+  flags.DEFINE_bool('norm_pix_loss', None, "With --weights: whether the model predicts normalised patches "
+                    "(default: the metadata's, else True).")
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('out', None, 'PNG path (default: WORKDIR/reconstructions.png).')
   flags.DEFINE_list('images', [], 'Image files to reconstruct (default: the eval split).')
   flags.DEFINE_integer('num_images', 8, 'Images from the eval split.')
   flags.DEFINE_integer('seed', 0, 'Seed of the masks.')
-  flags.DEFINE_float('mask_ratio', None, "Mask ratio (default: the run's).")
-  flags.mark_flag_as_required('workdir')
+  flags.DEFINE_float('mask_ratio', None, "Mask ratio (default: the run's; 0.75 with --weights).")
 
 
 def main(argv):
   del argv
+  if bool(FLAGS.workdir) == bool(FLAGS.weights):
+    raise app.UsageError('give exactly one of --workdir (a pretraining run) and --weights (exported weights)')
+  if FLAGS.weights:
+    out = FLAGS.out or 'reconstructions.png'
+    path = visualize_weights(FLAGS.weights, FLAGS.images, out, model_name=FLAGS.model, seed=FLAGS.seed,
+                             mask_ratio=0.75 if FLAGS.mask_ratio is None else FLAGS.mask_ratio,
+                             norm_pix_loss=FLAGS.norm_pix_loss)
+    print(f'Reconstructions written to {path}')
+    return
   path = visualize_checkpoint(FLAGS.workdir, FLAGS.out, step=FLAGS.step, image_files=FLAGS.images,
                               num_images=FLAGS.num_images, seed=FLAGS.seed, mask_ratio=FLAGS.mask_ratio)
   print(f'Reconstructions written to {path}')

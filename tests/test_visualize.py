@@ -114,3 +114,20 @@ def test_visualize_needs_a_decoder(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoint, 'load_params', lambda *_: (encoder_only, config))
   with pytest.raises(ValueError, match='has no MAE decoder.*workdir of a pretraining run'):
     visualize.visualize_checkpoint(workdir)
+
+
+def test_visualize_exported_weights_equals_the_checkpoint(tmp_path):
+  """--weights on a full export draws exactly what --workdir draws for the same images and seed."""
+  from mae_jax import export
+  workdir = _tiny_run(tmp_path)
+  files = []
+  for i in range(2):
+    files.append(str(tmp_path / f'img{i}.png'))
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), np.uint8)).save(files[-1])
+  weights = export.export_from_workdir(workdir, 'safetensors', str(tmp_path / 'mae.safetensors'), full=True)
+  from_ckpt = visualize.visualize_checkpoint(workdir, str(tmp_path / 'a.png'), image_files=files, seed=3)
+  from_weights = visualize.visualize_weights(weights, files, str(tmp_path / 'b.png'), seed=3)
+  np.testing.assert_array_equal(np.asarray(Image.open(from_ckpt)), np.asarray(Image.open(from_weights)))
+  encoder_only = export.export_from_workdir(workdir, 'safetensors', str(tmp_path / 'enc.safetensors'))
+  with pytest.raises(ValueError, match='no MAE decoder.*--full'):
+    visualize.visualize_weights(encoder_only, files, str(tmp_path / 'c.png'))

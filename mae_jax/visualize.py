@@ -8,9 +8,9 @@ same for exported or imported weights that include the decoder.
 
 With norm_pix_loss the model predicts each patch in its own normalised space;
 predictions are mapped back to pixels with statistics the model saw: a visible
-patch's own mean and variance, and for a masked patch the average over the
-image's visible patches (never the hidden patch's own, which would let the
-picture look better than the model is).
+patch's own mean and variance, and for a masked patch the average over its
+visible neighbours (never the hidden patch's own, which would let the picture
+look better than the model is).
 """
 
 import os
@@ -26,20 +26,28 @@ import numpy as np
 from mae_jax.models import mae as mae_lib
 
 
-def denormalize_pixels(pred, target, mask):
+def denormalize_pixels(pred, target, mask, grid):
   """Maps norm_pix predictions [N, L, P] back to pixels using only what the model saw.
 
-  A visible patch uses its own mean and variance; a masked patch, whose
+  A visible patch uses its own mean and variance. A masked patch, whose
   statistics the model never saw, uses the average mean and variance of the
-  image's visible patches.
+  visible patches among its 3x3 neighbours on the patch grid `grid` (gh, gw),
+  or of all the image's visible patches when none of its neighbours is visible.
   """
-  mean = target.mean(-1, keepdims=True)
-  var = target.var(-1, keepdims=True, ddof=1)
-  visible = (1.0 - mask)[..., None]
-  pooled = lambda x: (x * visible).sum(1, keepdims=True) / jnp.maximum(visible.sum(1, keepdims=True), 1.0)
-  hidden = mask[..., None] > 0
-  mean = jnp.where(hidden, pooled(mean), mean)
-  var = jnp.where(hidden, pooled(var), var)
+  n, length = mask.shape
+  gh, gw = grid
+  visible = 1.0 - mask
+
+  def estimate(stat):  # [N, L] -> [N, L]: the visible neighbourhood's average at every patch
+    pooled = (stat * visible).sum(1, keepdims=True) / jnp.maximum(visible.sum(1, keepdims=True), 1.0)
+    padded = lambda x: jnp.pad(x.reshape(n, gh, gw), ((0, 0), (1, 1), (1, 1)))
+    box = lambda x: sum(padded(x)[:, i:i + gh, j:j + gw] for i in range(3) for j in range(3)).reshape(n, length)
+    weight = box(visible)
+    local = box(stat * visible) / jnp.maximum(weight, 1.0)
+    return jnp.where(mask > 0, jnp.where(weight > 0, local, pooled), stat)
+
+  mean = estimate(target.mean(-1))[..., None]
+  var = estimate(target.var(-1, ddof=1))[..., None]
   return pred * jnp.sqrt(var + mae_lib.NORM_PIX_EPS) + mean
 
 
@@ -49,9 +57,9 @@ def reconstruct(model, params, images, mask_ratio: float, rng):
   _, pred, mask = model.apply({'params': params}, images, mask_ratio=mask_ratio, rngs={'mask': rng},
                               train=False)
   pred = pred.astype(jnp.float32)
-  if model.norm_pix_loss:
-    pred = denormalize_pixels(pred, mae_lib.patchify(images, model.patch_size), mask)
   grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
+  if model.norm_pix_loss:
+    pred = denormalize_pixels(pred, mae_lib.patchify(images, model.patch_size), mask, grid)
   channels = images.shape[-1]
   recon = mae_lib.unpatchify(pred, model.patch_size, grid, channels)
   mask_image = mae_lib.unpatchify(jnp.repeat(mask[..., None], model.patch_size**2 * channels, -1),

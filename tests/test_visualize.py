@@ -14,8 +14,8 @@ def test_norm_pix_reconstruction_uses_only_visible_statistics():
   model = models.get_model('mae_vit_test', norm_pix_loss=True)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3)) * 3 + 1
   variables = model.init({'params': jax.random.key(0), 'mask': jax.random.key(1)}, images)
-  # A prediction equal to the normalised target: visible patches come back exactly; masked ones
-  # are mapped with the average mean and variance of the image's visible patches.
+  # A prediction equal to the normalised target: visible patches come back exactly; a masked one is
+  # mapped with the average mean and variance of its visible 3x3 neighbours (else of all visible).
   target = models.patch_targets(images, 8, True)
   recon, pasted, mask_image = visualize.reconstruct(
       _Const(model, target), variables['params'], images, 0.75, jax.random.key(2))
@@ -23,16 +23,20 @@ def test_norm_pix_reconstruction_uses_only_visible_statistics():
   np.testing.assert_allclose(np.asarray(recon)[visible], np.asarray(images)[visible], atol=1e-4)
   np.testing.assert_allclose(np.asarray(pasted)[visible], np.asarray(images)[visible], atol=1e-4)
   assert float(mask_image.mean()) == 0.75
-  patches = np.asarray(models.patchify(images, 8))
+  patches = np.asarray(models.patchify(images, 8))  # [2, 16, 192] on a 4x4 grid
   _, _, mask = model.apply(variables, images, mask_ratio=0.75, rngs={'mask': jax.random.key(2)})
   mask = np.asarray(mask)
   recon_patches = np.asarray(models.patchify(recon, 8))
+  means, variances = patches.mean(-1), patches.var(-1, ddof=1)
   for n in range(2):
-    seen = patches[n][mask[n] == 0]
-    mean, var = seen.mean(-1).mean(), seen.var(-1, ddof=1).mean()
-    hidden = mask[n] > 0
-    want = np.asarray(target)[n][hidden] * np.sqrt(var + 1e-6) + mean
-    np.testing.assert_allclose(recon_patches[n][hidden], want, rtol=1e-4, atol=1e-4)
+    for index in np.flatnonzero(mask[n]):
+      row, col = divmod(index, 4)
+      near = [r * 4 + c for r in range(row - 1, row + 2) for c in range(col - 1, col + 2)
+              if 0 <= r < 4 and 0 <= c < 4 and mask[n, r * 4 + c] == 0]
+      near = near or list(np.flatnonzero(mask[n] == 0))
+      mean, var = means[n, near].mean(), variances[n, near].mean()
+      want = np.asarray(target)[n, index] * np.sqrt(var + 1e-6) + mean
+      np.testing.assert_allclose(recon_patches[n, index], want, rtol=1e-4, atol=1e-4)
 
 
 def test_reconstruction_does_not_depend_on_hidden_pixels():

@@ -62,6 +62,8 @@ def get_config(arg=None):
   config.dataset.eval_resize = 256  # Eval: resize shorter side (scaled by image_size / 224).
   config.dataset.shuffle_buffer = 10_000
   config.dataset.cache = False  # Cache decoded examples in memory (small data sets).
+  # Undecodable images are replaced and counted; above this share of the images read, the run stops.
+  config.dataset.max_corrupt_fraction = 0.01
   config.dataset.prefetch = 2  # Batches prefetched to the devices.
   config.dataset.num_examples = 1024  # Only for name='synthetic' (tests, benchmarks).
 

@@ -353,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     knn_monitor = downstream.KnnMonitor(model, config, mesh)
   preemption = PreemptionFlag(config.get('preemption_sync_every_steps', 10)).install()
   pending, last_metrics, status = [], {}, 'done'
+  corrupt_seen = 0
   timer_step, timer_start = start_step, None
   step = start_step
   try:
@@ -370,6 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.log_every_steps == 0 or step == total_steps:
           last_metrics.update(_log_metrics(writer, step, pending, state, timer_step, timer_start, config,
                                            flops_per_image, peak))
+          corrupt_seen += int(last_metrics.get('train/corrupt_images', 0))
+          _check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config)
           pending = []
           timer_step, timer_start = step, time.time()
           if bool(jax.device_get(state.halted)):
@@ -410,6 +413,17 @@ def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted, 
     logging.warning('Preemption requested: saved step %d and stopping', step)
     return True
   return False
+
+
+def _check_corrupt(corrupt: int, seen: int, config) -> None:
+  """Stops a run whose input is mostly undecodable: that is a bug, not a few bad files."""
+  limit = config.dataset.get('max_corrupt_fraction', 0.01)
+  if seen and corrupt / seen > limit:
+    raise ValueError(
+        f'{corrupt} of the {seen} images read so far ({100 * corrupt / seen:.1f}%) could not be decoded or '
+        f'preprocessed, more than dataset.max_corrupt_fraction={limit}: check the data set '
+        f'(dataset.name={config.dataset.name!r}) and the preprocessing (the warnings above name the errors), '
+        f'or raise the setting')
 
 
 def _meta(state: TrainState, config) -> dict:

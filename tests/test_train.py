@@ -335,6 +335,9 @@ def test_corrupt_images_are_skipped_and_counted_in_pretraining(tmp_path):
   config.dataset.shuffle_buffer = 8
   config.num_train_steps = 5  # 80 images: two passes over the 40
   config.checkpoint_every_steps = 5
+  with pytest.raises(ValueError, match=r'could not be decoded.*dataset.max_corrupt_fraction=0.01'):
+    train.train_and_evaluate(config, str(tmp_path / 'strict'))  # 10% corrupt: a data or code bug
+  config.dataset.max_corrupt_fraction = 0.2
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['status'] == 'done'
   records = metrics.read_jsonl(os.path.join(str(tmp_path / 'run'), 'metrics.jsonl'))

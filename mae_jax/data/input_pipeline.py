@@ -5,8 +5,8 @@ and yields its local share of every global batch. With a fixed seed and
 process count, the batches are a pure function of (seed, step):
 
   * Order. The process's records, in their fixed file order, are cut into
-    pieces: whole files, or runs of one to two `shuffle_buffer`s of records
-    of a file that holds at least two. Every epoch reads the pieces in its
+    pieces: whole files, or up to 4 runs of at least one `shuffle_buffer`
+    of records of a file that holds at least two. Every epoch reads the pieces in its
     own order, a stateless permutation keyed by (seed, process, epoch),
     several at a time (about as many as make one shuffle block, at most 16
     files in parallel), then shuffles consecutive blocks of `shuffle_buffer`
@@ -21,8 +21,8 @@ process count, the batches are a pure function of (seed, step):
     epochs.
   * Reading. Records come straight from the data set's TFRecord files. A
     piece that starts inside a file reads past the records before it (their
-    bytes, not parsed or decoded), so a file cut into k pieces is read about
-    (k + 1) / 2 times per epoch. Catalog shards (ImageNet's hold ~1,250
+    bytes, not parsed or decoded), so a file cut into k <= 4 pieces is read
+    about (k + 1) / 2 <= 2.5 times per epoch. Catalog shards (ImageNet's hold ~1,250
     images) are shorter than the default buffer and read once; a file of
     small records (Fashion-MNIST's single file) is cut, cheaply. Builders
     that TFDS does not read from TFRecord files (other file formats, custom
@@ -66,6 +66,7 @@ _AUGMENT_STREAM = 1
 _BLOCK_OFFSET = -1
 _PIECE_ORDER = -2
 _MAX_READ_CYCLE = 16  # Pieces (files) read at the same time, at most.
+_MAX_PIECES_PER_SPAN = 4  # Bounds the re-reading of a file cut into pieces (see _Pieces).
 _MAX_CHUNK = 32  # Examples per guarded preprocessing call, at most.
 _READ_BUFFER = 8 << 20  # Bytes buffered per open file, as TFDS does.
 
@@ -423,9 +424,12 @@ class _Pieces:
   """A source's records cut into pieces, in the source's order.
 
   A span (the records of one file) of `take` records is cut into
-  k = max(1, take // block_size) pieces of size = ceil(take / k) records,
-  the last one possibly shorter: a span shorter than 2 * block_size is one
-  piece, a longer one is cut into pieces of block_size to 2 * block_size.
+  k = min(max(1, take // block_size), _MAX_PIECES_PER_SPAN) pieces of
+  size = ceil(take / k) records, the last one possibly shorter: a span
+  shorter than 2 * block_size is one piece, a longer one is cut into pieces
+  of at least block_size. A piece that starts inside a span reads past the
+  records before it, so the cap bounds the reading to (k + 1) / 2 <= 2.5
+  times the span per epoch (a single-span `as_dataset` source included).
 
   Attributes:
     spans: (file, skip, take, size) per span of the source.
@@ -439,7 +443,8 @@ class _Pieces:
   def cut(cls, spans, block_size: int) -> _Pieces:
     sized, table = [], []
     for file, skip, take in spans:
-      size = -(-take // max(1, take // max(1, block_size)))
+      pieces = min(max(1, take // max(1, block_size)), _MAX_PIECES_PER_SPAN)
+      size = -(-take // pieces)
       sized.append((file, skip, take, size))
       for start in range(skip, skip + take, size):
         table.append((file, start, min(size, skip + take - start)))

@@ -17,7 +17,6 @@ v5e-256 is "v5e:16x16". A libtpu name such as "v5e:4x8" or "v4:4x4x12" is
 accepted as it is.
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -26,7 +25,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -231,26 +229,6 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                    init_fn, init_rng)
 
 
-@contextlib.contextmanager
-def mesh_context(mesh: jax.sharding.Mesh):
-  """The mesh context the trainer traces its step under.
-
-  `train.mesh_context(mesh)` if train.py defines one, else `with mesh:` as
-  train_and_evaluate does today. Under `with mesh:` jax.sharding.get_abstract_mesh()
-  is empty, so activation constraints that read it are no-ops in training, and so
-  they are here: the report describes the program the trainer really runs.
-  """
-  context = getattr(train, 'mesh_context', None)
-  if context is not None:
-    with context(mesh):
-      yield
-    return
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', DeprecationWarning)
-    with mesh:
-      yield
-
-
 def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
   """Analytic training FLOPs per image of the configured model (flops.mae_train_flops)."""
   model = train.build_model(config)
@@ -389,7 +367,7 @@ def compile_report(config: ml_collections.ConfigDict, spec: TopologySpec,
       hbm_bandwidth_per_chip=chip.hbm_bandwidth)
   start = time.perf_counter()
   try:
-    with mesh_context(mesh):
+    with train.mesh_context(mesh):
       compiled = step.jitted.lower(step.abstract_state, step.abstract_batch).compile()
   except Exception as e:  # pylint: disable=broad-except
     message = str(e)

@@ -75,7 +75,6 @@ from mae_jax import checkpoint as ckpt_lib
 from mae_jax import metrics as metrics_lib
 from mae_jax import models, optim, parallel
 from mae_jax import train as train_lib
-from mae_jax.models import vit
 
 KINDS = ('finetune', 'linprobe', 'knn')
 MIXUP_MODES = ('batch', 'elem')
@@ -180,22 +179,6 @@ def num_train_examples(config) -> int:
   return input_pipeline.num_examples(config.dataset, config.dataset.train_split)
 
 
-def train_steps(config, num_examples: int) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps) from num_train_steps or num_epochs; total_steps >= 1."""
-  steps_per_epoch = max(1, num_examples // config.batch_size)
-  if config.get('num_train_steps', -1) > 0:
-    return steps_per_epoch, int(config.num_train_steps)
-  if config.get('num_epochs', 0) <= 0:
-    raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
-  total_steps = round(config.num_epochs * steps_per_epoch)
-  if total_steps < 1:
-    raise ValueError(
-        f'num_epochs={config.num_epochs} x {steps_per_epoch} steps per epoch ({num_examples} examples '
-        f'of dataset.train_split // batch_size={config.batch_size}) is {total_steps} training steps: '
-        'raise num_epochs or set num_train_steps > 0')
-  return steps_per_epoch, total_steps
-
-
 def validate_config(config, mesh) -> None:
   """Fails fast, naming the key, on settings that cannot work. No compile happens here."""
   kind = _kind(config)
@@ -211,14 +194,7 @@ def validate_config(config, mesh) -> None:
                      f'divisible by the data-parallel size {dp} = mesh data x fsdp {dict(mesh.shape)}')
   if config.get('pretrained_workdir', '') and config.get('pretrained_path', ''):
     raise ValueError('pretrained_workdir and pretrained_path are both set: set one of them')
-  log_every = config.get('log_every_steps', None)
-  if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-    raise ValueError(f'log_every_steps={log_every!r}: must be an integer >= 1 (train metrics are '
-                     'averaged and written every log_every_steps steps)')
-  max_nonfinite = config.get('max_nonfinite_steps', 10)
-  if isinstance(max_nonfinite, bool) or not isinstance(max_nonfinite, int) or max_nonfinite < 1:
-    raise ValueError(f'max_nonfinite_steps={max_nonfinite!r}: must be an integer >= 1 (the run stops '
-                     'after this many non-finite steps in a row)')
+  train_lib.check_loop_settings(config, mesh)
   if kind == 'finetune':
     mode = config.get('mixup_mode', 'batch')
     if mode not in MIXUP_MODES:
@@ -233,8 +209,6 @@ def validate_config(config, mesh) -> None:
     if config.get('freeze_encoder', False):
       raise ValueError('freeze_encoder=True with downstream=finetune: use downstream=linprobe to train '
                        'a head on a frozen encoder')
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  vit.check_attention_platform(config.model.get('attention_impl', 'xla'), platform)
 
 
 # ----------------------------------------------------------------------------
@@ -333,11 +307,15 @@ def place_tree(tree, shardings):
   return jax.tree.map(host_to_global, tree, shardings)
 
 
+def config_shardings(tree, config, mesh):
+  """Shardings of `tree` (arrays or abstract) by the config's partition rules (FSDP for large tensors)."""
+  return parallel.tree_shardings(tree, mesh, parallel.rules_from_config(config.mesh),
+                                 config.mesh.get('min_fsdp_size', 2**18))
+
+
 def init_on_mesh(init_fn: Callable[[], Any], config, mesh):
   """init_fn() computed straight into the config's shardings (never whole on one device)."""
-  abstract = jax.eval_shape(init_fn)
-  shardings = parallel.tree_shardings(abstract, mesh, parallel.rules_from_config(config.mesh),
-                                      config.mesh.get('min_fsdp_size', 2**18))
+  shardings = config_shardings(jax.eval_shape(init_fn), config, mesh)
   with jax.set_mesh(mesh):
     return jax.jit(init_fn, out_shardings=shardings)()
 
@@ -1260,7 +1238,7 @@ def _run(config, workdir: str, mesh, task: _Task, total_steps: int, steps_per_ep
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   is_eval_step = _eval_points(config, steps_per_epoch, total_steps)
-  preemption = train_lib.PreemptionFlag().install()
+  preemption = train_lib.PreemptionFlag(config.get('preemption_sync_every_steps', 10)).install()
   pending, last, status, evals = [], {}, 'done', {}
   timer_step, timer_start = start_step, None
   step = start_step
@@ -1375,7 +1353,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config, mesh)
   num_classes = resolve_num_classes(config)
   model = build_classifier(config, num_classes)
-  steps_per_epoch, total_steps = train_steps(config, num_train_examples(config))
+  steps_per_epoch, total_steps = train_lib.train_steps(config, num_train_examples(config))
   size, channels = config.dataset.image_size, config.dataset.channels
   image_shape = (1, size, size, channels)
   abstract_params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image_shape)))['params']
@@ -1447,7 +1425,7 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    batchnorm_eps=float(config.get('head_batchnorm_eps', 1e-6)),
                    init_std=float(config.get('head_init_std', 0.01)))
   num_examples = num_train_examples(config)
-  steps_per_epoch, total_steps = train_steps(config, num_examples)
+  steps_per_epoch, total_steps = train_lib.train_steps(config, num_examples)
   size, channels = config.dataset.image_size, config.dataset.channels
   image_shape = (1, size, size, channels)
 
@@ -1553,9 +1531,7 @@ def _load_features(path: str, source: str):
 def place_on_mesh(params, config, mesh):
   """Host params (the same on every process) sharded by the config's partition rules (FSDP for large
   tensors); each process builds only its own shards, so the mesh may span processes."""
-  rules = parallel.rules_from_config(config.mesh)
-  shardings = parallel.tree_shardings(params, mesh, rules, config.mesh.get('min_fsdp_size', 2**18))
-  return place_tree(params, shardings)
+  return place_tree(params, config_shardings(params, config, mesh))
 
 
 def _feature_batches(features, labels, batch_size: int):

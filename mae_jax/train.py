@@ -107,11 +107,37 @@ def num_train_examples(config) -> int:
 
 
 def train_steps(config, num_examples: int) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps) from num_train_steps or num_epochs."""
+  """(steps_per_epoch, total_steps) from num_train_steps or num_epochs; total_steps >= 1."""
   steps_per_epoch = max(1, num_examples // config.batch_size)
-  if config.num_train_steps > 0:
+  if config.get('num_train_steps', -1) > 0:
     return steps_per_epoch, int(config.num_train_steps)
-  return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+  if config.get('num_epochs', 0) <= 0:
+    raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
+  total_steps = round(config.num_epochs * steps_per_epoch)
+  if total_steps < 1:
+    raise ValueError(
+        f'num_epochs={config.num_epochs} x {steps_per_epoch} steps per epoch ({num_examples} examples '
+        f'of dataset.train_split // batch_size={config.batch_size}) is {total_steps} training steps: '
+        'raise num_epochs or set num_train_steps > 0')
+  return steps_per_epoch, total_steps
+
+
+# The loop settings both trainers read: (key, default, what it does).
+LOOP_SETTINGS = (
+    ('log_every_steps', None, 'train metrics are averaged and written every log_every_steps steps'),
+    ('max_nonfinite_steps', 10, 'the run stops after this many non-finite steps in a row'),
+    ('preemption_sync_every_steps', 10, 'processes agree on a SIGTERM every this many steps'),
+)
+
+
+def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
+  """The checks the pretraining and downstream trainers share: loop settings, attention backend."""
+  for key, default, meaning in LOOP_SETTINGS:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f'{key}={value!r}: must be an integer >= 1 ({meaning})')
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  vit.check_attention_platform(config.model.get('attention_impl', 'xla'), platform)
 
 
 def validate_config(config, mesh: jax.sharding.Mesh | None = None) -> None:
@@ -131,21 +157,9 @@ def validate_config(config, mesh: jax.sharding.Mesh | None = None) -> None:
           f'batch_size={config.batch_size} (micro-batch {micro} with grad_accum_steps={accum}) is not '
           f'divisible by the data-parallel size {dp} = mesh data x fsdp {dict(mesh.shape)}')
   models.num_visible(build_model(config).num_patches, config.mask_ratio)
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  vit.check_attention_platform(config.model.get('attention_impl', 'xla'), platform)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
-  for key in ('log_every_steps', 'max_nonfinite_steps', 'preemption_sync_every_steps'):
-    if key in config and config[key] < 1:
-      raise ValueError(f'{key}={config[key]}: must be >= 1')
-
-
-def check_total_steps(config, steps_per_epoch: int, total_steps: int) -> None:
-  """Names the setting when the schedule has no step at all."""
-  if total_steps <= 0:
-    raise ValueError(
-        f'num_epochs={config.num_epochs} gives {total_steps} steps at {steps_per_epoch} steps per epoch '
-        f'(batch_size={config.batch_size}): raise num_epochs or set num_train_steps')
+  check_loop_settings(config, mesh)
 
 
 def mesh_context(mesh: jax.sharding.Mesh):
@@ -286,7 +300,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config, mesh)
   model = build_model(config)
   steps_per_epoch, total_steps = train_steps(config, num_train_examples(config))
-  check_total_steps(config, steps_per_epoch, total_steps)
   tx, lr_fn = optim.create_optimizer(config.optim, global_batch=config.batch_size,
                                      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   logging.info('Mesh %s; %d steps (%d per epoch); global batch %d', dict(mesh.shape), total_steps,

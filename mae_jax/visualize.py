@@ -162,10 +162,6 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
   return out
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_name: str | None = None,
                       seed: int = 0, mask_ratio: float = 0.75, norm_pix_loss: bool | None = None) -> str:
   """Writes the reconstruction grid of exported or imported weights (with a decoder); returns the PNG path.
@@ -175,6 +171,7 @@ def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_
   normalisation and norm_pix_loss come from the export's metadata (its run's
   config) when it has them, else ImageNet's statistics and norm_pix_loss=True.
   """
+  from configs import common  # pylint: disable=g-import-not-at-top
   from mae_jax import export  # pylint: disable=g-import-not-at-top
   if not image_files:
     raise ValueError('--weights needs --images=FILE,...: weights carry no data set to take images from')
@@ -188,7 +185,7 @@ def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_
     raise ValueError(f'--weights={path}: the weights have no MAE decoder, so nothing can be reconstructed; '
                      f'export or import them with --full')
   model = mae_lib.get_model(model_name, **{**overrides, 'norm_pix_loss': norm_pix_loss})
-  mean, std = dataset.get('mean', IMAGENET_MEAN), dataset.get('std', IMAGENET_STD)
+  mean, std = dataset.get('mean', common.IMAGENET_MEAN), dataset.get('std', common.IMAGENET_STD)
   size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
   images = load_image_files(image_files, size, model.in_channels, mean, std)
   grid = reconstruction_grid(model, params, images, mask_ratio, jax.random.key(seed), mean=mean, std=std)

@@ -113,7 +113,7 @@ def test_compiles_for_a_tpu_slice():
   config.batch_size = 8 * len(devices)
   mesh = parallel.create_mesh(config.mesh, devices)
   step = aot.make_train_step(config, mesh)
-  with aot.mesh_context(mesh):
+  with train.mesh_context(mesh):
     compiled = step.jitted.lower(step.abstract_state, step.abstract_batch).compile()
   text = compiled.as_text()
   assert 'tpu_custom_call' in text  # the Mosaic kernel

@@ -149,10 +149,10 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     ('batch_size', 12, r'batch_size=12 .*data-parallel size 8'),
     ('grad_accum_steps', 3, 'grad_accum_steps=3'),
     ('mask_ratio', 1.5, r'mask_ratio=1.5: must be in \(0, 1\)'),
-    ('log_every_steps', 0, 'log_every_steps=0: must be >= 1'),
-    ('max_nonfinite_steps', 0, 'max_nonfinite_steps=0: must be >= 1'),
-    ('preemption_sync_every_steps', 0, 'preemption_sync_every_steps=0: must be >= 1'),
-    ('num_epochs', 0.001, r'num_epochs=0.001 gives 0 steps at 64 steps per epoch .*raise num_epochs'),
+    ('log_every_steps', 0, 'log_every_steps=0: must be an integer >= 1'),
+    ('max_nonfinite_steps', 0, 'max_nonfinite_steps=0: must be an integer >= 1'),
+    ('preemption_sync_every_steps', 0, 'preemption_sync_every_steps=0: must be an integer >= 1'),
+    ('num_epochs', 0.001, r'num_epochs=0.001 x 64 steps per epoch .* is 0 training steps: raise num_epochs'),
 ])
 def test_config_errors_before_compile(tmp_path, key, value, match):
   config = _config(data=8, fsdp=1)

@@ -93,7 +93,9 @@ class StepRunner:
     self.state = self.step.init_state()
     shape = self.step.abstract_batch['image'].shape
     images = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    self.batch = {'image': jax.device_put(images, self.step.batch_shardings['image'])}
+    host = {'image': images, 'corrupt': np.zeros(shape[:1], bool)}  # the trainer's batch keys
+    self.batch = {key: jax.device_put(host[key], self.step.batch_shardings[key])
+                  for key in self.step.abstract_batch}
     self.run(1)
 
   def unload(self):

@@ -10,18 +10,18 @@ named runs of a sweep (see configs/sweeps/).
 """
 
 import ast
-import difflib
-import importlib.util
 import itertools
-import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mae_jax import visualize
+from mae_jax.config_tools import (REPO_ROOT, check_config_flags, check_keys, config_flag_overrides,  # noqa: F401
+                                  config_keys, load_config, load_module, split_spec,
+                                  unknown_key_message)
+
 
 # Model variant -> the MAE in mae_jax.models.MODELS and how it is laid out on a
 # TPU pod slice. The same variant uses the same layout in pretraining,
@@ -40,8 +40,8 @@ VARIANTS = {
              'mesh': {'data': 1, 'fsdp': -1}},
 }
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = visualize.IMAGENET_MEAN
+IMAGENET_STD = visualize.IMAGENET_STD
 
 # What `runlocal=True` shrinks a recipe to.
 RUNLOCAL_MODEL = 'mae_vit_test'  # 32x32x3, a few thousand parameters.
@@ -99,14 +99,6 @@ def _convert(text: str, default: Any, key: str) -> Any:
   if default is None:
     return _infer(text)
   return text
-
-
-def unknown_key_message(key: str, known: Sequence[str], what: str = 'key') -> str:
-  """'unknown key 'x'; close matches: ...' naming the allowed keys when none is close."""
-  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
-  if close:
-    return f'unknown {what} {key!r}; close matches: {", ".join(close)}'
-  return f'unknown {what} {key!r}; known: {", ".join(sorted(known))}'
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -224,6 +216,9 @@ def downstream_base(kind: str, variant: str) -> ml_collections.ConfigDict:
 
   # Top-1 on dataset.eval_split; <= 0 evaluates at the end of every epoch.
   config.eval_every_steps = -1
+  config.eval_batch_size = 0  # Global eval batch; <= 0: batch_size // grad_accum_steps.
+  # Linear probing: encode the train split once (eval transform) and train the head on those features.
+  config.probe_cached_features = False
   config.optim.layer_decay = 1.0  # Layer-wise lr decay; 1 disables it.
   set_imagenet_data(config, crop_scale=(0.08, 1.0))
   return config
@@ -281,26 +276,6 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 # ----------------------------------------------------------------------------
 # Overrides and key checks.
-
-def config_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  """Every dotted key of a config, nested ConfigDicts and their leaves alike."""
-  keys = []
-  for name, value in config.items():
-    key = prefix + name
-    keys.append(key)
-    if isinstance(value, ml_collections.ConfigDict):
-      keys += config_keys(value, key + '.')
-  return keys
-
-
-def check_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
-  """Raises ValueError naming each key that `config` lacks and its close matches."""
-  known = config_keys(config)
-  known_set = set(known)
-  problems = [unknown_key_message(k, known, 'config key') for k in keys if k not in known_set]
-  if problems:
-    raise ValueError('; '.join(problems))
-
 
 def _parent_and_name(config: ml_collections.ConfigDict, key: str):
   *parents, name = key.split('.')
@@ -361,87 +336,6 @@ def override_to_text(value: Any) -> str:
   if isinstance(value, list):
     value = tuple(value)
   return repr(value)
-
-
-# ----------------------------------------------------------------------------
-# Loading config and sweep files; checking --config.KEY flags.
-
-def load_module(path: str):
-  """Loads a Python file by path (relative to the cwd, then to the repository root)."""
-  candidates = [path] if os.path.isabs(path) else [path, os.path.join(REPO_ROOT, path)]
-  for candidate in candidates:
-    if os.path.isfile(candidate):
-      name = '_mae_jax_config_' + re.sub(r'\W', '_', os.path.abspath(candidate))
-      spec = importlib.util.spec_from_file_location(name, candidate)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      return module
-  raise FileNotFoundError(f'config file {path!r} not found (looked in {", ".join(candidates)})')
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-  """'configs/x.py:a=1' -> ('configs/x.py', 'a=1'); no colon -> (spec, None)."""
-  path, sep, arg = spec.partition(':')
-  return path, (arg if sep else None)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(ARGS)` of 'FILE.py[:ARGS]', called as ml_collections.config_flags calls it."""
-  path, arg = split_spec(spec)
-  module = load_module(path)
-  return module.get_config() if arg is None else module.get_config(arg)
-
-
-def config_flag_overrides(argv: Sequence[str], name: str = 'config') -> tuple[str | None, list[str]]:
-  """(the --config value, the keys of its --config.KEY overrides) found in argv."""
-  spec, keys = None, []
-  flag = re.compile(rf'^--?(no)?{re.escape(name)}\.([^=]+)')
-  args = list(argv)
-  for i, arg in enumerate(args):
-    if arg.startswith((f'--{name}=', f'-{name}=')):
-      spec = arg.split('=', 1)[1]
-    elif arg in (f'--{name}', f'-{name}') and i + 1 < len(args):
-      spec = args[i + 1]
-    else:
-      match = flag.match(arg)
-      if match:
-        keys.append(match.group(2))
-  return spec, keys
-
-
-def check_config_flags(argv: Sequence[str], name: str = 'config') -> None:
-  """Raises ValueError, naming close matches, for any --config.KEY that the config lacks.
-
-  ml_collections.config_flags itself fails on an unknown key with a traceback
-  from inside flag parsing that suggests at most one spelling; this check runs
-  first and lists the close matches of every unknown key at once.
-  """
-  spec, keys = config_flag_overrides(argv, name)
-  if spec is None or not keys:
-    return
-  try:
-    config = load_config(spec)
-  except FileNotFoundError:
-    return  # config_flags reports a missing file in its own words.
-  if isinstance(config, ml_collections.ConfigDict):
-    try:
-      check_keys(config, keys)
-    except ValueError as e:
-      raise ValueError(f'--{name}={spec}: {e}') from None
-
-
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl `flags_parser` for mae_jax.main: checks --config.KEY names, then parses as usual.
-
-  Use as `app.run(main, flags_parser=configs.common.parse_flags)`.
-  """
-  from absl import app  # pylint: disable=g-import-not-at-top
-  try:
-    check_config_flags(argv)
-  except ValueError as e:
-    sys.stderr.write(f'FATAL Flags parsing error: {e}\n')
-    sys.exit(1)
-  return app.parse_flags_with_usage(argv)
 
 
 # ----------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def get_config(arg=None):
   config.knn.eval_examples = -1  # Queries from eval_split; -1 = all.
   config.knn.pool = 'cls'  # cls | mean
   config.knn.batch_size = 256
+  # Classes of the labelled data set the kNN monitor reads; 0 = the data set's (synthetic data: 10).
+  config.num_classes = 0
   config.visualize_every_steps = -1  # Reconstruction grid period; <= 0 disables it.
   config.profile_steps = 0  # > 0: capture a profiler trace of this many steps after step 10.
   config.max_nonfinite_steps = 10  # Stop after this many non-finite steps in a row.

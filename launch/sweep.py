@@ -264,8 +264,9 @@ class TrainerRunner(common.Runner):
 
 def _finished_all_steps(config, run: Run) -> bool:
   """True when the run logged its last step (a trainer stopped by SIGTERM exits 0 too)."""
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
-  _, total_steps = train.train_steps(config, train.num_train_examples(config))
+  from mae_jax import loop  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import inputs  # pylint: disable=g-import-not-at-top
+  _, total_steps = loop.train_steps(config, inputs.num_train_examples(config))
   return read_metrics(run).get('step', 0) >= total_steps
 
 

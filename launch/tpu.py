@@ -68,23 +68,9 @@ if __package__ in (None, ''):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch import common  # pylint: disable=g-import-not-at-top
+from mae_jax import accelerators  # pylint: disable=g-import-not-at-top  # the TPU table; needs no jax
 
 STEPS = ('create', 'setup', 'run', 'delete')
-
-# Size counts TensorCores, 8 per host (4 chips x 2 cores).
-_CORE_COUNTED = ('v2', 'v3', 'v4', 'v5p')
-# Size counts chips; up to 8 chips on one host, 4 per host in multi-host slices.
-_CHIP_COUNTED = ('v5litepod', 'v6e')
-_ACCELERATOR = re.compile(r'(v2|v3|v4|v5p|v5litepod|v6e)-([0-9]+)')
-
-DEFAULT_RUNTIME_VERSIONS = {
-    'v2': 'tpu-ubuntu2204-base',
-    'v3': 'tpu-ubuntu2204-base',
-    'v4': 'tpu-ubuntu2204-base',
-    'v5p': 'v2-alpha-tpuv5',
-    'v5litepod': 'v2-alpha-tpuv5-lite',
-    'v6e': 'v2-alpha-tpuv6e',
-}
 
 # TPU VM states after which the VM has to be recreated.
 _VM_LOST_STATES = ('PREEMPTED', 'TERMINATED', 'STOPPED', 'STOPPING', '')
@@ -96,35 +82,6 @@ _TARBALL_REMOTE = 'mae-jax-code.tar.gz'
 _PID_FILE = '.mae_jax_job.pid'
 _NAME = re.compile(r'[a-z]([-a-z0-9]{0,52}[a-z0-9])?')
 _ZONE = re.compile(r'[a-z]+-[a-z]+[0-9]+-[a-z]')
-
-
-def parse_accelerator_type(accelerator_type: str) -> tuple[str, int]:
-  """Splits e.g. 'v4-128' into ('v4', 128), checking the size is a real slice."""
-  match = _ACCELERATOR.fullmatch(accelerator_type)
-  if not match:
-    raise ValueError(
-        f'--accelerator_type={accelerator_type!r}: expected GENERATION-SIZE with GENERATION '
-        f'in {", ".join(DEFAULT_RUNTIME_VERSIONS)}, e.g. v4-8, v4-128, v5p-256, '
-        'v5litepod-256, v6e-64')
-  generation, size = match.group(1), int(match.group(2))
-  if generation in _CORE_COUNTED:
-    valid = size >= 8 and size % 8 == 0
-    rule = 'a multiple of 8 TensorCores'
-  else:
-    valid = size in (1, 4, 8) or (size >= 16 and size % 4 == 0)
-    rule = '1, 4, 8 or a multiple of 4 chips from 16'
-  if not valid:
-    raise ValueError(f'--accelerator_type={accelerator_type!r}: the size of a {generation} '
-                     f'slice must be {rule}')
-  return generation, size
-
-
-def hosts_per_slice(accelerator_type: str) -> int:
-  """Number of TPU VM workers in one slice, e.g. 16 for v4-128."""
-  generation, size = parse_accelerator_type(accelerator_type)
-  if generation in _CORE_COUNTED:
-    return size // 8
-  return 1 if size <= 8 else size // 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +121,7 @@ class TpuJob:
                        'or dashes, starting with a letter and not ending with a dash')
     if not _ZONE.fullmatch(self.zone):
       raise ValueError(f'--zone={self.zone!r}: expected a zone such as us-central2-b')
-    parse_accelerator_type(self.accelerator_type)
+    accelerators.parse_accelerator_type(self.accelerator_type)
     if self.num_slices < 1:
       raise ValueError(f'--num_slices={self.num_slices}: must be >= 1')
     if self.node_prefix and not _NAME.fullmatch(self.node_prefix):
@@ -199,8 +156,13 @@ class TpuJob:
     return self.queued or self.num_slices > 1
 
   @property
+  def slice_type(self) -> accelerators.AcceleratorType:
+    """The parsed --accelerator_type: chip, chips, hosts and gcloud's spelling."""
+    return accelerators.parse_accelerator_type(self.accelerator_type)
+
+  @property
   def workers_per_slice(self) -> int:
-    return hosts_per_slice(self.accelerator_type)
+    return self.slice_type.num_hosts
 
   @property
   def node_names(self) -> list[str]:
@@ -212,8 +174,7 @@ class TpuJob:
 
   @property
   def resolved_runtime_version(self) -> str:
-    generation, _ = parse_accelerator_type(self.accelerator_type)
-    return self.runtime_version or DEFAULT_RUNTIME_VERSIONS[generation]
+    return self.runtime_version or self.slice_type.chip.runtime_version
 
 
 def _location(job: TpuJob) -> list[str]:
@@ -231,7 +192,7 @@ def create_command(job: TpuJob) -> list[str]:
   """The gcloud command that creates the TPU VM or queued resource."""
   if job.use_queued_resource:
     argv = [*_QUEUED, 'create', job.tpu_name, *_location(job),
-            f'--accelerator-type={job.accelerator_type}',
+            f'--accelerator-type={job.slice_type.name}',
             f'--runtime-version={job.resolved_runtime_version}']
     if job.num_slices == 1:
       argv.append(f'--node-id={job.tpu_name}')
@@ -240,7 +201,7 @@ def create_command(job: TpuJob) -> list[str]:
                f'--node-prefix={job.node_prefix or job.tpu_name}']
   else:
     argv = [*_TPU_VM, 'create', job.tpu_name, *_location(job),
-            f'--accelerator-type={job.accelerator_type}',
+            f'--accelerator-type={job.slice_type.name}',
             f'--version={job.resolved_runtime_version}']
   if job.spot:
     argv.append('--spot')
@@ -431,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
   add(parser, 'tpu_name', required=True, help='TPU VM or queued-resource name.')
   add(parser, 'zone', required=True, help='e.g. us-central2-b.')
   add(parser, 'accelerator_type', required=True,
-      help='Slice type, e.g. v4-8, v4-128, v5p-256, v5litepod-256, v6e-64.')
+      help='Slice type, e.g. v4-8, v4-128, v5p-256, v5litepod-256 (or v5e-256), v6e-64.')
   add(parser, 'project', default='', help='GCP project; default: gcloud config.')
   add(parser, 'runtime_version', default='',
       help='TPU software version; default per generation, e.g. tpu-ubuntu2204-base for v4.')

@@ -4,8 +4,8 @@
 [--num_slices=N] [--config.KEY=VAL] [--find_batch]`
 
 With libtpu installed (`pip install "jax[tpu]"`), `get_topology_desc` gives
-compile-only devices of any slice shape. The train step is built exactly as
-`train.train_and_evaluate` builds it (mesh and partition rules from
+compile-only devices of any slice shape. The train step is the one
+`train.train_and_evaluate` runs (`train.build_train_step`: mesh and partition rules from
 config.mesh, dtype, remat, scan, gradient accumulation, donated state) and
 compiled with `.lower(...).compile()`: XLA's TPU compiler then reports per-chip
 memory and a cost model, and refuses a program that does not fit in HBM with
@@ -14,11 +14,10 @@ RESOURCE_EXHAUSTED. Exits non-zero when the step does not fit.
 Topology names: v4-N and v5p-N count TensorCores (2 per chip, one megacore
 device per chip): v4-128 is 64 chips, "v4:4x4x4". v5e-N and v6e-N count chips:
 v5e-256 is "v5e:16x16". A libtpu name such as "v5e:4x8" or "v4:4x4x12" is
-accepted as it is.
+accepted as it is. mae_jax.accelerators reads these names and holds the chip table.
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -35,15 +34,21 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mae_jax import flops as flops_lib
-from mae_jax import models, optim, parallel, train
+from mae_jax import loop, parallel, train
+from mae_jax.accelerators import (  # noqa: F401  pylint: disable=unused-import
+  GENERATION_ALIASES,
+  TopologySpec,
+  TpuUnavailableError,
+  parse_topology,
+  topology_devices,
+  tpu_available,
+)
+from mae_jax.models import from_config
+
+# Topologies live in accelerators; aot.parse_topology and the rest above stay importable from here.
 
 # Only the schedule's length depends on it, never a shape of the compiled step.
 NOMINAL_TRAIN_EXAMPLES = 1_281_167  # ImageNet-1k train split.
-GENERATION_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6lite': 'v6e', 'v5': 'v5p'}
-
-
-class TpuUnavailableError(RuntimeError):
-  """libtpu is not installed (or cannot make a topology) on this host."""
 
 
 class DoesNotFitError(RuntimeError):
@@ -51,190 +56,20 @@ class DoesNotFitError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------
-# Topologies.
-
-@dataclasses.dataclass(frozen=True)
-class TopologySpec:
-  """A TPU slice (times num_slices) as libtpu names it."""
-  name: str  # As given: 'v5e-256' or 'v5e:16x16'.
-  chip: flops_lib.TpuChip
-  shape: tuple[int, ...]  # Chips per dimension of one slice.
-  num_slices: int = 1
-
-  @property
-  def chips_per_slice(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def num_chips(self) -> int:
-    return self.chips_per_slice * self.num_slices
-
-  @property
-  def topology_name(self) -> str:
-    """The libtpu topology name of one slice: 'v5e:16x16', 'v4:4x4x4'."""
-    return f'{self.chip.generation}:' + 'x'.join(str(d) for d in self.shape)
-
-  def topology_kwargs(self) -> dict:
-    """Extra get_topology_desc arguments: megacore, host bounds, torus wrap-around."""
-    rank = self.chip.topology_rank
-    kwargs: dict[str, Any] = {'num_slices': self.num_slices}
-    if self.chip.cores_per_chip == 2:
-      kwargs['chip_config_name'] = 'megacore'  # one JAX device per chip, as on a real v4 / v5p
-    shape3 = tuple(self.shape) + (1,) * (3 - rank)
-    if all(d % b == 0 for d, b in zip(shape3, (2, 2, 1))):
-      kwargs['chips_per_host_bounds'] = (2, 2, 1)  # 4 chips per host (the v4 / v5p / pod layout)
-    else:
-      kwargs['chips_per_host_bounds'] = shape3  # 1 or 2 chips: one host
-    if rank == 3:  # full cubes of 4x4x4 chips close the torus
-      wrap = all(d % 4 == 0 for d in self.shape)
-      kwargs['wrap'] = (wrap,) * 3
-    else:  # v5e / v6e wrap a dimension that spans the whole 16-chip pod edge
-      kwargs['wrap'] = tuple(d == 16 for d in self.shape) + (False,)
-    return kwargs
-
-
-def _default_shape(num_chips: int, rank: int) -> tuple[int, ...]:
-  """The usual slice shape: double the smallest dimension, last one first on ties.
-
-  v4 / v5p: 4 -> 2x2x1, 8 -> 2x2x2, 16 -> 2x2x4, 64 -> 4x4x4, 256 -> 4x8x8.
-  v5e / v6e: 4 -> 2x2, 8 -> 2x4, 64 -> 8x8, 256 -> 16x16.
-  """
-  if num_chips < 1 or num_chips & (num_chips - 1):
-    raise ValueError(
-        f'{num_chips} chips: give the slice shape for a size that is not a power of two, '
-        f'e.g. --topology=v4:4x4x12')
-  shape = [1] * rank
-  if rank == 3 and num_chips >= 4:
-    shape = [2, 2, 1]
-  while math.prod(shape) < num_chips:
-    smallest = min(shape)
-    index = max(i for i, d in enumerate(shape) if d == smallest)
-    shape[index] *= 2
-  if math.prod(shape) != num_chips:
-    raise ValueError(f'{num_chips} chips do not form a {rank}D slice; give the shape, e.g. v4:2x2x1')
-  return tuple(shape)
-
-
-def parse_topology(name: str, num_slices: int = 1) -> TopologySpec:
-  """'v5e-256', 'v4-128', 'v5p-512', 'v6e-64' or a libtpu name 'v5e:4x4' -> TopologySpec."""
-  if num_slices < 1:
-    raise ValueError(f'--num_slices={num_slices}: must be >= 1')
-  known = sorted(flops_lib.TPU_CHIPS)
-  text = name.strip().lower()
-  match = re.fullmatch(r'(v[0-9a-z]+)[-:](.+)', text)
-  if not match:
-    raise ValueError(f'--topology={name!r}: expected GENERATION-SIZE (v5e-256, v4-128) or '
-                     f'GENERATION:SHAPE (v5e:16x16); generations {known}')
-  generation, rest = match.groups()
-  generation = GENERATION_ALIASES.get(generation, generation)
-  if generation not in flops_lib.TPU_CHIPS:
-    raise ValueError(f'--topology={name!r}: unknown TPU generation {generation!r}; known {known}')
-  chip = flops_lib.TPU_CHIPS[generation]
-  if ':' in text:
-    try:
-      shape = tuple(int(d) for d in rest.split('x'))
-    except ValueError:
-      raise ValueError(f'--topology={name!r}: the shape must be like 4x4 or 4x4x4') from None
-    if len(shape) != chip.topology_rank or min(shape) < 1:
-      raise ValueError(f'--topology={name!r}: {generation} slices are {chip.topology_rank}D, '
-                       f'e.g. {generation}:' + 'x'.join(['2'] * chip.topology_rank))
-  else:
-    if not rest.isdigit():
-      raise ValueError(f'--topology={name!r}: the size after "-" must be a number')
-    size = int(rest)
-    if size % chip.cores_per_chip:
-      raise ValueError(f'--topology={name!r}: {generation}-N counts TensorCores '
-                       f'({chip.cores_per_chip} per chip), so N must be even')
-    shape = _default_shape(size // chip.cores_per_chip, chip.topology_rank)
-  return TopologySpec(name=name, chip=chip, shape=shape, num_slices=num_slices)
-
-
-def tpu_available() -> tuple[bool, str]:
-  """(True, '') when libtpu can make compile-only devices here, else (False, why)."""
-  try:
-    topology_devices(parse_topology('v5e:2x2'))
-  except TpuUnavailableError as e:
-    return False, str(e)
-  return True, ''
-
-
-def topology_devices(spec: TopologySpec) -> list:
-  """Compile-only TPU devices of the slice(s); raises TpuUnavailableError without libtpu."""
-  # Every JAX process on a host with libtpu takes /tmp/libtpu_lockfile when it
-  # first looks for TPUs, even where there are none; compile-only devices need
-  # no chip, so let this process share libtpu with them.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  try:
-    description = topologies.get_topology_desc(
-        platform='tpu', topology_name=spec.topology_name, **spec.topology_kwargs())
-  except (RuntimeError, NotImplementedError) as e:  # JaxRuntimeError is a RuntimeError
-    message = str(e)
-    if 'not installed' in message or 'TPU support' in message:
-      raise TpuUnavailableError(
-          f'libtpu is not installed: pip install "jax[tpu]" (or pip install -e ".[tpu]"). {message}') from e
-    if 'lockfile' in message:
-      raise TpuUnavailableError(
-          f'libtpu is held by another process: set ALLOW_MULTIPLE_LIBTPU_LOAD=1. {message}') from e
-    raise ValueError(f'--topology={spec.name} ({spec.topology_name}): libtpu refused it: {message}') from e
-  devices = list(description.devices)
-  expected = spec.num_chips
-  if len(devices) != expected:
-    raise ValueError(f'--topology={spec.name}: libtpu made {len(devices)} devices, expected {expected}')
-  return devices
-
-
-# ----------------------------------------------------------------------------
 # The train step, as train_and_evaluate builds it.
 
-@dataclasses.dataclass
-class TrainStep:
-  jitted: Any  # jax.jit(train_step, in_shardings, out_shardings, donate_argnums=(0,))
-  abstract_state: Any  # train.TrainState of ShapeDtypeStructs
-  state_shardings: Any
-  batch_shardings: dict
-  abstract_batch: dict  # {'image': ShapeDtypeStruct [batch, H, W, C] float32}
-  mesh: jax.sharding.Mesh
-  init_fn: Any  # rng -> TrainState (train.init_state with the model and optimizer bound)
-  init_rng: Any
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train.TrainStep:
+  """The pretraining step exactly as `train.train_and_evaluate` builds and runs it, for `mesh`.
 
-  def init_state(self):
-    """Concrete state, initialised straight into its shardings (needs real devices)."""
-    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(self.init_rng)
-
-
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainStep:
-  """The jitted train step, abstract state and shardings of `train_and_evaluate` for `mesh`."""
-  jax.config.update('jax_threefry_partitionable', True)
-  train.validate_config(config, mesh)
-  model = train.build_model(config)
-  steps_per_epoch, total_steps = train.train_steps(config, NOMINAL_TRAIN_EXAMPLES)
-  tx, lr_fn = optim.create_optimizer(config.optim, global_batch=config.batch_size,
-                                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
-  init_fn = functools.partial(train.init_state, model, tx, config)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  rules = parallel.rules_from_config(config.mesh)
-  state_shardings = parallel.tree_shardings(abstract_state, mesh, rules, config.mesh.min_fsdp_size)
-  batch_sharding = parallel.batch_sharding(mesh)
-  step_fn = functools.partial(
-      train.train_step, model=model, tx=tx, lr_fn=lr_fn, mask_ratio=config.mask_ratio,
-      accum_steps=config.get('grad_accum_steps', 1), max_nonfinite=config.max_nonfinite_steps,
-      base_rng=base_rng, micro_sharding=batch_sharding)
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, {'image': batch_sharding}),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
-  size, channels = config.dataset.image_size, config.dataset.channels
-  abstract_batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, channels), jnp.float32)}
-  return TrainStep(jitted, abstract_state, state_shardings, {'image': batch_sharding}, abstract_batch, mesh,
-                   init_fn, init_rng)
+  Both call `train.build_train_step`: the same function, shardings and batch
+  structure (train.BATCH_KEYS); only the schedule's length assumes ImageNet-1k.
+  """
+  return train.build_train_step(config, mesh, NOMINAL_TRAIN_EXAMPLES)
 
 
 def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
   """Analytic training FLOPs per image of the configured model (flops.mae_train_flops)."""
-  model = train.build_model(config)
-  fields = [f for f in models.MaskedAutoencoder.__dataclass_fields__ if f not in ('parent', 'name')]
-  kwargs = {f: getattr(model, f) for f in fields}
-  return flops_lib.mae_train_flops(kwargs, config.mask_ratio, model.encoder_mask_tokens)
+  return train.train_flops_per_image(from_config.build_mae(config), config.mask_ratio)
 
 
 # ----------------------------------------------------------------------------
@@ -316,7 +151,7 @@ def _parse_exhausted(message: str) -> tuple[int | None, int | None]:
   return int(float(needed) * _UNITS[unit]), int(float(available) * _UNITS[unit2])
 
 
-def _argument_bytes_per_device(step: TrainStep) -> int:
+def _argument_bytes_per_device(step: train.TrainStep) -> int:
   """Bytes of one device's shard of the state and the batch: a lower bound (TPU layouts pad to tiles)."""
   total = 0
   for tree, shardings in ((step.abstract_state, step.state_shardings),
@@ -329,17 +164,17 @@ def _argument_bytes_per_device(step: TrainStep) -> int:
 def advice(config: ml_collections.ConfigDict, spec: TopologySpec | None = None) -> str:
   """What to change when a step does not fit, naming the config keys."""
   tips = []
-  remat = config.model.get('remat_policy', 'none')
+  remat = config.model.remat_policy
   if remat == 'none':
     tips.append("--config.model.remat_policy=full (or 'dots')")
   elif remat != 'full':
     tips.append('--config.model.remat_policy=full')
-  if str(config.model.get('dtype', 'float32')) == 'float32':
+  if str(config.model.dtype) == 'float32':
     tips.append('--config.model.dtype=bfloat16')
-  fsdp = int(config.mesh.get('fsdp', 1))
+  fsdp = int(config.mesh.fsdp)
   if spec is not None and fsdp != -1 and fsdp < spec.chips_per_slice:
     tips.append(f'--config.mesh.fsdp={min(spec.chips_per_slice, max(2 * fsdp, 8))} (or -1 with mesh.data=1)')
-  accum = int(config.get('grad_accum_steps', 1))
+  accum = int(config.grad_accum_steps)
   tips.append(f'--config.grad_accum_steps={2 * accum}')
   tips.append('a smaller batch (--find_batch finds the largest that fits)')
   return 'try ' + ', '.join(tips)
@@ -359,15 +194,15 @@ def compile_report(config: ml_collections.ConfigDict, spec: TopologySpec,
       num_devices=num_devices, device_kind=devices[0].device_kind,
       mesh_shape={k: int(v) for k, v in mesh.shape.items()}, model=config.model.name,
       global_batch=config.batch_size, per_chip_batch=config.batch_size / num_devices,
-      grad_accum_steps=int(config.get('grad_accum_steps', 1)), dtype=str(config.model.get('dtype', 'float32')),
-      remat_policy=str(config.model.get('remat_policy', 'none')),
-      scan_layers=bool(config.model.get('scan_layers', False)), fits=True,
+      grad_accum_steps=int(config.grad_accum_steps), dtype=str(config.model.dtype),
+      remat_policy=str(config.model.remat_policy),
+      scan_layers=bool(config.model.scan_layers), fits=True,
       hbm_capacity_bytes=chip.hbm_usable_bytes, hbm_nominal_bytes=chip.hbm_bytes, compile_seconds=0.0,
       flops_per_step_analytic=flops_step, peak_flops_per_chip=chip.peak_flops,
       hbm_bandwidth_per_chip=chip.hbm_bandwidth)
   start = time.perf_counter()
   try:
-    with train.mesh_context(mesh):
+    with loop.mesh_context(mesh):
       compiled = step.jitted.lower(step.abstract_state, step.abstract_batch).compile()
   except Exception as e:  # pylint: disable=broad-except
     message = str(e)
@@ -475,7 +310,7 @@ def with_per_chip_batch(config: ml_collections.ConfigDict, per_chip: int, num_de
   """A copy of config with batch_size = per_chip x devices (grad_accum_steps kept if it divides)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.batch_size = int(per_chip * num_devices)
-  if config.batch_size % config.get('grad_accum_steps', 1):
+  if config.batch_size % config.grad_accum_steps:
     config.grad_accum_steps = 1
   return config
 

@@ -86,9 +86,6 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       return False
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()

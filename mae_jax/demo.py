@@ -5,9 +5,11 @@
 
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
+
+from configs import demo  # The demo is an entry point: it may read the project's configs.
+from mae_jax import train, visualize
+from mae_jax.data import prepare, sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Run directory (resumes if it holds a checkpoint).')
@@ -20,11 +22,6 @@ def main(argv):
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
-  from mae_jax import visualize  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   source_dir = FLAGS.source_dir or sources.DEFAULT_FASHION_MNIST_DIR
   prepare.prepare_fashion_mnist(FLAGS.data_dir, source_dir=source_dir)

@@ -8,13 +8,15 @@ jobs (TPU pods, SLURM, or the --coordinator_address flags) initialise
 jax.distributed before anything touches the devices.
 """
 
+import json
+import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mae_jax import config_tools, finetune, knn, linprobe, supervised, train
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
@@ -28,7 +30,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
   """Starts jax.distributed for explicit, TPU-pod and SLURM multi-process jobs."""
-  import os  # pylint: disable=g-import-not-at-top
   if coordinator_address:
     # Only affects CPU devices (e.g. two processes on loopback); must not touch the backend yet.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -39,13 +40,15 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None, p
     jax.distributed.initialize()
 
 
+# config.downstream -> its trainer.
+DOWNSTREAM = {'finetune': finetune.finetune, 'linprobe': linprobe.linear_probe, 'knn': knn.run_knn}
+
+
 def run_experiment(config, workdir: str) -> dict:
   """Runs what the config describes: pretraining, or (with a `downstream` key) fine-tuning, probe or kNN."""
-  if 'downstream' in config:
-    from mae_jax import downstream  # pylint: disable=g-import-not-at-top
-    return downstream.train_and_evaluate(config, workdir)
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
-  return train.train_and_evaluate(config, workdir)
+  if 'downstream' not in config:
+    return train.train_and_evaluate(config, workdir)
+  return DOWNSTREAM[supervised.kind(config)](config, workdir)
 
 
 def main(argv):
@@ -60,14 +63,22 @@ def main(argv):
                jax.local_devices())
   result = run_experiment(FLAGS.config, FLAGS.workdir)
   logging.info('Finished: %s', result)
+  if 'downstream' in FLAGS.config and jax.process_index() == 0:
+    shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step')}
+    print(json.dumps(shown, sort_keys=True))
   if result.get('status') == 'preempted':
     # Saved and stopped early: a non-zero code tells launchers to relaunch (resume is automatic).
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def parse_flags(argv):
-  """Parses flags; a bad --config override ends with one clear line, not a traceback."""
+  """Parses flags; a bad --config override ends with one clear line, not a traceback.
+
+  An unknown --config.KEY is named with its close matches before ml_collections
+  reads the config file.
+  """
   try:
+    config_tools.check_config_flags(argv)
     return FLAGS(argv)
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
     message = str(e).strip().strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")

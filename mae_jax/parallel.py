@@ -12,7 +12,6 @@ import math
 import re
 from typing import Any, Sequence
 
-from absl import logging
 import jax
 from jax.experimental import mesh_utils
 import numpy as np
@@ -198,7 +197,49 @@ def global_batch_from_local(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
                       local_batch)
 
 
-def log_shardings(tree, prefix=''):
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if hasattr(leaf, 'sharding'):
-      logging.info('%s%s %s %s', prefix, path_str(path), leaf.shape, leaf.sharding.spec)
+def host_to_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` (the same on every process) as a global array with `sharding`.
+
+  Host values are cut into this process's shards (make_array_from_callback),
+  so a sharding that spans several processes works and nothing is fetched from
+  another host. A global array already laid out so is returned as is; one with
+  another layout is resharded on the devices.
+  """
+  if isinstance(value, jax.Array):
+    if value.sharding == sharding:
+      return value
+    if not value.is_fully_addressable:
+      return jax.jit(lambda x: x, out_shardings=sharding)(value)
+    if sharding.is_fully_addressable:
+      return jax.device_put(value, sharding)
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def place_tree(tree, shardings):
+  """host_to_global over a tree and the matching tree of shardings."""
+  return jax.tree.map(host_to_global, tree, shardings)
+
+
+def config_shardings(tree, config, mesh: jax.sharding.Mesh):
+  """Shardings of `tree` (arrays or abstract) by config.mesh's partition rules (FSDP for large tensors)."""
+  return tree_shardings(tree, mesh, rules_from_config(config.mesh), config.mesh.min_fsdp_size)
+
+
+def place_on_mesh(tree, config, mesh: jax.sharding.Mesh):
+  """Host arrays (the same on every process) sharded by the config's rules; each process builds
+  only its own shards, so the mesh may span processes."""
+  return place_tree(tree, config_shardings(tree, config, mesh))
+
+
+def init_on_mesh(init_fn, config, mesh: jax.sharding.Mesh):
+  """init_fn() computed straight into the config's shardings (never whole on one device)."""
+  shardings = config_shardings(jax.eval_shape(init_fn), config, mesh)
+  with jax.set_mesh(mesh):
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """`batch_size` rounded down to a multiple of the processes and the data-parallel size (at least one)."""
+  unit = math.lcm(batch_axis_size(mesh), jax.process_count())
+  return max(unit, batch_size // unit * unit)

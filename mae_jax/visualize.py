@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mae_jax import checkpoint
+from mae_jax import weights
+from mae_jax.data import input_pipeline, synthetic
+from mae_jax.models import from_config
 from mae_jax.models import mae as mae_lib
+
+# Image statistics of weights whose metadata names no data set (the reference's ImageNet ones).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def denormalize_pixels(pred, target, mask, grid):
@@ -117,7 +125,6 @@ def load_image_files(paths: Sequence[str], image_size: int, channels: int, mean,
 
 def eval_images(config: ml_collections.ConfigDict, num_images: int, split: str | None = None) -> np.ndarray:
   """The first `num_images` images of the eval split, eval-preprocessed."""
-  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   batches = input_pipeline.create_eval_iterator(
       config.dataset, split=split or config.dataset.eval_split, batch_size=num_images,
       process_index=0, process_count=1)
@@ -129,20 +136,17 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
                          image_files: Sequence[str] = (), num_images: int = 8, seed: int = 0,
                          mask_ratio: float | None = None) -> str:
   """Writes the reconstruction grid of a pretraining checkpoint; returns the PNG path."""
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
   params, config_dict = checkpoint.load_params(workdir, step)
   if 'decoder' not in params or 'downstream' in config_dict:
     raise ValueError(
         f'--workdir={workdir}: its checkpoint has no MAE decoder (top-level keys {sorted(params)}), so '
         f'nothing can be reconstructed: use the workdir of a pretraining run.')
   config = ml_collections.ConfigDict(config_dict)
-  model = train.build_model(config)
+  model = from_config.build_mae(config)
   if image_files:
     images = load_image_files(image_files, config.dataset.image_size, config.dataset.channels,
                               config.dataset.mean, config.dataset.std)
   elif config.dataset.name == 'synthetic':  # a run on generated data: show generated images
-    from mae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     images = synthetic.global_batch(seed, 0, num_images, config.dataset.image_size, config.dataset.channels)
   else:
     images = eval_images(config, num_images)
@@ -166,26 +170,24 @@ def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_
                       seed: int = 0, mask_ratio: float = 0.75, norm_pix_loss: bool | None = None) -> str:
   """Writes the reconstruction grid of exported or imported weights (with a decoder); returns the PNG path.
 
-  `path` is anything `export.import_weights` reads (an export of this project, a
+  `path` is anything `weights.import_weights` reads (an export of this project, a
   reference .pth, a safetensors file, a Hugging Face folder). The image
   normalisation and norm_pix_loss come from the export's metadata (its run's
   config) when it has them, else ImageNet's statistics and norm_pix_loss=True.
   """
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from mae_jax import export  # pylint: disable=g-import-not-at-top
   if not image_files:
     raise ValueError('--weights needs --images=FILE,...: weights carry no data set to take images from')
-  model_name, overrides = export.resolve_model(path, model_name, {})
-  meta = export.read_metadata(path) or {}
+  model_name, overrides = weights.resolve_model(path, model_name, {})
+  meta = weights.read_metadata(path) or {}
   dataset = ((meta.get('config') or {}).get('dataset') or {})
   if norm_pix_loss is None:
     norm_pix_loss = bool(meta.get('norm_pix_loss', True))
-  params = export.import_weights(path, model_name)
+  params = weights.import_weights(path, model_name)
   if 'decoder' not in params:
     raise ValueError(f'--weights={path}: the weights have no MAE decoder, so nothing can be reconstructed; '
                      f'export or import them with --full')
   model = mae_lib.get_model(model_name, **{**overrides, 'norm_pix_loss': norm_pix_loss})
-  mean, std = dataset.get('mean', common.IMAGENET_MEAN), dataset.get('std', common.IMAGENET_STD)
+  mean, std = dataset.get('mean', IMAGENET_MEAN), dataset.get('std', IMAGENET_STD)
   size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
   images = load_image_files(image_files, size, model.in_channels, mean, std)
   grid = reconstruction_grid(model, params, images, mask_ratio, jax.random.key(seed), mean=mean, std=std)

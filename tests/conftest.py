@@ -17,3 +17,23 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_threefry_partitionable', True)
+
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope='module')
+def jit_cache(tmp_path_factory):
+  """Shares compilations between the runs of a module (and its command-line subprocesses)."""
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  with sweep.compilation_cache(str(tmp_path_factory.mktemp('jit_cache'))):
+    yield
+
+
+@pytest.fixture(scope='session')
+def pretrained(tmp_path_factory):
+  """A pretraining workdir of mae_vit_test (1 step on synthetic 32x32x3), shared by the downstream tests."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  assert train.train_and_evaluate(test_config.get_config('steps=1'), workdir)['status'] == 'done'
+  return workdir

@@ -1,6 +1,6 @@
 """AOT compile for TPU slices on a CPU host (libtpu compile-only devices).
 
-Topology parsing and the batch search run everywhere; the compiles need libtpu
+The batch search runs everywhere (topology names: test_accelerators.py); the compiles need libtpu
 (`pip install "jax[tpu]"`) and are skipped with the reason where it is missing.
 """
 
@@ -14,43 +14,6 @@ from configs import default
 from mae_jax import aot, flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.mark.parametrize('name,topology_name,chips', [
-    ('v4-8', 'v4:2x2x1', 4),
-    ('v4-128', 'v4:4x4x4', 64),  # v4-N counts TensorCores: 2 per chip
-    ('v5p-512', 'v5p:4x8x8', 256),
-    ('v5e-256', 'v5e:16x16', 256),  # v5e-N counts chips
-    ('v5litepod-16', 'v5e:4x4', 16),
-    ('v6e-64', 'v6e:8x8', 64),
-    ('v6e-8', 'v6e:2x4', 8),
-    ('v4:4x4x12', 'v4:4x4x12', 192),
-])
-def test_parse_topology(name, topology_name, chips):
-  spec = aot.parse_topology(name)
-  assert spec.topology_name == topology_name
-  assert spec.num_chips == chips
-  assert aot.parse_topology(name, num_slices=2).num_chips == 2 * chips
-
-
-def test_topology_kwargs():
-  v4 = aot.parse_topology('v4-128').topology_kwargs()
-  assert v4['chip_config_name'] == 'megacore' and v4['wrap'] == (True, True, True)
-  assert aot.parse_topology('v4-16').topology_kwargs()['wrap'] == (False, False, False)
-  v5e = aot.parse_topology('v5e-256').topology_kwargs()
-  assert 'chip_config_name' not in v5e and v5e['wrap'] == (True, True, False)
-
-
-@pytest.mark.parametrize('name,match', [
-    ('v4-7', 'must be even'),
-    ('v4-24', 'not a power of two'),
-    ('v9-8', 'unknown TPU generation'),
-    ('tpu', 'expected GENERATION-SIZE'),
-    ('v5e:4x4x4', '2D'),
-])
-def test_parse_topology_errors(name, match):
-  with pytest.raises(ValueError, match=match):
-    aot.parse_topology(name)
 
 
 def test_find_batch_doubles_then_bisects(monkeypatch):

@@ -1,4 +1,4 @@
-"""Export / import tests: bit-exact round trips, reference key names, errors, PyTorch and HF parity."""
+"""mae_jax.weights and the mae_jax.export command line: round trips, key names, errors, PyTorch and HF parity."""
 
 import argparse
 import json
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import export, models
+from mae_jax import export, models, weights
 
 TEST_MODEL = 'mae_vit_test'  # 32x32 images, 8x8 patches, width 32, 2 + 1 blocks.
 
@@ -94,13 +94,13 @@ def _out(tmp_path, fmt, name='export'):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('fmt', export.FORMATS)
+@pytest.mark.parametrize('fmt', weights.FORMATS)
 @pytest.mark.parametrize('encoder_only', [True, False])
 def test_round_trip_is_bit_exact(params, tmp_path, fmt, encoder_only):
   if fmt != 'orbax' and not HAS_SAFETENSORS:
     pytest.skip('safetensors is not installed')
-  out = export.export_weights(params, TEST_MODEL, fmt, _out(tmp_path, fmt), encoder_only=encoder_only)
-  restored = export.import_weights(out, TEST_MODEL)
+  out = weights.export_weights(params, TEST_MODEL, fmt, _out(tmp_path, fmt), encoder_only=encoder_only)
+  restored = weights.import_weights(out, TEST_MODEL)
   expected = {'encoder': params['encoder']} if encoder_only else params
   _assert_trees_equal(expected, restored)
 
@@ -108,9 +108,9 @@ def test_round_trip_is_bit_exact(params, tmp_path, fmt, encoder_only):
 @needs_safetensors
 def test_round_trip_tiny_patch16_safetensors(tmp_path):
   params = _mae_params('mae_vit_tiny_patch16')
-  out = export.export_weights(params, 'mae_vit_tiny_patch16', 'safetensors',
+  out = weights.export_weights(params, 'mae_vit_tiny_patch16', 'safetensors',
                               _out(tmp_path, 'safetensors'), encoder_only=False)
-  _assert_trees_equal(params, export.import_weights(out, 'mae_vit_tiny_patch16'))
+  _assert_trees_equal(params, weights.import_weights(out, 'mae_vit_tiny_patch16'))
   # The file gets the mode the umask gives every other file (safetensors alone would write 0600).
   umask = os.umask(0)
   os.umask(umask)
@@ -119,28 +119,28 @@ def test_round_trip_tiny_patch16_safetensors(tmp_path):
 
 @needs_safetensors
 def test_scanned_export_equals_unscanned(params, tmp_path):
-  scanned = export.stack_blocks(params)
+  scanned = weights.stack_blocks(params)
   # The stacked tree is exactly the layout the scan_layers model creates.
   model = models.get_model(TEST_MODEL, scan_layers=True)
   abstract = _abstract(model, {'train': False})
   assert jax.tree.map(lambda x: x.shape, dict(abstract)) == jax.tree.map(lambda x: x.shape, scanned)
-  a = export.to_reference_state_dict(flax.core.freeze({'params': params}), TEST_MODEL)  # Variables work too.
-  b = export.to_reference_state_dict(scanned, TEST_MODEL, scan_layers=True)
+  a = weights.to_reference_state_dict(flax.core.freeze({'params': params}), TEST_MODEL)  # Variables work too.
+  b = weights.to_reference_state_dict(scanned, TEST_MODEL, scan_layers=True)
   assert sorted(a) == sorted(b)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   # Importing with scan_layers=True gives the stacked layout back.
-  out = export.export_weights(scanned, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
+  out = weights.export_weights(scanned, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
                               encoder_only=False)
-  _assert_trees_equal(scanned, export.import_weights(out, TEST_MODEL, scan_layers=True))
+  _assert_trees_equal(scanned, weights.import_weights(out, TEST_MODEL, scan_layers=True))
 
 
 def test_scanned_model_runs_exported_blocks_in_order(params, tmp_path, images):
   """Stacked blocks (exported from a scan_layers model) compute the unscanned model's features."""
   scanned_model = models.get_model(TEST_MODEL, scan_layers=True)
-  scanned = export.stack_blocks(params)
-  out = export.export_weights(scanned, TEST_MODEL, 'orbax', _out(tmp_path, 'orbax'))
-  unscanned = export.import_weights(out, TEST_MODEL)
+  scanned = weights.stack_blocks(params)
+  out = weights.export_weights(scanned, TEST_MODEL, 'orbax', _out(tmp_path, 'orbax'))
+  unscanned = weights.import_weights(out, TEST_MODEL)
   assert 'blocks_1' in unscanned['encoder'] and 'blocks' not in unscanned['encoder']
   want = _encode(models.get_model(TEST_MODEL), unscanned, images)
   np.testing.assert_allclose(_encode(scanned_model, scanned, images), want, atol=1e-5)
@@ -151,13 +151,13 @@ def test_classifier_round_trip_uses_reference_names(tmp_path):
   for global_pool in (True, False):
     model = models.get_classifier(TEST_MODEL, num_classes=10, global_pool=global_pool)
     params = _random_params(model)
-    state = export.to_reference_state_dict(params, TEST_MODEL)
+    state = weights.to_reference_state_dict(params, TEST_MODEL)
     assert state['head.weight'].shape == (10, 32)
     assert ('fc_norm.weight' in state) == global_pool
     assert ('norm.weight' in state) == (not global_pool)  # The reference deletes norm with global_pool.
-    out = export.export_weights(params, TEST_MODEL, 'safetensors',
+    out = weights.export_weights(params, TEST_MODEL, 'safetensors',
                                 _out(tmp_path, 'safetensors', f'cls{global_pool}'))
-    _assert_trees_equal(params, export.import_weights(out, TEST_MODEL))
+    _assert_trees_equal(params, weights.import_weights(out, TEST_MODEL))
 
 
 # ----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def _reference_keys(depth, decoder_depth):
 
 
 def test_vit_b_reference_keys_and_shapes():
-  shapes = export.reference_key_shapes('mae_vit_base_patch16')  # No weights materialised.
+  shapes = weights.reference_key_shapes('mae_vit_base_patch16')  # No weights materialised.
   assert sorted(shapes) == _reference_keys(12, 8)
   expected = {
       'cls_token': (1, 1, 768), 'pos_embed': (1, 197, 768), 'patch_embed.proj.weight': (768, 3, 16, 16),
@@ -193,9 +193,9 @@ def test_vit_b_reference_keys_and_shapes():
   }
   for key, shape in expected.items():
     assert shapes[key] == shape, key
-  encoder = export.reference_key_shapes('mae_vit_base_patch16', encoder_only=True)
+  encoder = weights.reference_key_shapes('mae_vit_base_patch16', encoder_only=True)
   assert sorted(encoder) == [k for k in _reference_keys(12, 0) if not k.startswith(('decoder', 'mask'))]
-  hf = export.reference_key_shapes('mae_vit_base_patch16', hf=True)
+  hf = weights.reference_key_shapes('mae_vit_base_patch16', hf=True)
   assert hf['vit.encoder.layer.11.attention.attention.query.weight'] == (768, 768)
   assert hf['vit.embeddings.position_embeddings'] == (1, 197, 768)
   assert hf['decoder.decoder_layers.7.attention.output.dense.weight'] == (512, 512)
@@ -206,7 +206,7 @@ def test_vit_b_reference_keys_and_shapes():
 @needs_safetensors
 def test_exported_file_keys_and_layouts(params, tmp_path):
   safetensors_numpy = pytest.importorskip('safetensors.numpy')
-  out = export.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
+  out = weights.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
                               encoder_only=False)
   state = safetensors_numpy.load_file(out)
   assert sorted(state) == _reference_keys(2, 1)
@@ -222,21 +222,21 @@ def test_exported_file_keys_and_layouts(params, tmp_path):
 
 @needs_safetensors
 def test_metadata_written_and_used(params, tmp_path):
-  out = export.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
+  out = weights.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
                               metadata={'step': 123, 'config': {'mask_ratio': 0.75}},
                               model_overrides={'norm_pix_loss': True})
-  meta_file = export.metadata_path(out)
+  meta_file = weights.metadata_path(out)
   assert meta_file == str(tmp_path / 'export.metadata.json')
   with open(meta_file) as f:
     meta = json.load(f)
   assert meta['model_name'] == TEST_MODEL and meta['step'] == 123 and meta['norm_pix_loss'] is True
   assert meta['image_size'] == 32 and meta['patch_size'] == 8 and meta['config'] == {'mask_ratio': 0.75}
   os.remove(meta_file)  # The safetensors header carries the same metadata.
-  assert export.read_metadata(out)['step'] == 123
-  _assert_trees_equal({'encoder': params['encoder']}, export.import_weights(out))  # Name from metadata.
+  assert weights.read_metadata(out)['step'] == 123
+  _assert_trees_equal({'encoder': params['encoder']}, weights.import_weights(out))  # Name from metadata.
   for fmt in ('orbax', 'hf'):
-    folder = export.export_weights(params, TEST_MODEL, fmt, _out(tmp_path, fmt, fmt))
-    assert os.path.isfile(os.path.join(folder, export.METADATA_FILENAME))
+    folder = weights.export_weights(params, TEST_MODEL, fmt, _out(tmp_path, fmt, fmt))
+    assert os.path.isfile(os.path.join(folder, weights.METADATA_FILENAME))
 
 
 # ----------------------------------------------------------------------------
@@ -252,53 +252,53 @@ def _save_state(state, path):
 
 @needs_safetensors
 def test_errors_name_file_and_keys(params, tmp_path):
-  state = export.to_reference_state_dict(params, TEST_MODEL)
+  state = weights.to_reference_state_dict(params, TEST_MODEL)
   bad = dict(state, **{'blocks.0.mlp.fc1.weight': np.zeros((7, 32), np.float32)})
   path = _save_state(bad, str(tmp_path / 'wrong_shape.safetensors'))
   with pytest.raises(ValueError, match=r'wrong_shape\.safetensors[\s\S]*blocks\.0\.mlp\.fc1\.weight: \(7, 32\)'):
-    export.import_weights(path, TEST_MODEL)
+    weights.import_weights(path, TEST_MODEL)
   missing = {k: v for k, v in state.items() if k != 'blocks.1.norm2.bias'}
   path = _save_state(missing, str(tmp_path / 'missing.safetensors'))
   with pytest.raises(ValueError, match=r'missing\.safetensors[\s\S]*missing keys \(1\): blocks\.1\.norm2\.bias'):
-    export.import_weights(path, TEST_MODEL)
+    weights.import_weights(path, TEST_MODEL)
   extra = dict(state, **{'blocks.2.norm1.weight': np.ones(32, np.float32)})
   path = _save_state(extra, str(tmp_path / 'extra.safetensors'))
   with pytest.raises(ValueError, match=r'unexpected keys \(1\): blocks\.2\.norm1\.weight'):
-    export.import_weights(path, TEST_MODEL)
+    weights.import_weights(path, TEST_MODEL)
   partial = {k: v for k, v in state.items() if not k.startswith('decoder_pred')}
   path = _save_state(partial, str(tmp_path / 'partial.safetensors'))
   with pytest.raises(ValueError, match=r'missing keys \(2\): decoder_pred\.bias, decoder_pred\.weight'):
-    export.import_weights(path, TEST_MODEL)
+    weights.import_weights(path, TEST_MODEL)
   with pytest.raises(ValueError, match='does not match mae_vit_tiny_patch16'):
-    export.to_reference_state_dict(params, 'mae_vit_tiny_patch16')
+    weights.to_reference_state_dict(params, 'mae_vit_tiny_patch16')
 
 
 def test_output_path_errors(params, tmp_path):
   with pytest.raises(ValueError, match=r'\*\.safetensors'):
-    export.export_weights(params, TEST_MODEL, 'safetensors', str(tmp_path / 'weights.bin'))
+    weights.export_weights(params, TEST_MODEL, 'safetensors', str(tmp_path / 'weights.bin'))
   with pytest.raises(ValueError, match='format='):
-    export.export_weights(params, TEST_MODEL, 'onnx', str(tmp_path / 'x'))
-  out = export.export_weights(params, TEST_MODEL, 'orbax', str(tmp_path / 'enc'))
+    weights.export_weights(params, TEST_MODEL, 'onnx', str(tmp_path / 'x'))
+  out = weights.export_weights(params, TEST_MODEL, 'orbax', str(tmp_path / 'enc'))
   with pytest.raises(FileExistsError, match='overwrite'):
-    export.export_weights(params, TEST_MODEL, 'orbax', out)
-  export.export_weights(params, TEST_MODEL, 'orbax', out, overwrite=True)
+    weights.export_weights(params, TEST_MODEL, 'orbax', out)
+  weights.export_weights(params, TEST_MODEL, 'orbax', out, overwrite=True)
   os.makedirs(tmp_path / 'precious')
   (tmp_path / 'precious' / 'notes.txt').write_text('keep me')
   with pytest.raises(FileExistsError, match='holds no export'):
-    export.export_weights(params, TEST_MODEL, 'hf', str(tmp_path / 'precious'), overwrite=True)
+    weights.export_weights(params, TEST_MODEL, 'hf', str(tmp_path / 'precious'), overwrite=True)
 
 
 @needs_safetensors
 def test_other_position_table_is_logged_and_ignored(params, tmp_path, caplog):
-  state = export.to_reference_state_dict(params, TEST_MODEL)
+  state = weights.to_reference_state_dict(params, TEST_MODEL)
   state['pos_embed'] = np.random.default_rng(0).standard_normal((1, 50, 32)).astype(np.float32)
   path = _save_state(state, str(tmp_path / 'learned_pos.safetensors'))
   with caplog.at_level(logging.WARNING):
-    restored = export.import_weights(path, TEST_MODEL)
+    restored = weights.import_weights(path, TEST_MODEL)
   assert 'pos_embed has shape (1, 50, 32)' in caplog.text
   _assert_trees_equal(params, restored)
   # Another image size: same weights, the fixed table of the new grid is used.
-  restored = export.import_weights(path, TEST_MODEL, image_size=64)
+  restored = weights.import_weights(path, TEST_MODEL, image_size=64)
   _assert_trees_equal(params, restored)
 
 
@@ -382,7 +382,7 @@ def _torch_vit(torch, *, dim, depth, heads, patch, in_chans, num_patches, mlp_ra
 def test_torch_reference_vit_matches_encoder(params, images, tmp_path):
   torch = pytest.importorskip('torch')
   safetensors_torch = pytest.importorskip('safetensors.torch')
-  out = export.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'))
+  out = weights.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'))
   net = _torch_vit(torch, dim=32, depth=2, heads=2, patch=8, in_chans=3, num_patches=16)
   net.load_state_dict(safetensors_torch.load_file(out), strict=True)
   net.eval()
@@ -399,19 +399,19 @@ class _Unpicklable:
 
 def test_torch_pth_import(params, tmp_path):
   torch = pytest.importorskip('torch')
-  state = export.to_reference_state_dict(params, TEST_MODEL)
+  state = weights.to_reference_state_dict(params, TEST_MODEL)
   path = str(tmp_path / 'checkpoint-399.pth')
   # As the reference's misc.save_model: args is an argparse.Namespace.
   torch.save({'model': {k: torch.from_numpy(v) for k, v in state.items()}, 'epoch': 399,
               'args': argparse.Namespace(model='mae_vit_test', mask_ratio=0.75)}, path)
-  _assert_trees_equal(params, export.import_weights(path, TEST_MODEL))
+  _assert_trees_equal(params, weights.import_weights(path, TEST_MODEL))
   unsafe = str(tmp_path / 'unsafe.pth')
   torch.save({'model': {}, 'payload': _Unpicklable()}, unsafe)
   with pytest.raises(ValueError, match=r'unsafe\.pth: torch\.load\(weights_only=True\) failed'):
-    export.import_weights(unsafe, TEST_MODEL)
+    weights.import_weights(unsafe, TEST_MODEL)
   bare = str(tmp_path / 'bare.pth')
   torch.save({k: torch.from_numpy(v) for k, v in state.items() if not k.startswith(('decoder', 'mask'))}, bare)
-  _assert_trees_equal({'encoder': params['encoder']}, export.import_weights(bare, TEST_MODEL))
+  _assert_trees_equal({'encoder': params['encoder']}, weights.import_weights(bare, TEST_MODEL))
 
 
 def test_pth_without_torch_names_the_install(tmp_path, monkeypatch):
@@ -419,7 +419,7 @@ def test_pth_without_torch_names_the_install(tmp_path, monkeypatch):
   path.write_bytes(b'not read')
   monkeypatch.setitem(sys.modules, 'torch', None)  # As if torch were not installed.
   with pytest.raises(ImportError, match=r'checkpoint\.pth needs PyTorch: pip install mae_jax\[torch\]'):
-    export.import_weights(str(path), TEST_MODEL)
+    weights.import_weights(str(path), TEST_MODEL)
 
 
 # ----------------------------------------------------------------------------
@@ -435,7 +435,7 @@ def test_hf_export_loads_into_transformers(params, images, tmp_path):
   pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
   noise = torch.arange(16, dtype=torch.float32).expand(2, 16)  # Ascending: keeps patch order.
   for encoder_only in (True, False):
-    folder = export.export_weights(params, TEST_MODEL, 'hf', str(tmp_path / f'hf{encoder_only}'),
+    folder = weights.export_weights(params, TEST_MODEL, 'hf', str(tmp_path / f'hf{encoder_only}'),
                                    encoder_only=encoder_only)
     net, info = transformers.ViTMAEModel.from_pretrained(folder, mask_ratio=0.0, output_loading_info=True)
     assert not info['missing_keys'] and not info['mismatched_keys'], info
@@ -448,7 +448,7 @@ def test_hf_export_loads_into_transformers(params, images, tmp_path):
   assert not info['missing_keys'] and not info['unexpected_keys'], info
   resaved = str(tmp_path / 'resaved')
   full.save_pretrained(resaved)
-  _assert_trees_equal(params, export.import_weights(resaved))  # Model found from config.json.
+  _assert_trees_equal(params, weights.import_weights(resaved))  # Model found from config.json.
 
 
 # ----------------------------------------------------------------------------
@@ -458,7 +458,7 @@ def test_hf_export_loads_into_transformers(params, images, tmp_path):
 
 @needs_safetensors
 def test_cli_converts_a_file(params, tmp_path):
-  source = export.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
+  source = weights.export_weights(params, TEST_MODEL, 'safetensors', _out(tmp_path, 'safetensors'),
                                  encoder_only=False)
   out = str(tmp_path / 'converted')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -466,14 +466,24 @@ def test_cli_converts_a_file(params, tmp_path):
       [sys.executable, '-m', 'mae_jax.export', f'--import_from={source}', '--format=orbax',
        f'--out={out}', '--full'], capture_output=True, text=True, env=env, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  _assert_trees_equal(params, export.import_weights(out))
+  _assert_trees_equal(params, weights.import_weights(out))
+
+
+def test_model_from_config_reads_a_run_config_as_the_trainers_do():
+  config = {'model': {'name': TEST_MODEL, 'scan_layers': True}, 'dataset': {'image_size': [32, 32], 'channels': 3},
+            'norm_pix_loss': True, 'mask_ratio': 0.75}
+  name, overrides = export.model_from_config(config)
+  assert name == TEST_MODEL
+  assert overrides == {'scan_layers': True, 'image_size': (32, 32), 'in_channels': 3, 'norm_pix_loss': True}
+  with pytest.raises(ValueError, match='no model.name: pass --model= with --import_from'):
+    export.model_from_config({'model': {'scan_layers': True}, 'dataset': {}})
 
 
 @needs_safetensors
 def test_export_from_workdir(params, tmp_path):
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
-  scanned = export.stack_blocks(params)
+  scanned = weights.stack_blocks(params)
   config = {'model': {'name': TEST_MODEL, 'scan_layers': True, 'dtype': 'float32'},
             'dataset': {'image_size': 32, 'channels': 3}, 'norm_pix_loss': True, 'mask_ratio': 0.75}
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
@@ -483,6 +493,6 @@ def test_export_from_workdir(params, tmp_path):
   with open(os.path.join(out, 'config.json')) as f:
     hf_config = json.load(f)
   assert hf_config['norm_pix_loss'] is True and hf_config['layer_norm_eps'] == 1e-6
-  meta = export.read_metadata(out)
+  meta = weights.read_metadata(out)
   assert meta['step'] == 7 and meta['config']['model']['name'] == TEST_MODEL
-  _assert_trees_equal(params, export.import_weights(out))
+  _assert_trees_equal(params, weights.import_weights(out))

@@ -85,15 +85,18 @@ class ScriptedRunner(common.Runner):
     return [common.StreamResult(0, 0) for _ in commands]
 
 
-# TPU: accelerator types and worker counts.
+# TPU: accelerator types (hosts per slice: test_accelerators.py).
 
 
-@pytest.mark.parametrize('accelerator_type, hosts', [
-    ('v4-8', 1), ('v4-128', 16), ('v5p-256', 32), ('v5litepod-8', 1),
-    ('v5litepod-16', 4), ('v5litepod-256', 64), ('v6e-64', 16), ('v3-32', 4),
-])
-def test_hosts_per_slice(accelerator_type, hosts):
-  assert tpu.hosts_per_slice(accelerator_type) == hosts
+def test_accelerator_type_is_sent_in_gclouds_spelling():
+  # v5e-16 is how aot names the slice; gcloud only knows v5litepod-16.
+  runner = ScriptedRunner(states=['READY'], job_results=[[common.StreamResult(0, 3)],
+                                                         [common.StreamResult(0, 4)]])
+  assert tpu.main(tpu_argv(accelerator_type='v5e-16'), runner=runner) == 0
+  create = runner.commands[0]
+  assert '--accelerator-type=v5litepod-16' in create
+  assert '--version=v2-alpha-tpuv5-lite' in create
+  assert '3 of 4 workers' in runner.out.getvalue()  # a 16-chip v5e slice has 4 hosts
 
 
 # TPU: dry-run command sequences.
@@ -298,6 +301,7 @@ def test_remote_run_script_executes_under_bash(tmp_path, exit_status):
     ({'accelerator_type': 'v4_8'}, (), '--accelerator_type'),
     ({'accelerator_type': 'tpu-v4-8'}, (), '--accelerator_type'),
     ({'accelerator_type': 'v4-12'}, (), '--accelerator_type'),
+    ({'accelerator_type': 'v4:2x2x2'}, (), '--accelerator_type'),
     ({'num_slices': 0}, (), '--num_slices'),
     ({'num_slices': 2}, ('--preemptible',), '--preemptible'),
     ({'tpu_name': 'My_TPU'}, (), '--tpu_name'),

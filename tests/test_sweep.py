@@ -105,9 +105,9 @@ def test_local_dry_run_prints_commands_and_runs_nothing(tmp_path):
 
 def test_local_sweep_runs_resumes_and_summarises(tmp_path, monkeypatch, cache_dir):
   """4 tiny runs in-process: SIGTERM in the third stops the sweep; a rerun skips and resumes."""
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import inputs  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / 'root')
-  create_iterator = train.create_input_iterator
+  create_iterator = inputs.create_pretrain_iterator
   calls = []
 
   def preempting_iterator(config, start_step):
@@ -121,7 +121,7 @@ def test_local_sweep_runs_resumes_and_summarises(tmp_path, monkeypatch, cache_di
     signal.raise_signal(signal.SIGTERM)  # The trainer's handler: save and stop after this step.
     yield from iterator
 
-  monkeypatch.setattr(train, 'create_input_iterator', preempting_iterator)
+  monkeypatch.setattr(inputs, 'create_pretrain_iterator', preempting_iterator)
   args = [f'--sweep={TINY}', f'--root={root}', '--local_runner=inprocess', f'--compilation_cache_dir={cache_dir}']
   status, text = run_sweep(*args)
   assert status == sweep_lib.EXIT_INTERRUPTED, text

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from mae_jax import aot, parallel, train
+from mae_jax import aot, loop, parallel, train
 from mae_jax.models import tpu_attention, vit
 
 pytestmark = pytest.mark.skipif(not tpu_attention.interpret_supported(),
@@ -113,7 +113,7 @@ def test_compiles_for_a_tpu_slice():
   config.batch_size = 8 * len(devices)
   mesh = parallel.create_mesh(config.mesh, devices)
   step = aot.make_train_step(config, mesh)
-  with train.mesh_context(mesh):
+  with loop.mesh_context(mesh):
     compiled = step.jitted.lower(step.abstract_state, step.abstract_batch).compile()
   text = compiled.as_text()
   assert 'tpu_custom_call' in text  # the Mosaic kernel

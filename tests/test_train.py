@@ -19,7 +19,8 @@ import pytest
 from mae_jax import checkpoint
 from mae_jax import metrics
 from mae_jax import optim
-from mae_jax import train
+from mae_jax import loop, train
+from mae_jax.models import from_config
 from tests.configs import tiny_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,7 @@ def test_same_losses_on_every_mesh(reference_run, tmp_path):
 def test_fsdp_params_are_sharded():
   config = _config(data=2, fsdp=4)
   mesh = train.parallel.create_mesh(config.mesh)
-  model = train.build_model(config)
+  model = from_config.build_mae(config)
   tx, _ = train.optim.create_optimizer(config.optim, global_batch=16, steps_per_epoch=10, total_steps=20)
   abstract = jax.eval_shape(lambda r: train.init_state(model, tx, config, r), jax.random.key(0))
   shardings = train.parallel.tree_shardings(abstract, mesh, train.parallel.DEFAULT_RULES, 1)
@@ -137,7 +138,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
   config.optim.warmup_steps = 1
   config.max_nonfinite_steps = 3
   config.checkpoint_every_steps = 1
-  with pytest.raises(train.NonFiniteLossError, match='consecutive steps'):
+  with pytest.raises(loop.NonFiniteLossError, match='consecutive steps'):
     train.train_and_evaluate(config, str(tmp_path))
   records = metrics.read_jsonl(os.path.join(str(tmp_path), 'metrics.jsonl'))
   assert any(r['train/skipped'] > 0 for r in records)
@@ -174,12 +175,12 @@ def test_skipped_steps_keep_the_moments_but_not_the_schedule():
   schedule = lambda count: 0.1 * (count + 1)
   tx = optax.adam(schedule)
   params = {'w': jnp.ones((3,))}
-  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+  state = loop.TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                            nonfinite_run=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32),
                            halted=jnp.zeros([], bool))
   for loss in (1.0, np.inf, 1.0, np.nan, 1.0):
     before = state.params
-    state, _, finite = train.guarded_update(state, jnp.float32(loss), {'w': jnp.ones((3,))}, tx, 10)
+    state, _, finite = loop.guarded_update(state, jnp.float32(loss), {'w': jnp.ones((3,))}, tx, 10)
     if not finite:
       np.testing.assert_array_equal(state.params['w'], before['w'])
   adam, schedule_state = state.opt_state
@@ -190,7 +191,7 @@ def test_skipped_steps_keep_the_moments_but_not_the_schedule():
 def test_grad_accumulation_matches_full_batch(monkeypatch):
   """grad_accum_steps=2 gives the mean of the two micro-batches' gradients, each with its own mask key."""
   config = _config(data=8, fsdp=1)
-  model = train.build_model(config)
+  model = from_config.build_mae(config)
   tx, lr_fn = optim.create_optimizer(config.optim, global_batch=16, steps_per_epoch=10, total_steps=20)
   state = train.init_state(model, tx, config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
@@ -199,10 +200,10 @@ def test_grad_accumulation_matches_full_batch(monkeypatch):
 
   def capture(state, loss, grads, tx, max_nonfinite):
     captured['loss'], captured['grads'] = loss, grads
-    return train.guarded_update.__wrapped__(state, loss, grads, tx, max_nonfinite)
+    return loop.guarded_update.__wrapped__(state, loss, grads, tx, max_nonfinite)
 
-  capture.__wrapped__ = train.guarded_update
-  monkeypatch.setattr(train, 'guarded_update', capture)
+  capture.__wrapped__ = loop.guarded_update
+  monkeypatch.setattr(loop, 'guarded_update', capture)
   train.train_step(state, {'image': images}, model=model, tx=tx, lr_fn=lr_fn, mask_ratio=0.75, accum_steps=2,
                    max_nonfinite=10, base_rng=base_rng)  # eagerly, so the captured values are arrays
 

@@ -1,7 +1,15 @@
-"""Input pipeline: data sources, preprocessing, per-process iterators.
+"""Input pipeline: data sources, preprocessing, augmentation, per-process iterators.
 
 Import the submodules directly (they load TensorFlow):
-`mae_jax.data.input_pipeline` (create_pretrain_iterator, create_eval_iterator,
-num_examples, dataset_info), `mae_jax.data.preprocess`,
-`mae_jax.data.sources` and `mae_jax.data.prepare` (the prepare command).
+
+* `inputs`: config -> input, the trainers' entry points (num_train_examples,
+  create_pretrain_iterator, create_train_iterator, create_eval_iterator, ...).
+* `input_pipeline`: tfds -> tf.data -> per-process batches
+  (create_pretrain_iterator, create_eval_iterator, num_examples, dataset_info),
+  built from `records` (reading records in pieces, per-epoch order) and
+  `corrupt` (surviving undecodable images).
+* `synthetic`: in-memory sources for tests, benchmarks and runlocal.
+* `preprocess` (decode, crop, resize, normalise), `augment` (RandAugment,
+  random erasing, mixup / CutMix, label smoothing), `sources` (config.dataset
+  and the TFDS builder) and `prepare` (the prepare command).
 """

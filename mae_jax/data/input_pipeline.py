@@ -43,32 +43,24 @@ process count, the batches are a pure function of (seed, step):
 
 Images are decoded inside the parallel preprocessing map (JPEGs only inside
 their crop window), batched and prefetched.
+
+The reading and reordering of records lives in `records`, the guard against
+corrupt images in `corrupt`; this module puts them together.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
-from absl import logging
 
-from mae_jax.data import preprocess, sources
+from mae_jax.data import corrupt, preprocess, records, sources
 
 _SHUFFLE_STREAM = 0  # fold_in tags that separate the two random streams.
 _AUGMENT_STREAM = 1
-# fold_in tags inside an epoch's key: blocks use their index (>= 0).
-_BLOCK_OFFSET = -1
-_PIECE_ORDER = -2
-_MAX_READ_CYCLE = 16  # Pieces (files) read at the same time, at most.
-_MAX_PIECES_PER_SPAN = 4  # Bounds the re-reading of a file cut into pieces (see _Pieces).
-_MAX_CHUNK = 32  # Examples per guarded preprocessing call, at most.
-_READ_BUFFER = 8 << 20  # Bytes buffered per open file, as TFDS does.
 
 
 def create_pretrain_iterator(dataset_config: Any, *, global_batch_size: int,
@@ -135,11 +127,11 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
         f'examples for process {process_index} of {process_count}: use a '
         'larger split or fewer processes.')
 
-  source = _RecordSource.create(builder, split)
+  source = records.RecordSource.create(builder, split)
   num_local = source.num_examples
   shuffle = config.shuffle_buffer > 1
   block_size = min(config.shuffle_buffer, num_local)
-  pieces = _Pieces.cut(source.spans, block_size if shuffle else num_local)
+  pieces = records.Pieces.cut(source.spans, block_size if shuffle else num_local)
   cycle = pieces.read_cycle(block_size, num_local) if shuffle else 1
 
   # Decoded images can be cached only when they all have one shape;
@@ -150,8 +142,8 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
     decode_fn = None
     if sources.image_is_encoded(builder) and all(
         d is not None for d in image_shape):
-      decode_fn = _stored_image_decoder(builder)
-    read_piece, warm_up = _cached_pieces(source, pieces, decode_fn)
+      decode_fn = records.stored_image_decoder(builder)
+    read_piece, warm_up = records.cached_pieces(source, pieces, decode_fn)
     parallel = False
   else:
     read_piece, parallel = pieces.reader(source), source.parallel
@@ -161,21 +153,11 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
   augment_key = tf.random.experimental.stateless_fold_in(key, _AUGMENT_STREAM)
 
   def epoch_records(epoch):
-    epoch_key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
-    order = tf.range(pieces.count, dtype=tf.int64)
-    if shuffle:
-      order = tf.random.experimental.stateless_shuffle(
-          order, tf.random.experimental.stateless_fold_in(epoch_key,
-                                                          _PIECE_ORDER))
-    records = tf.data.Dataset.from_tensor_slices(order)
-    if cycle == 1:
-      records = records.flat_map(read_piece)
-    else:
-      records = records.interleave(
-          read_piece, cycle_length=cycle, block_length=1,
-          num_parallel_calls=tf.data.AUTOTUNE if parallel else None,
-          deterministic=True if parallel else None)
-    return _block_shuffle(records, block_size, epoch_key, num_local)
+    return records.read_epoch(
+        pieces, read_piece,
+        tf.random.experimental.stateless_fold_in(shuffle_key, epoch),
+        shuffle=shuffle, cycle=cycle, parallel=parallel,
+        block_size=block_size, num_examples=num_local)
 
   start = start_step * local_batch
   first_epoch, offset = divmod(start, num_local)
@@ -190,7 +172,8 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
         image, tf.random.experimental.stateless_fold_in(augment_key, position))
 
   def preprocess_chunk(positions, examples):
-    images, valid = _guarded_map(preprocess_one, (positions, examples['image']))
+    images, valid = corrupt.guarded_map(preprocess_one,
+                                        (positions, examples['image']))
     if 'valid' in examples:  # Decoded before caching.
       valid &= examples['valid']
     return {'image': images, 'label': _labels(examples, tf.size(positions)),
@@ -198,12 +181,12 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
 
   # Chunks of consecutive examples are preprocessed under one guard each,
   # in parallel; a batch is a whole number of chunks.
-  chunk = _chunk_size(local_batch)
+  chunk = corrupt.chunk_size(local_batch)
   ds = ds.batch(chunk, drop_remainder=True)
   ds = ds.map(preprocess_chunk, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch // chunk, drop_remainder=True)
-  ds = ds.map(lambda chunks: _replace_corrupt(_merge_chunks(chunks,
-                                                            local_batch)))
+  ds = ds.map(lambda chunks: corrupt.replace_corrupt(
+      corrupt.merge_chunks(chunks, local_batch)))
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options())
 
@@ -250,7 +233,7 @@ def create_eval_iterator(dataset_config: Any, *, split: str, batch_size: int,
   num_batches = math.ceil(max(sizes) / local_batch)
 
   def preprocess_chunk(examples):
-    images, valid = _guarded_map(preprocess_fn, (examples['image'],))
+    images, valid = corrupt.guarded_map(preprocess_fn, (examples['image'],))
     labels = _labels(examples, tf.size(valid))
     return {'image': images, 'label': tf.where(valid, labels, -1),
             'valid': valid}
@@ -258,7 +241,7 @@ def create_eval_iterator(dataset_config: Any, *, split: str, batch_size: int,
   ds = None
   if sizes[process_index]:
     ds = sources.read_records(builder, splits[process_index])
-    ds = ds.batch(min(local_batch, _MAX_CHUNK))
+    ds = ds.batch(min(local_batch, corrupt.MAX_CHUNK))
     ds = ds.map(preprocess_chunk, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.unbatch().batch(local_batch).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options())
@@ -335,314 +318,7 @@ def dataset_info(dataset_config: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------
-# Reading records in pieces.
-
-ReadFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.data.Dataset]
-
-
-@dataclasses.dataclass(frozen=True)
-class _RecordSource:
-  """Where a process's records come from, in their fixed order.
-
-  Attributes:
-    spans: (file, skip, take) per file, in order: records skip..skip+take-1
-      of file number `file`.
-    read: fn(file, skip, take) -> tf.data.Dataset of those records, as
-      {'image': encoded string or uint8 [H, W, C], 'label'?: int64}.
-    parallel: whether pieces may be read in parallel (separate files).
-  """
-
-  spans: tuple[tuple[int, int, int], ...]
-  read: ReadFn
-  parallel: bool
-
-  @property
-  def num_examples(self) -> int:
-    return sum(take for _, _, take in self.spans)
-
-  @classmethod
-  def create(cls, builder: tfds.core.DatasetBuilder, split: Any
-             ) -> _RecordSource:
-    """The split's TFRecord files if TFDS reads them; else its as_dataset."""
-    keys = ['image'] + (['label'] if sources.has_labels(builder) else [])
-    instructions = _tfrecord_instructions(builder, split)
-    if instructions is not None:
-      files = sorted({os.fspath(i.filename) for i in instructions})
-      file_index = {name: index for index, name in enumerate(files)}
-      spans = tuple((file_index[os.fspath(i.filename)], int(i.skip),
-                     int(i.take)) for i in instructions if i.take > 0)
-      features = tfds.features.FeaturesDict(
-          {k: builder.info.features[k] for k in keys})
-      decoders = None
-      if sources.image_is_encoded(builder):
-        decoders = {'image': tfds.decode.SkipDecoding()}
-      filenames = tf.constant(files)
-
-      def read(file, skip, take):
-        records = tf.data.TFRecordDataset(tf.gather(filenames, file),
-                                          buffer_size=_READ_BUFFER)
-        return records.skip(skip).take(take).map(
-            lambda record: features.deserialize_example(record,
-                                                        decoders=decoders))
-
-      return cls(spans=spans, read=read, parallel=True)
-
-    records = sources.read_records(builder, split)
-    count = int(records.cardinality())
-    if count <= 0:  # Known for TFDS data; authoritative under mocks.
-      count = sources.split_num_examples(builder, split)
-    logging.info('Reading %s through as_dataset: each epoch skips over the '
-                 'split to reach its pieces.', builder.name)
-    return cls(spans=((0, 0, count),),
-               read=lambda file, skip, take: records.skip(skip).take(take),
-               parallel=False)
-
-
-def _tfrecord_instructions(builder: tfds.core.DatasetBuilder, split: Any):
-  """The split's TFDS file instructions, if TFDS reads it from TFRecords.
-
-  None for builders whose `_as_dataset` is not TFDS's file reader (custom
-  builders, tfds.testing.mock_data) and for other file formats.
-  """
-  as_dataset = getattr(type(builder), '_as_dataset', None)
-  if (not isinstance(builder, tfds.core.dataset_builder.FileReaderBuilder)
-      or getattr(as_dataset, '__module__', None)
-      != tfds.core.dataset_builder.__name__):
-    return None
-  file_format = builder.info.file_format
-  if file_format is not None and (tfds.core.FileFormat.from_value(file_format)
-                                  != tfds.core.FileFormat.TFRECORD):
-    return None
-  try:
-    return list(builder.info.splits[split].file_instructions)
-  except (AttributeError, KeyError, ValueError, TypeError):
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Pieces:
-  """A source's records cut into pieces, in the source's order.
-
-  A span (the records of one file) of `take` records is cut into
-  k = min(max(1, take // block_size), _MAX_PIECES_PER_SPAN) pieces of
-  size = ceil(take / k) records, the last one possibly shorter: a span
-  shorter than 2 * block_size is one piece, a longer one is cut into pieces
-  of at least block_size. A piece that starts inside a span reads past the
-  records before it, so the cap bounds the reading to (k + 1) / 2 <= 2.5
-  times the span per epoch (a single-span `as_dataset` source included).
-
-  Attributes:
-    spans: (file, skip, take, size) per span of the source.
-    table: int64 [count, 3], (file, skip, take) per piece.
-  """
-
-  spans: tuple[tuple[int, int, int, int], ...]
-  table: np.ndarray
-
-  @classmethod
-  def cut(cls, spans, block_size: int) -> _Pieces:
-    sized, table = [], []
-    for file, skip, take in spans:
-      pieces = min(max(1, take // max(1, block_size)), _MAX_PIECES_PER_SPAN)
-      size = -(-take // pieces)
-      sized.append((file, skip, take, size))
-      for start in range(skip, skip + take, size):
-        table.append((file, start, min(size, skip + take - start)))
-    return cls(spans=tuple(sized),
-               table=np.asarray(table, np.int64).reshape(-1, 3))
-
-  @property
-  def count(self) -> int:
-    return len(self.table)
-
-  def read_cycle(self, block_size: int, num_examples: int) -> int:
-    """Pieces read at the same time: about one shuffle block's worth."""
-    per_block = round(block_size * self.count / num_examples)
-    return int(max(1, min(_MAX_READ_CYCLE, self.count, per_block)))
-
-  def reader(self, source: _RecordSource) -> Callable[[tf.Tensor],
-                                                      tf.data.Dataset]:
-    """fn(piece index) -> dataset of the piece's records."""
-    # Columns, not tf.unstack: tf.data's noop_elimination crashes (TF 2.21)
-    # on a skip or take count that is one output of a multi-output op.
-    files, skips, takes = (tf.constant(column) for column in self.table.T)
-
-    def read_piece(index):
-      return source.read(tf.gather(files, index), tf.gather(skips, index),
-                         tf.gather(takes, index))
-
-    return read_piece
-
-
-def _cached_pieces(source: _RecordSource, pieces: _Pieces, decode_fn):
-  """Pieces cached in memory: (fn(piece index) -> dataset, warm-up dataset).
-
-  The cache holds one element per piece, its records batched; `decode_fn`
-  (if given) decodes the images first, under a guard ('valid' flags). The
-  warm-up dataset reads the whole cache once and yields nothing: a cache is
-  kept only when it is read to its end, so it must be full before pieces
-  are read from it out of order.
-  """
-  spans = np.asarray(pieces.spans, np.int64).reshape(-1, 4)
-
-  def span_pieces(file, skip, take, size):  # See _Pieces.reader on unstack.
-    return source.read(file, skip, take).batch(size)
-
-  cached = tf.data.Dataset.from_tensor_slices(tuple(spans.T)).flat_map(
-      span_pieces)
-  if decode_fn is not None:
-
-    def decode_piece(examples):
-      images, valid = _guarded_map(decode_fn, (examples['image'],))
-      return {**examples, 'image': images, 'valid': valid}
-
-    cached = cached.map(decode_piece, num_parallel_calls=tf.data.AUTOTUNE)
-  cached = cached.cache()
-
-  def read_piece(index):
-    return cached.skip(index).take(1).unbatch()
-
-  warm_up = cached.unbatch().filter(lambda example: tf.constant(False))
-  return read_piece, warm_up
-
-
-def _stored_image_decoder(builder: tfds.core.DatasetBuilder):
-  """fn(encoded image) -> uint8 image of the stored (fixed) shape, or raises."""
-  shape = tuple(builder.info.features['image'].shape)
-
-  def decode(image):
-    return tf.ensure_shape(preprocess.decode_image(image, shape[-1]), shape)
-
-  return decode
-
-
-def _block_shuffle(ds: tf.data.Dataset, block_size: int, key: tf.Tensor,
-                   num_examples: int) -> tf.data.Dataset:
-  """One epoch of `ds`, permuted within blocks of block_size elements.
-
-  Each block gets its own stateless permutation. Unless one block holds the
-  whole epoch (a full permutation), the first block has a random length in
-  (0, block_size], so block boundaries, and with them the sets of examples
-  that can share a batch, move from epoch to epoch.
-  """
-  if block_size <= 1:
-    return ds
-  if block_size >= num_examples:
-    return _permute_blocks(ds.batch(block_size), key).unbatch()
-  # Shift block boundaries by prepending `pad` fillers, dropped afterwards.
-  pad = tf.random.stateless_uniform(
-      [], tf.random.experimental.stateless_fold_in(key, _BLOCK_OFFSET),
-      minval=0, maxval=block_size, dtype=tf.int64)
-  filler = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
-                                 ds.element_spec)
-  flagged = tf.data.Dataset.from_tensors((filler, False)).repeat(pad)
-  flagged = flagged.concatenate(ds.map(lambda example: (example, True)))
-  ds = _permute_blocks(flagged.batch(block_size), key).unbatch()
-  return ds.filter(lambda example, real: real).map(lambda example, _: example)
-
-
-def _permute_blocks(blocks: tf.data.Dataset, key: tf.Tensor
-                    ) -> tf.data.Dataset:
-  """Applies a stateless permutation keyed by (key, block index) to blocks."""
-
-  def permute(block_index, block):
-    count = tf.shape(tf.nest.flatten(block)[0])[0]
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(count),
-        tf.random.experimental.stateless_fold_in(key, block_index))
-    return tf.nest.map_structure(lambda t: tf.gather(t, order), block)
-
-  return blocks.enumerate().map(permute).prefetch(1)
-
-
-# ----------------------------------------------------------------------------
-# Surviving corrupt images.
-
-def _guarded_map(fn, args):
-  """Maps fn over the leading axis of `args`, surviving errors of fn.
-
-  Args:
-    fn: fn(*one_row_of_args) -> a tensor (or structure) of a static shape.
-    args: tuple of tensors with a common leading dimension n.
-
-  Returns:
-    (outputs, valid): fn's outputs stacked to [n, ...], zeros in the rows
-    where fn raised an error (e.g. an undecodable image), and bool [n],
-    False in those rows. Errors are logged as warnings.
-  """
-  n = tf.shape(tf.nest.flatten(args)[0])[0]
-  rows = tf.data.Dataset.from_tensor_slices((tf.range(n), args))
-  mapped = rows.map(lambda index, row: (index, fn(*row)))
-  spec = mapped.element_spec[1]
-  done = mapped.ignore_errors(log_warning=True).batch(tf.cast(n, tf.int64))
-  nothing = tf.data.Dataset.from_tensors((
-      tf.zeros([0], tf.int32),
-      tf.nest.map_structure(
-          lambda s: tf.zeros([0] + [d or 0 for d in s.shape.as_list()],
-                             s.dtype), spec)))
-  index, outputs = done.concatenate(nothing).take(1).get_single_element()
-  complete = tf.equal(tf.size(index), n)
-
-  def scatter(t):
-    return tf.scatter_nd(index[:, None], t,
-                         tf.concat([[n], tf.shape(t)[1:]], 0))
-
-  def place(t, s):
-    t = tf.cond(complete, lambda: t, lambda: scatter(t))
-    t.set_shape([None] + s.shape.as_list())
-    return t
-
-  outputs = tf.nest.map_structure(place, outputs, spec)
-  valid = tf.scatter_nd(index[:, None], tf.ones_like(index), [n]) > 0
-  return outputs, valid
-
-
-def _chunk_size(local_batch: int) -> int:
-  """The largest divisor of local_batch that is at most _MAX_CHUNK."""
-  return max(d for d in range(1, min(local_batch, _MAX_CHUNK) + 1)
-             if local_batch % d == 0)
-
-
-def _merge_chunks(chunks: dict[str, tf.Tensor], local_batch: int):
-  """[chunks, chunk, ...] -> [local_batch, ...]."""
-  def merge(v):
-    if v.shape[2:].is_fully_defined():
-      return tf.reshape(v, [local_batch, *v.shape[2:]])
-    return tf.reshape(v, tf.concat([[local_batch], tf.shape(v)[2:]], 0))
-
-  return {k: merge(v) for k, v in chunks.items()}
-
-
-def _replace_corrupt(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  """Fills the rows of corrupt examples with copies of valid ones.
-
-  Row i, if not valid, takes valid row number i % (number of valid rows); a
-  batch without any valid row keeps zero images and gets label -1. Returns
-  the batch with 'corrupt' = ~valid instead of 'valid'.
-  """
-  batch = dict(batch)
-  valid = batch.pop('valid')
-  rows = tf.range(tf.size(valid))
-  valid_rows = tf.cast(tf.where(valid)[:, 0], tf.int32)
-  num_valid = tf.size(valid_rows)
-
-  def copy_valid():
-    source = tf.where(valid, rows,
-                      tf.gather(valid_rows, rows % tf.maximum(num_valid, 1)))
-    return {k: tf.gather(v, source) for k, v in batch.items()}
-
-  def blank():
-    return {k: (tf.fill(tf.shape(v), tf.constant(-1, v.dtype))
-                if k == 'label' else tf.zeros_like(v))
-            for k, v in batch.items()}
-
-  fixed = tf.cond(
-      tf.reduce_all(valid), lambda: batch,
-      lambda: tf.cond(num_valid > 0, copy_valid, blank))
-  for k, v in fixed.items():
-    v.set_shape(batch[k].shape)
-  return {**fixed, 'corrupt': tf.logical_not(valid)}
-
+# Helpers.
 
 def _labels(examples: dict[str, tf.Tensor], count: tf.Tensor) -> tf.Tensor:
   if 'label' in examples:

@@ -1,12 +1,18 @@
-"""A deterministic in-memory source: the global batch depends only on (seed, step).
+"""Deterministic in-memory sources for tests, benchmarks and runlocal recipes.
 
-Used by tests (meshes, multi-host, resume) and benchmarks: each process takes its
-own rows of the same global batch, so any process count sees the same data.
+Unlabelled (pretraining): the global batch depends only on (seed, step), and
+each process takes its own rows of it, so any process count sees the same
+data. Labelled (fine-tuning, linear probing, kNN): example number p is a class
+pattern plus noise drawn from (seed, p % num_examples) alone.
 """
 
 from typing import Iterator
 
 import numpy as np
+import tensorflow as tf
+
+_PATTERN_SEED = 1234  # The classes' patterns, the same for every run.
+_AUGMENT_SEED_OFFSET = 7  # Augmentation keys: (seed + 7, position).
 
 
 def global_batch(seed: int, step: int, batch_size: int, image_size: int, channels: int) -> np.ndarray:
@@ -30,3 +36,40 @@ def create_pretrain_iterator(dataset_config, *, global_batch_size: int, seed: in
     rows = slice(process_index * local, (process_index + 1) * local)
     yield {'image': images[rows], 'label': np.full([local], -1, np.int32)}
     step += 1
+
+
+def labelled_examples(dataset_config, num_classes: int, positions: tf.data.Dataset, seed: int,
+                      preprocess_fn=None) -> tf.data.Dataset:
+  """tf.data of labelled synthetic examples at `positions`: a class pattern plus noise.
+
+  Args:
+    dataset_config: `config.dataset` (image_size, channels, num_examples).
+    num_classes: labels are drawn uniformly from [0, num_classes).
+    positions: int64 dataset of example positions; position p is example
+      p % dataset_config.num_examples, so positions past the end repeat the
+      examples (later epochs).
+    seed: picks the examples (and their labels).
+    preprocess_fn: fn(uint8 image, int64 [2] seed) -> image, given the key
+      (seed + 7, position); None yields the uint8 [H, W, C] images.
+
+  Returns:
+    A dataset of {'image', 'label': int32}.
+  """
+  size, channels = dataset_config.image_size, dataset_config.channels
+  num_examples = int(dataset_config.num_examples)
+  patterns = tf.constant(np.random.default_rng(_PATTERN_SEED).uniform(
+      0, 255, (num_classes, 4, 4, channels)).astype(np.float32))
+
+  def example(position):
+    index = position % num_examples
+    key = tf.stack([tf.cast(seed, tf.int64), index])
+    label = tf.random.stateless_uniform([], key, 0, num_classes, dtype=tf.int32)
+    base = tf.image.resize(tf.gather(patterns, label), [size, size], method='nearest')
+    noise = 30.0 * tf.random.stateless_normal([size, size, channels], key + 1)
+    image = tf.cast(tf.clip_by_value(tf.round(base + noise), 0, 255), tf.uint8)
+    if preprocess_fn is None:
+      return {'image': image, 'label': label}
+    aug_key = tf.stack([tf.cast(seed, tf.int64) + _AUGMENT_SEED_OFFSET, position])
+    return {'image': preprocess_fn(image, aug_key), 'label': label}
+
+  return positions.map(example, num_parallel_calls=tf.data.AUTOTUNE)

@@ -39,16 +39,3 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size, cls_token: bool = False) 
     table = np.concatenate([np.zeros([1, embed_dim]), table], axis=0)
   return table.astype(np.float32)
 
-
-def interpolate_pos_embed(table: np.ndarray, new_grid, num_prefix_tokens: int = 1) -> np.ndarray:
-  """Bicubically resizes a learned or fixed [prefix + h*w, D] table to new_grid (h, w)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  table = np.asarray(table)
-  prefix, grid = table[:num_prefix_tokens], table[num_prefix_tokens:]
-  old = int(round(np.sqrt(grid.shape[0])))
-  if old * old != grid.shape[0]:
-    raise ValueError(f'position table with {grid.shape[0]} patch rows is not a square grid')
-  new_h, new_w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
-  grid = grid.reshape(old, old, -1)
-  resized = jax.image.resize(grid, (new_h, new_w, grid.shape[-1]), method='bicubic')
-  return np.concatenate([prefix, np.asarray(resized).reshape(new_h * new_w, -1)], axis=0)

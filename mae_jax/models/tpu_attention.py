@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from mae_jax.parallel import BATCH_AXES
+
 BLOCK = 128  # Tokens per kernel block (query and key), the kernel's default.
-BATCH_AXES = ('data', 'fsdp')
 HEAD_AXIS = 'tensor'
 
 

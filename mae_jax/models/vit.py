@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mae_jax.models import pos_embed, tpu_attention
+from mae_jax.parallel import BATCH_AXES
 
 Dtype = Any
 
@@ -71,8 +72,6 @@ def check_vit_settings(image_size, patch_size, embed_dim, num_heads, prefix=''):
   if embed_dim % 4:
     raise ValueError(f'{prefix}embed_dim={embed_dim}: must be divisible by 4 (2D sin-cos table)')
 
-
-BATCH_AXES = ('data', 'fsdp')
 
 
 def constrain_batch(x):

@@ -1,0 +1,188 @@
+"""Config -> input: the data package's entry points for the trainers.
+
+Each function takes the whole experiment config and picks the source by
+config.dataset.name: 'synthetic' (`synthetic`, in memory) or a TFDS data set
+(`input_pipeline`). They read declared config keys directly; the downstream
+ones (`make_train_preprocess_fn`, `create_train_iterator`,
+`create_eval_iterator`) expect a downstream config (num_classes, randaug.*,
+reprob, remode, recount; see configs/common.py).
+
+Every iterator yields this process's share of each global batch, and is a
+pure function of (config.seed, step) or of the split: resuming at a step
+yields what an uninterrupted run yields from there.
+"""
+
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from mae_jax.data import augment, input_pipeline, preprocess, sources, synthetic
+
+SYNTHETIC = 'synthetic'  # config.dataset.name of the in-memory source.
+_SYNTHETIC_EVAL_SEED_OFFSET = 10**6  # Synthetic splits other than train_split: fresh examples.
+
+
+def _is_synthetic(config) -> bool:
+  return config.dataset.name == SYNTHETIC
+
+
+# ----------------------------------------------------------------------------
+# Pretraining (unlabelled).
+
+def num_train_examples(config) -> int:
+  """Examples of config.dataset.train_split (synthetic: config.dataset.num_examples)."""
+  if _is_synthetic(config):
+    return int(config.dataset.num_examples)
+  return input_pipeline.num_examples(config.dataset, config.dataset.train_split)
+
+
+def create_pretrain_iterator(config, start_step: int) -> Iterator[dict]:
+  """This process's local pretraining batches from `start_step` on; a pure function of (seed, step)."""
+  kwargs = dict(global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if _is_synthetic(config):
+    return synthetic.create_pretrain_iterator(config.dataset, **kwargs)
+  return input_pipeline.create_pretrain_iterator(config.dataset, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Downstream (labelled).
+
+def dataset_config(config) -> sources.DatasetConfig:
+  """config.dataset as the input pipeline reads it.
+
+  The synthetic source ignores mean / std, and pretraining configs made
+  synthetic by runlocal may keep a one-channel mean: repeat it per channel.
+  """
+  values = config.dataset.to_dict()
+  if _is_synthetic(config):
+    for key in ('mean', 'std'):
+      if len(values[key]) != values['channels']:
+        values[key] = (values[key][0],) * values['channels']
+  return sources.DatasetConfig.from_config(values)
+
+
+def make_train_preprocess_fn(config) -> Callable:
+  """fn(image, seed) -> normalised float32 [S, S, C]: the training transform of a downstream config.
+
+  RandomResizedCrop + flip always; RandAugment when randaug.num_layers > 0 and
+  random erasing when reprob > 0 (fine-tuning recipes set them, linear probing
+  does not).
+  """
+  data = dataset_config(config)
+  num_layers = int(config.randaug.num_layers)
+  magnitude = float(config.randaug.magnitude)
+  magnitude_std = float(config.randaug.magnitude_std)
+  reprob = float(config.reprob)
+  remode = config.remode
+  recount = int(config.recount)
+  fill = 255.0 * float(np.mean(data.mean))
+
+  def preprocess_fn(image, seed):
+    crop_seed, flip_seed, aug_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+
+    def window_fn(height, width):
+      return preprocess.sample_crop_window(height, width, crop_seed, scale=data.crop_scale,
+                                           ratio=data.crop_ratio)
+
+    image = preprocess.resize(preprocess.decode_and_crop(image, window_fn, data.channels), data.image_size)
+    image = preprocess.random_flip(image, flip_seed)
+    if num_layers > 0:
+      image = augment.rand_augment(image, aug_seed, num_layers=num_layers, magnitude=magnitude,
+                                   magnitude_std=magnitude_std, fill=fill)
+    image = preprocess.normalize(image, data.mean, data.std)
+    if reprob > 0:
+      image = augment.random_erasing(image, erase_seed, probability=reprob, mode=remode, count=recount)
+    return image
+
+  return preprocess_fn
+
+
+def resolve_num_classes(config) -> int:
+  """config.num_classes, checked against the data set's labels (<= 0: the data set's)."""
+  wanted = int(config.num_classes)
+  if _is_synthetic(config):
+    if wanted <= 0:
+      raise ValueError('num_classes must be > 0 with dataset.name=synthetic')
+    return wanted
+  info = input_pipeline.dataset_info(config.dataset)
+  if not info['has_labels']:
+    raise ValueError(f'dataset.name={config.dataset.name!r} has no labels: fine-tuning, linear probing '
+                     'and kNN need a labelled data set (a ClassLabel feature named "label")')
+  if wanted <= 0:
+    return int(info['num_classes'])
+  if wanted != info['num_classes']:
+    raise ValueError(f'num_classes={wanted} but dataset {config.dataset.name!r} has '
+                     f'{info["num_classes"]} classes: set --config.num_classes={info["num_classes"]} '
+                     '(or 0 to take it from the data set)')
+  return wanted
+
+
+def create_train_iterator(config, num_classes: int, start_step: int, preprocess_fn) -> Iterator[dict]:
+  """This process's local training batches {'image', 'label'} from `start_step` on."""
+  local = config.batch_size // jax.process_count()
+  if _is_synthetic(config):
+    positions = tf.data.Dataset.counter(start_step).flat_map(
+        lambda s: tf.data.Dataset.range(s * config.batch_size + jax.process_index() * local,
+                                        s * config.batch_size + (jax.process_index() + 1) * local))
+    ds = synthetic.labelled_examples(config.dataset, num_classes, positions, config.seed, preprocess_fn)
+    return ds.batch(local, drop_remainder=True).prefetch(2).as_numpy_iterator()
+  return input_pipeline.create_pretrain_iterator(
+      config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count(), preprocess_fn=preprocess_fn)
+
+
+def create_eval_iterator(config, num_classes: int, split: str, batch_size: int) -> Iterator[dict]:
+  """One pass over `split` (eval transform, no augmentation), padded: {'image', 'label', 'mask'}."""
+  if not _is_synthetic(config):
+    return input_pipeline.create_eval_iterator(config.dataset, split=split, batch_size=batch_size,
+                                               process_index=jax.process_index(),
+                                               process_count=jax.process_count())
+  # Synthetic: the train split is the training examples, any other split fresh ones.
+  total = int(config.dataset.num_examples)
+  seed = config.seed if split == config.dataset.train_split else config.seed + _SYNTHETIC_EVAL_SEED_OFFSET
+  local = batch_size // jax.process_count()
+  per_process = -(-total // jax.process_count())
+  start = min(total, jax.process_index() * per_process)
+  stop = min(total, start + per_process)
+  eval_fn = preprocess.make_eval_preprocess_fn(dataset_config(config))
+  ds = synthetic.labelled_examples(config.dataset, num_classes, tf.data.Dataset.range(start, stop), seed)
+  ds = ds.map(lambda ex: {'image': eval_fn(ex['image']), 'label': ex['label']})
+  return pad_batches(ds.batch(local).as_numpy_iterator(), local, -(-per_process // local),
+                     (local, config.dataset.image_size, config.dataset.image_size, config.dataset.channels))
+
+
+def pad_batches(batches: Iterator[dict], local: int, num_batches: int, image_shape) -> Iterator[dict]:
+  """Pads batches to `local` rows (mask False) and appends empty ones up to num_batches.
+
+  Padding rows hold zero images and label -1; image_shape is the shape of a
+  whole empty batch, [local, H, W, C].
+  """
+  yielded = 0
+  for batch in batches:
+    real = len(batch['label'])
+    pad = local - real
+    if pad:
+      batch = {'image': np.concatenate([batch['image'], np.zeros((pad,) + batch['image'].shape[1:],
+                                                                  np.float32)]),
+               'label': np.concatenate([batch['label'], np.full((pad,), -1, np.int32)])}
+    yield {**batch, 'mask': np.arange(local) < real}
+    yielded += 1
+  while yielded < num_batches:
+    yield {'image': np.zeros(image_shape, np.float32), 'label': np.full((local,), -1, np.int32),
+           'mask': np.zeros((local,), bool)}
+    yielded += 1
+
+
+def limited_split(split: str, count: int) -> str:
+  """`split` limited to its first `count` examples ('train' -> 'train[:count]'); count <= 0: all.
+
+  A split that is already sliced or combined ('train[:95%]', 'train+validation')
+  comes back unchanged: readers of it stop after `count` examples themselves
+  (the kNN feature extraction's max_examples), so the count still holds.
+  """
+  if count <= 0 or '[' in split or '+' in split:
+    return split
+  return f'{split}[:{count}]'

@@ -1,0 +1,401 @@
+"""The training loop every trainer shares: state, guarded update, resume, preemption, logging.
+
+Pretraining (`train`), fine-tuning (`finetune`) and linear probing (`linprobe`)
+build their model, optimizer, jitted step and input, then hand them to
+`train_loop`. What they share lives here and nowhere else:
+
+* `TrainState` (with optional BatchNorm statistics) and `guarded_update`, the
+  optimizer step that skips non-finite steps;
+* `restore_or_init`: resume from the workdir's newest checkpoint, else
+  initialise straight into the shardings;
+* `PreemptionFlag` and `save_or_stop`: SIGTERM saves one step (agreed across
+  processes) and stops;
+* `prefetch_to_mesh`, metric averaging and throughput, the workdir's
+  config.json / results.json.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+
+from mae_jax import checkpoint as ckpt_lib
+from mae_jax import flops as flops_lib
+from mae_jax import parallel
+from mae_jax.models import vit
+
+RESULTS_FILE = 'results.json'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # Optimizer steps taken (skipped non-finite steps count too).
+  params: Any  # What trains.
+  opt_state: Any
+  nonfinite_run: jax.Array  # Consecutive non-finite steps.
+  nonfinite_total: jax.Array  # All skipped steps.
+  halted: jax.Array  # Set when nonfinite_run reached the limit: the state stops changing.
+  batch_stats: Any = flax.struct.field(default_factory=dict)  # BatchNorm statistics (the probe's head).
+
+
+def new_state(params, tx: optax.GradientTransformation, batch_stats=None) -> TrainState:
+  """Step 0 of `params` with a fresh optimizer state."""
+  zero = jnp.zeros([], jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_run=zero,
+                    nonfinite_total=zero, halted=jnp.zeros([], jnp.bool_),
+                    batch_stats={} if batch_stats is None else batch_stats)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when too many consecutive steps had non-finite loss or gradients."""
+
+
+def guarded_update(state: TrainState, loss, grads, tx, max_nonfinite: int, **other_fields):
+  """Applies the optimizer step unless the loss or gradients are non-finite.
+
+  `other_fields` (e.g. batch_stats) are new values of further state fields,
+  kept only when the step is applied. Returns (new_state, grad_norm, finite).
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state.halted
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  # As the reference, a skipped step leaves the moments (and Adam's bias-correction count)
+  # alone, but the learning-rate schedule follows the iteration: its counters advance.
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  keep_opt = lambda new, old: jax.tree.map(lambda n, o: n if is_schedule(n) else keep(n, o), new, old,
+                                           is_leaf=is_schedule)
+  nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep_opt(new_opt_state, state.opt_state),
+      nonfinite_run=nonfinite_run,
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+      halted=state.halted | (nonfinite_run >= max_nonfinite),
+      **{name: keep(value, getattr(state, name)) for name, value in other_fields.items()})
+  return new_state, grad_norm, finite
+
+
+def step_metrics(loss, grad_norm, finite, lr, batch: dict) -> dict:
+  """The metrics every train step reports (and the corrupt-image count when the batch has one)."""
+  metrics = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': lr,
+             'train/skipped': (~finite).astype(jnp.float32)}
+  if 'corrupt' in batch:
+    metrics['train/corrupt_images'] = jnp.sum(batch['corrupt'].astype(jnp.int32))
+  return metrics
+
+
+# ----------------------------------------------------------------------------
+# Settings every trainer reads, checked before anything compiles.
+
+# (key, what it does).
+LOOP_SETTINGS = (
+    ('log_every_steps', 'train metrics are averaged and written every log_every_steps steps'),
+    ('max_nonfinite_steps', 'the run stops after this many non-finite steps in a row'),
+    ('preemption_sync_every_steps', 'processes agree on a SIGTERM every this many steps'),
+)
+
+
+def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
+  """Loop settings, the batch against processes and mesh, and the attention backend."""
+  for key, meaning in LOOP_SETTINGS:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f'{key}={value!r}: must be an integer >= 1 ({meaning})')
+  if config.batch_size <= 0 or config.batch_size % jax.process_count():
+    raise ValueError(f'batch_size={config.batch_size}: must be a positive multiple of the '
+                     f'{jax.process_count()} processes')
+  accum = config.grad_accum_steps
+  if accum < 1 or config.batch_size % accum:
+    raise ValueError(f'grad_accum_steps={accum}: must be >= 1 and divide batch_size={config.batch_size}')
+  if mesh is not None:
+    dp = parallel.batch_axis_size(mesh)
+    micro = config.batch_size // accum
+    if micro % dp:
+      raise ValueError(
+          f'batch_size={config.batch_size} (micro-batch {micro} with grad_accum_steps={accum}) is not '
+          f'divisible by the data-parallel size {dp} = mesh data x fsdp {dict(mesh.shape)}')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  vit.check_attention_platform(config.model.attention_impl, platform)
+
+
+def train_steps(config, num_examples: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps) from num_train_steps or num_epochs; total_steps >= 1."""
+  steps_per_epoch = max(1, num_examples // config.batch_size)
+  if config.num_train_steps > 0:
+    return steps_per_epoch, int(config.num_train_steps)
+  if config.num_epochs <= 0:
+    raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
+  total_steps = round(config.num_epochs * steps_per_epoch)
+  if total_steps < 1:
+    raise ValueError(
+        f'num_epochs={config.num_epochs} x {steps_per_epoch} steps per epoch ({num_examples} examples '
+        f'of dataset.train_split // batch_size={config.batch_size}) is {total_steps} training steps: '
+        'raise num_epochs or set num_train_steps > 0')
+  return steps_per_epoch, total_steps
+
+
+def mesh_context(mesh: jax.sharding.Mesh):
+  """The context steps are traced and run under: sets the (abstract) mesh, so
+  activation sharding constraints inside the model see it."""
+  return jax.set_mesh(mesh)
+
+
+# ----------------------------------------------------------------------------
+# Preemption.
+
+class PreemptionFlag:
+  """Set by SIGTERM; the loop saves a checkpoint and exits cleanly.
+
+  With several processes every one must stop at the same step (the save is
+  collective), but SIGTERM reaches them at different times: `requested(step)`
+  then agrees across processes every `sync_every_steps` steps (an all-gather
+  of one flag per process) and says True on all of them at the same step.
+  """
+
+  def __init__(self, sync_every_steps: int = 10):
+    if sync_every_steps < 1:
+      raise ValueError(f'preemption_sync_every_steps={sync_every_steps}: must be >= 1')
+    self.event = threading.Event()
+    self.sync_every_steps = sync_every_steps
+    self._previous = {}
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for sig in (signal.SIGTERM,):
+      self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+    return self
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def requested(self, step: int) -> bool:
+    """Whether to save and stop after `step`; the same answer on every process."""
+    if jax.process_count() == 1:
+      return self.event.is_set()
+    if step % self.sync_every_steps:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.event.is_set()))
+    return bool(np.max(flags))
+
+
+def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted, save_fn) -> bool:
+  """Saves on schedule, at the end and on preemption; True when the loop must stop now.
+
+  A run halted on non-finite steps is not saved, so the last good checkpoint stays the newest.
+  """
+  preempted = preemption.requested(step) or checkpointer.reached_preemption(step)
+  if checkpointer.should_save(step) or step == total_steps or preempted:
+    if bool(jax.device_get(halted)):
+      logging.warning('Not saving step %d: the run halted on non-finite steps', step)
+    else:
+      save_fn()
+  if preempted and step < total_steps:
+    logging.warning('Preemption requested: saved step %d and stopping', step)
+    return True
+  return False
+
+
+# ----------------------------------------------------------------------------
+# State: resume or initialise.
+
+def restore_or_init(checkpointer, init_fn: Callable, init_rng, shardings, mesh, *,
+                    saved_tree: Callable = lambda s: s.params,
+                    from_saved: Callable = lambda saved: (saved, None)) -> tuple[TrainState, bool]:
+  """(state, resumed): the newest checkpoint onto `shardings`, else init_fn(init_rng) computed into them.
+
+  `saved_tree(state)` is what a checkpoint's 'params' item holds (the params,
+  or params and batch_stats); `from_saved` splits it back into (params,
+  batch_stats or None).
+  """
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    with mesh_context(mesh):
+      return jax.jit(init_fn, out_shardings=shardings)(init_rng), False
+  saved, opt_state, meta = checkpointer.restore(
+      ckpt_lib.abstract_like(saved_tree(abstract_state), saved_tree(shardings)),
+      ckpt_lib.abstract_like(abstract_state.opt_state, shardings.opt_state), latest)
+  params, batch_stats = from_saved(saved)
+  put = lambda value, sharding: parallel.host_to_global(np.asarray(value, np.int32), sharding)
+  state = TrainState(
+      step=put(meta['step'], shardings.step), params=params, opt_state=opt_state,
+      nonfinite_run=put(meta.get('nonfinite_run', 0), shardings.nonfinite_run),
+      nonfinite_total=put(meta.get('nonfinite_total', 0), shardings.nonfinite_total),
+      halted=parallel.host_to_global(np.zeros([], np.bool_), shardings.halted),
+      batch_stats=abstract_state.batch_stats if batch_stats is None else batch_stats)
+  logging.info('Resumed from checkpoint step %d', meta['step'])
+  return state, True
+
+
+# ----------------------------------------------------------------------------
+# Input and the workdir's files.
+
+def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
+  """Moves host batches into global arrays sharded over the batch axes, `size` steps ahead."""
+  queue = []
+  for local in iterator:
+    queue.append(parallel.global_batch_from_local(local, mesh))
+    if len(queue) > size:
+      yield queue.pop(0)
+  while queue:
+    yield queue.pop(0)
+
+
+def config_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def write_results(workdir: str, results: dict) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, RESULTS_FILE), 'w', encoding='utf-8') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  metrics: dict  # The last logged train metrics and evaluations.
+  evals: dict  # The last evaluation's metrics.
+  status: str  # 'done' or 'preempted'.
+  step: int
+
+
+def _log_metrics(writer, step: int, pending: list, state, timer_step: int, timer_start, batch_size: int,
+                 flops_per_image: float | None) -> dict:
+  """Averages the pending step metrics (one host sync per log period) and writes them."""
+  fetched = jax.device_get(pending)
+  scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  if 'train/corrupt_images' in scalars:  # A count over the log period, not a mean.
+    scalars['train/corrupt_images'] = float(np.sum([m['train/corrupt_images'] for m in fetched]))
+  scalars['train/lr'] = float(fetched[-1]['train/lr'])
+  scalars['train/nonfinite_total'] = float(jax.device_get(state.nonfinite_total))
+  if timer_start is not None and step > timer_step:
+    seconds = time.time() - timer_start
+    images_per_sec = (step - timer_step) * batch_size / seconds
+    scalars['perf/images_per_sec'] = images_per_sec
+    scalars['perf/images_per_sec_per_device'] = images_per_sec / jax.device_count()
+    scalars['perf/step_time_sec'] = seconds / (step - timer_step)
+    peak = flops_lib.peak_flops_per_device()
+    if flops_per_image and peak:
+      scalars['perf/mfu'] = images_per_sec * flops_per_image / (peak * jax.device_count())
+  writer.write_scalars(step, scalars)
+  return scalars
+
+
+def _check_corrupt(corrupt: int, seen: int, config) -> None:
+  """Stops a run whose input is mostly undecodable: that is a bug, not a few bad files."""
+  limit = config.dataset.max_corrupt_fraction
+  if seen and corrupt / seen > limit:
+    raise ValueError(
+        f'{corrupt} of the {seen} images read so far ({100 * corrupt / seen:.1f}%) could not be decoded or '
+        f'preprocessed, more than dataset.max_corrupt_fraction={limit}: check the data set '
+        f'(dataset.name={config.dataset.name!r}) and the preprocessing (the warnings above name the errors), '
+        f'or raise the setting')
+
+
+def checkpoint_meta(state: TrainState, config, **extra) -> dict:
+  """What a checkpoint's 'meta' item holds: the counters, the config and `extra`."""
+  return {'step': int(jax.device_get(state.step)),
+          'nonfinite_run': int(jax.device_get(state.nonfinite_run)),
+          'nonfinite_total': int(jax.device_get(state.nonfinite_total)),
+          **extra, 'config': config_dict(config)}
+
+
+def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callable, batches: Iterator[dict],
+               total_steps: int, checkpointer, writer, saved_tree: Callable = lambda s: s.params,
+               extra_meta: Callable[[dict], dict] = lambda evals: {},
+               evaluate: Callable | None = None, flops_per_image: float | None = None) -> LoopResult:
+  """Trains from state.step to total_steps: logs, evaluates, checkpoints, stops on SIGTERM.
+
+  Args:
+    step_fn: the jitted step, (state, global batch) -> (state, metrics).
+    batches: global batches (prefetch_to_mesh) from state.step on.
+    saved_tree: what a checkpoint's 'params' item holds.
+    extra_meta: evals -> further entries of the checkpoint's meta.
+    evaluate: (step, state, batch) -> metrics to write, or None at steps that
+      do not evaluate. Its time is not counted in the throughput.
+    flops_per_image: training FLOPs per image, for perf/mfu.
+  """
+  start_step = int(jax.device_get(state.step))
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                          first_profile=start_step + 10))
+  preemption = PreemptionFlag(config.preemption_sync_every_steps).install()
+  pending, last, evals, status = [], {}, {}, 'done'
+  corrupt_seen = 0
+  timer_step, timer_start = start_step, None
+  step = start_step
+  try:
+    with mesh_context(mesh):
+      while step < total_steps:
+        batch = next(batches)
+        state, metrics = step_fn(state, batch)
+        pending.append(metrics)
+        step += 1
+        for hook in hooks:
+          hook(step)
+        if timer_start is None:  # The first step includes compilation: time from its end.
+          jax.block_until_ready(metrics)
+          timer_step, timer_start = step, time.time()
+        if step % config.log_every_steps == 0 or step == total_steps:
+          last.update(_log_metrics(writer, step, pending, state, timer_step, timer_start, config.batch_size,
+                                   flops_per_image))
+          corrupt_seen += int(last.get('train/corrupt_images', 0))
+          _check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config)
+          pending, timer_step, timer_start = [], step, time.time()
+          if bool(jax.device_get(state.halted)):
+            raise NonFiniteLossError(
+                f'{config.max_nonfinite_steps} consecutive steps had a non-finite loss or gradients '
+                f'(at step {step}); the last good checkpoint is step {checkpointer.latest_step()}. '
+                'Lower optim.base_lr, set optim.grad_clip_norm, or check the input data.')
+        if evaluate is not None:
+          results = evaluate(step, state, batch)
+          if results:
+            evals = dict(results)
+            writer.write_scalars(step, evals)
+            last.update(evals)
+            timer_start = time.time()
+        if save_or_stop(checkpointer, preemption, step, total_steps, state.halted,
+                        lambda: checkpointer.save(step, saved_tree(state), state.opt_state,
+                                                  checkpoint_meta(state, config, **extra_meta(evals)))):
+          status = 'preempted'
+          break
+  finally:
+    preemption.uninstall()
+    checkpointer.close()
+    writer.flush()
+  return LoopResult(state=state, metrics=last, evals=evals, status=status, step=step)

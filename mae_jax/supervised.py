@@ -1,0 +1,202 @@
+"""What fine-tuning and linear probing share: config checks, classification metrics, the loop around them.
+
+Both train on labelled data from a pretrained (or random) encoder, evaluate
+top-1 / top-5 on dataset.eval_split every `eval_every_steps` (<= 0: every
+epoch) and at the end, keep the best top-1 seen, and write results.json. The
+training loop itself is `mae_jax.loop`'s, as for pretraining.
+"""
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from mae_jax import checkpoint as ckpt_lib
+from mae_jax import loop, metrics, optim, parallel
+from mae_jax.data import augment
+
+KINDS = ('finetune', 'linprobe', 'knn')
+
+
+def kind(config) -> str:
+  """config.downstream, checked."""
+  if config.downstream not in KINDS:
+    raise ValueError(f'downstream={config.downstream!r}: must be one of {KINDS}')
+  return config.downstream
+
+
+def validate_config(config, mesh) -> None:
+  """Fails fast, naming the key, on settings that cannot work. No compile happens here."""
+  which = kind(config)
+  loop.check_loop_settings(config, mesh)
+  if config.pretrained_workdir and config.pretrained_path:
+    raise ValueError('pretrained_workdir and pretrained_path are both set: set one of them')
+  if which != 'finetune':
+    return
+  if config.mixup_mode not in augment.MIXUP_MODES:
+    raise ValueError(f'mixup_mode={config.mixup_mode!r}: must be one of {augment.MIXUP_MODES}')
+  for key in ('mixup', 'cutmix', 'label_smoothing', 'reprob'):
+    if config[key] < 0:
+      raise ValueError(f'{key}={config[key]}: must be >= 0')
+  if not 0 <= config.label_smoothing < 1:
+    raise ValueError(f'label_smoothing={config.label_smoothing}: must be in [0, 1)')
+  if config.remode not in augment.ERASE_MODES:
+    raise ValueError(f'remode={config.remode!r}: must be one of {augment.ERASE_MODES}')
+  if config.freeze_encoder:
+    raise ValueError('freeze_encoder=True with downstream=finetune: use downstream=linprobe to train '
+                     'a head on a frozen encoder')
+
+
+def make_optimizer(config, params, depth: int, steps_per_epoch: int, total_steps: int):
+  """(optimizer, lr_fn) of config.optim for `params` (abstract is fine): layer decay over `depth`."""
+  return optim.create_optimizer(config.optim, global_batch=config.batch_size, steps_per_epoch=steps_per_epoch,
+                                total_steps=total_steps, params=params, depth=depth)
+
+
+def eval_batch_size(config, mesh) -> int:
+  """config.eval_batch_size (<= 0: the micro-batch), divisible by processes and data parallelism."""
+  wanted = config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size // config.grad_accum_steps
+  return parallel.eval_batch_size(wanted, mesh)
+
+
+# ----------------------------------------------------------------------------
+# Metrics.
+
+def classification_counts(logits, labels, mask) -> dict:
+  """Sums over real examples: correct top-1, correct top-5 (top-K for K < 5 classes), loss, count."""
+  logits = logits.astype(jnp.float32)
+  mask = mask.astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  hits = top == labels[:, None]
+  loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+  return {'correct1': jnp.sum(hits[:, 0] * mask), 'correct5': jnp.sum(jnp.any(hits, axis=1) * mask),
+          'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
+
+
+def summarize_counts(totals: dict, prefix: str = 'eval/') -> dict:
+  count = max(float(totals['count']), 1.0)
+  return {f'{prefix}top1': float(totals['correct1']) / count,
+          f'{prefix}top5': float(totals['correct5']) / count,
+          f'{prefix}loss': float(totals['loss']) / count,
+          f'{prefix}num_examples': float(totals['count'])}
+
+
+def evaluate(eval_step, batches, mesh, *args) -> dict:
+  """Sums eval_step(*args, batch) counts over padded global batches."""
+  totals = None
+  for batch in loop.prefetch_to_mesh(batches, mesh):
+    counts = eval_step(*args, batch)
+    totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+  if totals is None:
+    raise ValueError('the eval split is empty: check dataset.eval_split')
+  return summarize_counts(jax.device_get(totals))
+
+
+# ----------------------------------------------------------------------------
+# Gradients of a classification loss, optionally accumulated over micro-batches.
+
+def value_and_grad(loss_fn, params, batch_stats, inputs, targets, rng, accum_steps, micro_sharding):
+  """(loss, new batch_stats, grads) of loss_fn(params, batch_stats, inputs, targets, key), accumulated."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, batch_stats), grads = grad_fn(params, batch_stats, inputs, targets, rng)
+    return loss, batch_stats, grads
+
+  def split(x):  # Strided: every device's rows in every micro-batch.
+    x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  def accumulate(carry, xs):
+    loss_sum, grad_sum, stats = carry
+    index, chunk, chunk_targets = xs
+    if micro_sharding is not None:
+      chunk = jax.lax.with_sharding_constraint(chunk, micro_sharding)
+    (loss, stats), grads = grad_fn(params, stats, chunk, chunk_targets, jax.random.fold_in(rng, index))
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), stats), None
+
+  zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params), batch_stats)
+  (loss, grads, batch_stats), _ = jax.lax.scan(
+      accumulate, zeros, (jnp.arange(accum_steps), split(inputs), split(targets)))
+  return loss / accum_steps, batch_stats, jax.tree.map(lambda g: g / accum_steps, grads)
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What differs between fine-tuning and linear probing."""
+  kind: str
+  init_fn: Callable  # rng -> loop.TrainState
+  step_fn: Callable  # (state, batch, frozen) -> (state, metrics)
+  eval_fn: Callable  # (state, frozen) -> metrics dict
+  batches_fn: Callable  # start_step -> local batches
+  frozen: Any = None  # Encoder params (on the mesh) the step reads but does not train.
+  # params (global arrays) -> params whose encoder leaves are the pretrained host arrays.
+  pretrained: Callable | None = None
+  saved_tree: Callable = lambda s: s.params  # What a checkpoint's 'params' item holds.
+  from_saved: Callable = lambda saved: (saved, None)  # -> (params, batch_stats or None)
+
+
+def _best_so_far(workdir: str, default: float) -> float:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return default
+  values = [r['eval/top1'] for r in metrics.read_jsonl(path) if 'eval/top1' in r]
+  return max(values, default=default)
+
+
+def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoch: int) -> dict:
+  """Initialises or resumes, trains to total_steps with evals and checkpoints; returns the metrics."""
+  init_rng = jax.random.key(config.seed)
+  shardings = parallel.config_shardings(jax.eval_shape(task.init_fn, init_rng), config, mesh)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                       every_steps=config.checkpoint_every_steps)
+  state, resumed = loop.restore_or_init(checkpointer, task.init_fn, init_rng, shardings, mesh,
+                                        saved_tree=task.saved_tree, from_saved=task.from_saved)
+  if not resumed and task.pretrained is not None:
+    # Leaf by leaf: the pretrained encoder's host arrays go into their shardings, the rest stays
+    # as initialised. Nothing is fetched: with FSDP over hosts no process holds all of a param.
+    state = state.replace(params=parallel.place_tree(task.pretrained(state.params), shardings.params))
+  start_step = int(jax.device_get(state.step))
+  loop.write_config(config, workdir)
+  writer = metrics.create_writer(workdir)
+  frozen = task.frozen
+  frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+  jit_step = jax.jit(task.step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+
+  def evaluate_now(step, state, batch):
+    del batch
+    if step % every and step != total_steps:
+      return None
+    start = time.time()
+    evals = task.eval_fn(state, frozen)
+    evals['eval/best_top1'] = max(evals['eval/top1'], _best_so_far(workdir, evals['eval/top1']))
+    logging.info('Step %d: eval top-1 %.4f top-5 %.4f (%.1f s)', step, evals['eval/top1'],
+                 evals['eval/top5'], time.time() - start)
+    return evals
+
+  batches = loop.prefetch_to_mesh(task.batches_fn(start_step), mesh, config.dataset.prefetch)
+  result = loop.train_loop(
+      config, workdir, mesh, state=state, step_fn=lambda s, b: jit_step(s, b, frozen), batches=batches,
+      total_steps=total_steps, checkpointer=checkpointer, writer=writer, saved_tree=task.saved_tree,
+      extra_meta=lambda evals: {'downstream': task.kind, 'eval': {k: float(v) for k, v in evals.items()}},
+      evaluate=evaluate_now)
+  evals = result.evals
+  if result.status == 'done' and not evals:  # Resumed at the end: evaluate the final state again.
+    with jax.set_mesh(mesh):
+      evals = task.eval_fn(result.state, frozen)
+  out = {**result.metrics, **evals, 'status': result.status, 'step': result.step}
+  if result.status == 'done':
+    loop.write_results(workdir, {**out, 'downstream': task.kind})
+  return out
+

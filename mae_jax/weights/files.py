@@ -1,0 +1,361 @@
+"""Weight files: the formats on disk, their metadata, `export_weights` and `import_weights`.
+
+Formats written (FORMATS):
+  orbax        the params (encoder only, or all of them) as their own Orbax
+               checkpoint, in the unscanned layout; restores without optimizer
+               state.
+  safetensors  one file with the reference / timm key names (`blocks.0.attn.qkv.weight`
+               [3D, D], ...), readable by `timm` and by the reference code.
+  hf           a Hugging Face folder: config.json + model.safetensors for
+               `transformers.ViTMAEForPreTraining` (full) or `ViTMAEModel` (encoder
+               only), with the Hub's key names.
+
+Every export writes a JSON file of metadata beside it (`metadata_path(out)`):
+model name and overrides, image and patch size, norm_pix_loss, step, config.
+
+Imports read an Orbax folder, a safetensors file with reference / timm or Hugging
+Face names (told apart by the key names), a Hugging Face folder, or a reference
+`.pth` checkpoint (state dict under 'model', loaded with `weights_only=True`;
+needs torch).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+from absl import logging
+
+from mae_jax.weights import hf, layout, reference
+from mae_jax.weights.layout import Tree
+
+FORMATS = ('orbax', 'safetensors', 'hf')
+METADATA_FILENAME = 'mae_jax_metadata.json'
+HF_WEIGHTS = 'model.safetensors'
+HF_INDEX = 'model.safetensors.index.json'
+HF_TORCH_WEIGHTS = 'pytorch_model.bin'
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
+TORCH_HINT = 'pip install mae_jax[torch]  (or: pip install torch safetensors)'
+SAFETENSORS_HINT = 'pip install safetensors  (or: pip install mae_jax[torch])'
+# Model fields that change the params or the data they fit; kept in the metadata.
+STRUCTURAL_FIELDS = ('image_size', 'in_channels', 'patch_size', 'embed_dim', 'depth', 'num_heads',
+                     'decoder_embed_dim', 'decoder_depth', 'decoder_num_heads', 'mlp_ratio',
+                     'norm_pix_loss', 'encoder_mask_tokens')
+
+
+# ----------------------------------------------------------------------------
+# Metadata.
+# ----------------------------------------------------------------------------
+
+
+def metadata_path(out: str) -> str:
+  """Where the metadata JSON of an export lives: inside a folder, beside a file."""
+  if out.endswith('.safetensors') or os.path.isfile(out):
+    return os.path.splitext(out)[0] + '.metadata.json'
+  return os.path.join(out, METADATA_FILENAME)
+
+
+def _json_safe(value):
+  if isinstance(value, dict):
+    return {str(k): _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, (str, int, float, bool)) or value is None:
+    return value
+  if isinstance(value, (np.integer, np.floating, np.bool_)):
+    return value.item()
+  if hasattr(value, 'to_dict'):  # ml_collections.ConfigDict
+    return _json_safe(value.to_dict())
+  return str(value)
+
+
+def _metadata(model_name, overrides, fmt, params, extra) -> dict:
+  settings = layout.model_settings(model_name, overrides)
+  kind = layout.params_layout(params)
+  meta = {
+      'format': fmt,
+      'model_name': model_name,
+      'model_overrides': {k: v for k, v in overrides.items() if k in STRUCTURAL_FIELDS},
+      'layout': kind,  # mae (encoder + decoder) | encoder | classifier
+      'encoder_only': kind == 'encoder',
+      'image_size': settings.image_size,
+      'patch_size': settings.patch_size,
+      'in_channels': settings.in_channels,
+      'norm_pix_loss': bool(settings.norm_pix_loss),
+      'step': None,
+      'config': None,
+      'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+  }
+  if kind == 'classifier':
+    meta['num_classes'] = int(params['head']['kernel'].shape[-1])
+    meta['global_pool'] = 'fc_norm' in params
+  meta.update(extra or {})
+  return _json_safe(meta)
+
+
+def read_metadata(path: str) -> dict | None:
+  """The mae_jax metadata of an export (sidecar JSON or safetensors header), or None."""
+  candidates = [metadata_path(path)]
+  if os.path.isdir(path):
+    candidates.append(os.path.join(path, METADATA_FILENAME))
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      with open(candidate) as f:
+        return json.load(f)
+  if os.path.isfile(path) and path.endswith('.safetensors'):
+    header = _safetensors_header_metadata(path)
+    if header and 'mae_jax' in header:
+      return json.loads(header['mae_jax'])
+  return None
+
+
+# ----------------------------------------------------------------------------
+# safetensors, torch and Hugging Face files.
+# ----------------------------------------------------------------------------
+
+
+def _safetensors():
+  try:
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'the safetensors / hf formats need the safetensors package: {SAFETENSORS_HINT}') from e
+  return safetensors
+
+
+def _safetensors_header_metadata(path: str) -> dict | None:
+  safetensors = _safetensors()
+  with safetensors.safe_open(path, framework='np') as f:
+    return f.metadata()
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  return dict(_safetensors().numpy.load_file(path))
+
+
+def _save_safetensors(state: dict, path: str, meta: dict):
+  # format=pt lets transformers read the file; the mae_jax entry carries our metadata.
+  header = {'format': 'pt', 'mae_jax': json.dumps(meta)}
+  _safetensors().numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path,
+                                 metadata=header)
+  if '://' not in path:  # safetensors writes 0600; give the file the mode of the others (umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A reference .pth: the state dict under 'model' (or 'state_dict', or bare), as numpy.
+
+  Uses `torch.load(weights_only=True)`, which refuses pickled code.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'reading {path} needs PyTorch: {TORCH_HINT}') from e
+  # Training checkpoints of the reference also hold 'args', an argparse.Namespace:
+  # a plain attribute bag, allowed; any other class still makes the load fail.
+  safe = getattr(torch.serialization, 'safe_globals', None)
+  context = safe([argparse.Namespace]) if safe else contextlib.nullcontext()
+  try:
+    with context:
+      checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{path}: torch.load(weights_only=True) failed ({e}); only checkpoints of '
+                     f'tensors and plain containers are read, never pickled code') from e
+  state = checkpoint
+  if isinstance(checkpoint, dict):
+    for key in ('model', 'state_dict', 'model_state_dict'):
+      if isinstance(checkpoint.get(key), dict):
+        state = checkpoint[key]
+        break
+  if not isinstance(state, dict):
+    raise TypeError(f'{path}: expected a state dict (or one under "model"), got {type(state).__name__}')
+  state = {k: v for k, v in state.items() if hasattr(v, 'shape')}
+  if state and all(k.startswith('module.') for k in state):  # Saved from a DDP wrapper.
+    state = {k[len('module.'):]: v for k, v in state.items()}
+  return {k: layout.to_numpy_array(v) for k, v in state.items()}
+
+
+def _load_hf_folder(path: str) -> dict[str, np.ndarray]:
+  index = os.path.join(path, HF_INDEX)
+  if os.path.isfile(os.path.join(path, HF_WEIGHTS)):
+    return _load_safetensors(os.path.join(path, HF_WEIGHTS))
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    state = {}
+    for shard in shards:
+      state.update(_load_safetensors(os.path.join(path, shard)))
+    return state
+  if os.path.isfile(os.path.join(path, HF_TORCH_WEIGHTS)):
+    return load_torch_state_dict(os.path.join(path, HF_TORCH_WEIGHTS))
+  raise FileNotFoundError(f'{path} has none of {HF_WEIGHTS}, {HF_INDEX}, {HF_TORCH_WEIGHTS}')
+
+
+def detect_format(path: str) -> str:
+  """'orbax', 'hf', 'safetensors' or 'torch' for a path to import."""
+  if os.path.isdir(path):
+    names = set(os.listdir(path))
+    if names & {HF_WEIGHTS, HF_INDEX, HF_TORCH_WEIGHTS}:
+      return 'hf'
+    if names & {'_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'checkpoint'}:
+      return 'orbax'
+    raise ValueError(f'{path} is neither an Orbax checkpoint (no _METADATA) nor a Hugging Face folder '
+                     f'(no {HF_WEIGHTS}); for a training workdir use --workdir')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist')
+  if path.endswith('.safetensors'):
+    return 'safetensors'
+  if path.endswith(TORCH_SUFFIXES):
+    return 'torch'
+  raise ValueError(f'{path}: unknown weight file; expected .safetensors, one of {TORCH_SUFFIXES}, '
+                   f'an Orbax folder or a Hugging Face folder')
+
+
+# ----------------------------------------------------------------------------
+# Export and import.
+# ----------------------------------------------------------------------------
+
+
+def _prepare_out(out: str, fmt: str, overwrite: bool):
+  """Checks the output path; with overwrite, removes a previous export there."""
+  if fmt == 'safetensors' and not out.endswith('.safetensors'):
+    raise ValueError(f'--out={out}: a safetensors export must be a file named *.safetensors')
+  if os.path.exists(out):
+    if not overwrite:
+      raise FileExistsError(f'{out} exists: choose another --out or pass overwrite=True (--overwrite)')
+    if os.path.isdir(out):
+      names = set(os.listdir(out))
+      if names and not names & {METADATA_FILENAME, '_METADATA', '_CHECKPOINT_METADATA', HF_WEIGHTS}:
+        raise FileExistsError(f'{out} is a folder that holds no export: refusing to replace it')
+      shutil.rmtree(out)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+
+def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only: bool = True,
+                   metadata: dict | None = None, model_overrides: dict | None = None,
+                   overwrite: bool = False) -> str:
+  """Writes params in a format others read; returns the path written.
+
+  Args:
+    params: mae_jax params (or {'params': ...}), scanned or not: a full MAE, an
+      encoder-only tree, or a classifier from `models.get_classifier`.
+    model_name: the `models.MODELS` name the params belong to.
+    fmt: 'orbax', 'safetensors' or 'hf'.
+    out: a folder (orbax, hf) or a .safetensors file.
+    encoder_only: drop the MAE decoder (a classifier is always exported whole).
+    metadata: merged into the metadata JSON (e.g. step, config, mask_ratio).
+    model_overrides: model fields that differ from the name's (image_size, ...).
+    overwrite: replace an existing `out`.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'format={fmt!r}: must be one of {FORMATS}')
+  overrides = dict(model_overrides or {})
+  params = layout.unwrap(params)
+  if encoder_only and 'head' not in params:
+    params = {'encoder': params['encoder']}
+  params = layout.canonical_params(params, model_name, overrides)
+  meta = _metadata(model_name, overrides, fmt, params, metadata)
+  _prepare_out(out, fmt, overwrite)
+  if fmt == 'orbax':
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.abspath(out), params)
+  else:
+    state = reference.to_reference(params, layout.grid_size(model_name, overrides))
+    if fmt == 'safetensors':
+      _save_safetensors(state, out, meta)
+    else:
+      kind = layout.params_layout(params)
+      if kind == 'classifier':
+        raise ValueError('format=hf: a fine-tuned classifier has no ViTMAE equivalent; '
+                         'use format=safetensors (timm names) or orbax')
+      encoder_only = kind == 'encoder'
+      prefix = '' if encoder_only else 'vit.'  # ViTMAEModel's own names vs ViTMAEForPreTraining's.
+      os.makedirs(out, exist_ok=True)
+      mask_ratio = (metadata or {}).get('mask_ratio', ((metadata or {}).get('config') or {}).get(
+          'mask_ratio', 0.75))
+      with open(os.path.join(out, 'config.json'), 'w') as f:
+        json.dump(hf.hf_config(model_name, overrides, encoder_only, mask_ratio), f, indent=2)
+      _save_safetensors(hf.to_hf_state_dict(state, prefix), os.path.join(out, HF_WEIGHTS), meta)
+  with open(metadata_path(out), 'w') as f:
+    json.dump(meta, f, indent=2)
+  logging.info('Exported %s (%s) to %s', model_name, meta['layout'], out)
+  return out
+
+
+def resolve_model(path: str, model_name: str | None, model_overrides: dict) -> tuple[str, dict]:
+  """(model name, overrides) for importing path: the caller's, filled in from its metadata.
+
+  The metadata's structural overrides (image_size, in_channels, ...) apply when
+  its model name is the caller's (or the caller gives none); the caller's
+  overrides win. A Hugging Face folder without metadata is matched by its
+  config.json sizes.
+  """
+  meta = read_metadata(path)
+  overrides = dict(model_overrides)
+  if meta and meta.get('model_name') and model_name in (None, meta['model_name']):
+    overrides = {**meta.get('model_overrides', {}), **overrides}
+    model_name = meta['model_name']
+  config_json = os.path.join(path, 'config.json')
+  if model_name is None and os.path.isdir(path) and os.path.isfile(config_json):
+    with open(config_json) as f:
+      model_name, hf_overrides = hf.model_name_from_hf_config(json.load(f))
+    overrides = {**hf_overrides, **overrides}
+    logging.info('%s: config.json matches %s %s', path, model_name, hf_overrides)
+  if model_name is None:
+    raise ValueError(f'{path} has no mae_jax metadata ({metadata_path(path)}): pass model_name= (or --model=)')
+  if isinstance(overrides.get('image_size'), list):
+    overrides['image_size'] = tuple(overrides['image_size'])
+  return model_name, overrides
+
+
+def import_weights(path: str, model_name: str | None = None, **model_overrides) -> Tree:
+  """Reads weights of any supported format into mae_jax params.
+
+  Args:
+    path: an Orbax folder, a Hugging Face folder, a .safetensors file (reference /
+      timm or Hugging Face names) or a reference .pth checkpoint.
+    model_name: a `models.MODELS` name; None reads it from the export's metadata
+      (or, for a Hugging Face folder, matches its config.json sizes).
+    **model_overrides: model fields (image_size, in_channels, scan_layers, ...);
+      the metadata's structural overrides apply when its model name is the same.
+
+  Returns:
+    Params laid out as `models.get_model(model_name, **model_overrides)` creates
+    them (stacked blocks with scan_layers=True). Weights without a decoder give
+    {'encoder': ...} only; a fine-tuned classifier gives the
+    `models.get_classifier` layout (encoder, fc_norm if global pooling, head).
+  """
+  fmt = detect_format(path)
+  model_name, overrides = resolve_model(path, model_name, model_overrides)
+
+  if fmt == 'orbax':
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(os.path.abspath(path))
+    params = layout.unstack_blocks(layout.numpy_tree(layout.plain(restored)))
+    kind = layout.params_layout(params)
+    num_classes = params['head']['kernel'].shape[-1] if kind == 'classifier' else 0
+    template = layout.abstract_params(model_name, kind, overrides, num_classes, 'fc_norm' in params)
+    layout.check_shapes(layout.flat_shapes(params), layout.flat_shapes(template), path,
+                        f'{model_name} ({kind}, overrides {overrides or "none"})',
+                        'pass the model name (and overrides) the checkpoint was exported with')
+    return layout.restack(params, overrides)
+
+  if fmt == 'torch':
+    state = load_torch_state_dict(path)
+  elif fmt == 'hf':
+    state = _load_hf_folder(path)
+  else:
+    state = _load_safetensors(path)
+  if hf.is_hf_state(state):
+    state, prefix = hf.normalize_hf_names(state)
+    params = reference.import_state(state, model_name, overrides, path,
+                                    names_fn=lambda key: hf.hf_key_names(key, prefix), hf=True)
+  else:
+    params = reference.import_state(state, model_name, overrides, path)
+  return layout.restack(params, overrides)

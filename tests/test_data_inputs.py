@@ -1,0 +1,105 @@
+"""Tests of mae_jax.data.inputs: the config-level entry points of the data package.
+
+Synthetic sources (pretraining and labelled) and a tiny prepared folder, on
+the 8 CPU devices of tests/conftest.py (one process).
+"""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from configs import finetune as finetune_recipe
+from configs import test as test_config
+from mae_jax.data import inputs, prepare, synthetic
+
+tf.config.set_visible_devices([], 'GPU')
+
+
+def _take(iterator, count):
+  return list(itertools.islice(iterator, count))
+
+
+# ----------------------------------------------------------------------------
+# Pretraining input.
+
+def test_synthetic_pretrain_input_is_the_global_batch_of_each_step_and_resumes_exactly():
+  config = test_config.get_config()
+  config.dataset.num_examples = 48
+  assert inputs.num_train_examples(config) == 48
+  uninterrupted = _take(inputs.create_pretrain_iterator(config, 0), 5)
+  resumed = _take(inputs.create_pretrain_iterator(config, 3), 2)
+  size, channels = config.dataset.image_size, config.dataset.channels
+  for step, batch in enumerate(uninterrupted):
+    assert batch['image'].shape == (config.batch_size, size, size, channels)
+    np.testing.assert_array_equal(
+        batch['image'], synthetic.global_batch(config.seed, step, config.batch_size, size, channels))
+    np.testing.assert_array_equal(batch['label'], -1)
+  assert not np.array_equal(uninterrupted[0]['image'], uninterrupted[1]['image'])
+  for got, want in zip(resumed, uninterrupted[3:]):
+    np.testing.assert_array_equal(got['image'], want['image'])
+
+
+@pytest.fixture(scope='module')
+def shades(tmp_path_factory):
+  """A prepared folder of 9 images in 3 classes: (config.dataset fields, data set name)."""
+  root = str(tmp_path_factory.mktemp('shades'))
+  for i in range(9):
+    folder = os.path.join(root, ('dark', 'mid', 'light')[i % 3])
+    os.makedirs(folder, exist_ok=True)
+    Image.new('RGB', (10, 12), (20 * i,) * 3).save(os.path.join(folder, f'{i}.png'))
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  prepare.prepare_folder(root, data_dir, name='shades', progress=False)
+  return {'name': 'shades', 'data_dir': data_dir, 'train_split': 'train', 'eval_split': 'train[:4]',
+          'image_size': 8, 'channels': 3, 'mean': (0.5,) * 3, 'std': (0.25,) * 3, 'shuffle_buffer': 4}
+
+
+def test_prepared_data_set_counts_and_classes_come_from_tfds(shades):
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  config.dataset.update(shades)
+  config.batch_size = 4
+  assert inputs.num_train_examples(config) == 9
+  config.num_classes = 0
+  assert inputs.resolve_num_classes(config) == 3
+  batch = next(inputs.create_pretrain_iterator(config, 0))
+  assert batch['image'].shape == (4, 8, 8, 3) and not batch['corrupt'].any()
+  config.num_classes = 5
+  with pytest.raises(ValueError, match=r'num_classes=5 .* has 3 classes'):
+    inputs.resolve_num_classes(config)
+
+
+# ----------------------------------------------------------------------------
+# Labelled (downstream) input.
+
+def test_synthetic_train_batches_resume_exactly_and_need_a_class_count():
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  preprocess_fn = inputs.make_train_preprocess_fn(config)
+  uninterrupted = _take(inputs.create_train_iterator(config, 10, 0, preprocess_fn), 4)
+  resumed = _take(inputs.create_train_iterator(config, 10, 2, preprocess_fn), 2)
+  for got, want in zip(resumed, uninterrupted[2:]):
+    np.testing.assert_array_equal(got['image'], want['image'])
+    np.testing.assert_array_equal(got['label'], want['label'])
+  labels = np.concatenate([b['label'] for b in uninterrupted])
+  assert ((labels >= 0) & (labels < 10)).all() and len(set(labels)) > 1
+  config.num_classes = 0
+  with pytest.raises(ValueError, match='num_classes must be > 0'):
+    inputs.resolve_num_classes(config)
+
+
+def test_synthetic_eval_split_yields_every_example_once_padded():
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  config.dataset.num_examples = 20
+  batches = list(inputs.create_eval_iterator(config, 10, 'test', batch_size=8))
+  assert [b['mask'].sum() for b in batches] == [8, 8, 4]
+  assert all(b['image'].shape == (8, 32, 32, 3) for b in batches)
+  assert (batches[-1]['label'][~batches[-1]['mask']] == -1).all()
+
+
+def test_limited_split_slices_plain_splits_and_passes_sliced_ones_through():
+  assert inputs.limited_split('train', 100) == 'train[:100]'
+  assert inputs.limited_split('train', -1) == 'train'
+  for split in ('train[:95%]', 'train[95%:]', 'train[10:20]', 'train+validation'):
+    assert inputs.limited_split(split, 100) == split  # Readers stop after 100 themselves.

@@ -1,0 +1,51 @@
+"""What fine-tuning and probing share: classification counts, settings checked before any compile.
+
+Tiny models (mae_vit_test) on the labelled synthetic source, 8 CPU devices (tests/conftest.py).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import finetune as finetune_recipe
+from configs import linprobe as linprobe_recipe
+from mae_jax import finetune, linprobe, supervised
+pytestmark = pytest.mark.usefixtures('jit_cache')
+
+
+def test_top1_top5_count_only_real_rows_of_a_padded_batch():
+  logits = jnp.array([
+      [0.0, 9, 8, 7, 6, 5, 4],  # label 1: top-1.
+      [0.0, 9, 8, 7, 6, 5, 4],  # label 4: rank 4, top-5 only.
+      [9.0, 8, 7, 6, 5, 4, 0],  # label 6: last, neither.
+      [0.0, 9, 8, 7, 6, 5, 4],  # Padding (label -1): would be a top-1 hit for label 1.
+      [0.0, 9, 8, 7, 6, 5, 4]])
+  labels = jnp.array([1, 4, 6, -1, 1])
+  mask = jnp.array([True, True, True, False, False])
+  counts = jax.device_get(supervised.classification_counts(logits, labels, mask))
+  assert (counts['correct1'], counts['correct5'], counts['count']) == (1, 2, 3)
+  summary = supervised.summarize_counts(counts)
+  assert summary['eval/top1'] == pytest.approx(1 / 3) and summary['eval/top5'] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize('recipe', [finetune_recipe, linprobe_recipe], ids=['finetune', 'linprobe'])
+@pytest.mark.parametrize('key,value,match', [
+    ('log_every_steps', 0, 'log_every_steps=0'),
+    ('log_every_steps', -10, 'log_every_steps=-10'),
+    ('max_nonfinite_steps', 0, 'max_nonfinite_steps=0'),
+    ('max_nonfinite_steps', -1, 'max_nonfinite_steps=-1'),
+    ('num_epochs', 0.1, r'num_epochs=0.1 x 4 steps per epoch \(64 examples.*is 0 training steps'),
+])
+def test_loop_settings_that_cannot_work_fail_before_any_compile(recipe, key, value, match, tmp_path,
+                                                                monkeypatch):
+  config = recipe.get_config('variant=B/16,runlocal=True')  # 64 examples, batch 16: 4 steps per epoch.
+  if key == 'num_epochs':
+    config.num_train_steps = -1
+  config[key] = value
+  monkeypatch.setattr(supervised, 'run', lambda *a, **k: pytest.fail('reached the training loop'))
+  run = finetune.finetune if recipe is finetune_recipe else linprobe.linear_probe
+  with pytest.raises(ValueError, match=match):
+    run(config, str(tmp_path))
+  assert not os.listdir(str(tmp_path))

@@ -17,11 +17,18 @@ from typing import Any
 
 import ml_collections
 
-from mae_jax import visualize
-from mae_jax.config_tools import (REPO_ROOT, check_config_flags, check_keys, config_flag_overrides,  # noqa: F401
-                                  config_keys, load_config, load_module, split_spec,
-                                  unknown_key_message)
-
+from mae_jax.config_tools import (  # noqa: F401
+  REPO_ROOT,
+  check_config_flags,
+  check_keys,
+  config_flag_overrides,
+  config_keys,
+  load_config,
+  load_module,
+  split_spec,
+  unknown_key_message,
+)
+from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD
 
 # Model variant -> the MAE in mae_jax.models.MODELS and how it is laid out on a
 # TPU pod slice. The same variant uses the same layout in pretraining,
@@ -40,8 +47,6 @@ VARIANTS = {
              'mesh': {'data': 1, 'fsdp': -1}},
 }
 
-IMAGENET_MEAN = visualize.IMAGENET_MEAN
-IMAGENET_STD = visualize.IMAGENET_STD
 
 # What `runlocal=True` shrinks a recipe to.
 RUNLOCAL_MODEL = 'mae_vit_test'  # 32x32x3, a few thousand parameters.
@@ -171,7 +176,7 @@ def downstream_base(kind: str, variant: str) -> ml_collections.ConfigDict:
   """The keys shared by fine-tuning and linear probing, set to neutral values.
 
   configs/finetune.py and configs/linprobe.py fill in their recipes; the
-  trainer (mae_jax.downstream) reads `downstream` to pick what to train.
+  entry point (mae_jax.main) reads `downstream` to pick the trainer: mae_jax.finetune or mae_jax.linprobe.
   """
   from configs import default  # pylint: disable=g-import-not-at-top
   if kind not in DOWNSTREAM_KINDS:
@@ -252,7 +257,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.dataset.mean = (0.0, 0.0, 0.0)  # the synthetic images are already centred
   config.dataset.std = (1.0, 1.0, 1.0)
   config.dataset.num_examples = 4 * RUNLOCAL_BATCH_SIZE
-  if 'num_classes' in config:
+  if 'downstream' in config:  # Pretraining's kNN monitor takes the data set's classes (num_classes=0).
     config.num_classes = RUNLOCAL_NUM_CLASSES
 
   config.batch_size = RUNLOCAL_BATCH_SIZE

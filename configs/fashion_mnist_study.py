@@ -20,7 +20,8 @@ Arguments (all optional):
     labels used).
   seed=N.
 
-Model: the one of configs/demo.py (a small ViT on 28x28x1 with 4x4 patches). Data: 'train' for pretraining, the first train_examples of
+Model: the one of configs/demo.py (a small ViT on 28x28x1 with 4x4 patches). Data: 'train' for
+pretraining, the first train_examples of
 'train' downstream, the 10,000-image 'test' split for every evaluation, with
 no eval-time resize (eval_resize=224 keeps 28x28 as is).
 

@@ -10,9 +10,9 @@ import json
 import os
 from typing import Any
 
-from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINT_DIR = 'checkpoints'
 

@@ -16,18 +16,21 @@ from absl import app, flags
 
 from mae_jax import checkpoint
 from mae_jax.models import from_config
+
 # Re-exported while callers move to mae_jax.weights.
-from mae_jax.weights import export_weights
-from mae_jax.weights import FORMATS
-from mae_jax.weights import import_weights
-from mae_jax.weights import METADATA_FILENAME
-from mae_jax.weights import metadata_path
-from mae_jax.weights import read_metadata
-from mae_jax.weights import reference_key_shapes
-from mae_jax.weights import resolve_model
-from mae_jax.weights import stack_blocks
-from mae_jax.weights import to_reference_state_dict
-from mae_jax.weights import unstack_blocks
+from mae_jax.weights import (
+  FORMATS,
+  METADATA_FILENAME,
+  export_weights,
+  import_weights,
+  metadata_path,
+  read_metadata,
+  reference_key_shapes,
+  resolve_model,
+  stack_blocks,
+  to_reference_state_dict,
+  unstack_blocks,
+)
 
 __all__ = [
     'convert', 'export_from_workdir', 'export_weights', 'FORMATS', 'import_weights', 'main',

@@ -244,7 +244,7 @@ def restore_or_init(checkpointer, init_fn: Callable, init_rng, shardings, mesh, 
       nonfinite_total=put(meta.get('nonfinite_total', 0), shardings.nonfinite_total),
       halted=parallel.host_to_global(np.zeros([], np.bool_), shardings.halted),
       batch_stats=abstract_state.batch_stats if batch_stats is None else batch_stats)
-  logging.info('Resumed from checkpoint step %d', meta['step'])
+  logging.info('Resumed from checkpoint at step %d', meta['step'])
   return state, True
 
 

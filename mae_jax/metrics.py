@@ -4,9 +4,9 @@ import json
 import os
 from typing import Any, Mapping
 
-from clu import metric_writers
 import jax
 import numpy as np
+from clu import metric_writers
 
 
 class JsonlWriter(metric_writers.MetricWriter):

@@ -13,8 +13,8 @@ import re
 from typing import Any, Sequence
 
 import jax
-from jax.experimental import mesh_utils
 import numpy as np
+from jax.experimental import mesh_utils
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both

@@ -16,22 +16,16 @@ look better than the model is).
 import os
 from typing import Sequence
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
 
-from mae_jax import checkpoint
-from mae_jax import weights
-from mae_jax.data import input_pipeline, synthetic
+from mae_jax import checkpoint, weights
+from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, input_pipeline, synthetic
 from mae_jax.models import from_config
 from mae_jax.models import mae as mae_lib
-
-# Image statistics of weights whose metadata names no data set (the reference's ImageNet ones).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def denormalize_pixels(pred, target, mask, grid):

@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import default
-from mae_jax import aot, flops
+from configs import test as test_config
+from mae_jax import aot, flops, loop, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,3 +131,38 @@ def test_indivisible_batch_names_the_fix(libtpu):
   assert result.returncode != 0
   assert 'not divisible by the data-parallel size 64' in result.stderr, result.stderr[-2000:]
   assert '--per_chip_batch=N (batch_size = N x 64)' in result.stderr
+
+
+def test_aot_compiles_the_step_the_trainer_runs(tmp_path, monkeypatch):
+  """aot's step and the trainer's are one function of the same state and batch structures.
+
+  The trainer's own TrainStep and the batches it feeds are captured during a
+  real run; aot.make_train_step for the same config and mesh must lower to the
+  same program (the schedule is fixed by num_train_steps and warmup_steps, so
+  aot's nominal data set size changes nothing) and take the batch the loop
+  feeds, 'corrupt' flags included.
+  """
+  config = test_config.get_config('steps=1')
+  built, fed = [], []
+  build, prefetch = train.build_train_step, loop.prefetch_to_mesh
+  monkeypatch.setattr(train, 'build_train_step', lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+
+  def recording_prefetch(*args, **kwargs):
+    for batch in prefetch(*args, **kwargs):
+      fed.append(batch)
+      yield batch
+
+  monkeypatch.setattr(loop, 'prefetch_to_mesh', recording_prefetch)
+  assert train.train_and_evaluate(config, str(tmp_path))['status'] == 'done'
+  ran = built[0]
+  compiled = aot.make_train_step(config, ran.mesh)
+
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+  assert set(ran.abstract_batch) == set(train.BATCH_KEYS) == set(compiled.abstract_batch)
+  assert shapes(fed[0]) == shapes(ran.abstract_batch) == shapes(compiled.abstract_batch)
+  assert jax.tree.structure(ran.abstract_state) == jax.tree.structure(compiled.abstract_state)
+  assert shapes(ran.abstract_state) == shapes(compiled.abstract_state)
+  assert jax.tree.leaves(ran.state_shardings) == jax.tree.leaves(compiled.state_shardings)
+  with loop.mesh_context(ran.mesh):
+    texts = [step.jitted.lower(step.abstract_state, step.abstract_batch).as_text() for step in (ran, compiled)]
+  assert texts[0] == texts[1]

@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from PIL import Image
+
 from configs import test as test_config
 from mae_jax import checkpoint, knn
 from mae_jax.data import prepare

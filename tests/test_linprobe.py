@@ -13,6 +13,7 @@ import pytest
 from configs import linprobe as linprobe_recipe
 from mae_jax import checkpoint, knn, linprobe
 from mae_jax.data import inputs
+
 pytestmark = pytest.mark.usefixtures('jit_cache')
 
 

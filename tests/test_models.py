@@ -7,8 +7,7 @@ import optax
 import pytest
 
 from mae_jax import models
-from mae_jax.models import mae
-from mae_jax.models import pos_embed
+from mae_jax.models import mae, pos_embed
 
 
 def _count(tree):

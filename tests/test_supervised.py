@@ -12,6 +12,7 @@ import pytest
 from configs import finetune as finetune_recipe
 from configs import linprobe as linprobe_recipe
 from mae_jax import finetune, linprobe, supervised
+
 pytestmark = pytest.mark.usefixtures('jit_cache')
 
 

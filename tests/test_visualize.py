@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import models
-from mae_jax import visualize
+from mae_jax import models, visualize
 
 
 def test_norm_pix_reconstruction_uses_only_visible_statistics():

@@ -13,3 +13,8 @@ Import the submodules directly (they load TensorFlow):
   random erasing, mixup / CutMix, label smoothing), `sources` (config.dataset
   and the TFDS builder) and `prepare` (the prepare command).
 """
+
+# ImageNet's per-channel statistics in [0, 1] pixel units: the reference's normalisation, and what
+# weights whose metadata names no data set are shown with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,8 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax.models import pos_embed
-from mae_jax.models import vit
+from mae_jax.models import pos_embed, vit
 
 Dtype = Any
 NORM_PIX_EPS = 1e-6

@@ -18,27 +18,21 @@ One module per idea:
 The command line is `python -m mae_jax.export`.
 """
 
-from mae_jax.weights.files import detect_format
-from mae_jax.weights.files import export_weights
-from mae_jax.weights.files import FORMATS
-from mae_jax.weights.files import import_weights
-from mae_jax.weights.files import load_torch_state_dict
-from mae_jax.weights.files import METADATA_FILENAME
-from mae_jax.weights.files import metadata_path
-from mae_jax.weights.files import read_metadata
-from mae_jax.weights.files import resolve_model
-from mae_jax.weights.hf import hf_config
-from mae_jax.weights.hf import hf_key_names
-from mae_jax.weights.hf import model_name_from_hf_config
-from mae_jax.weights.hf import to_hf_state_dict
-from mae_jax.weights.layout import model_settings
-from mae_jax.weights.layout import stack_blocks
-from mae_jax.weights.layout import unstack_blocks
-from mae_jax.weights.pretrained import load_pretrained_encoder
-from mae_jax.weights.pretrained import merge_encoder
-from mae_jax.weights.reference import from_reference_state_dict
-from mae_jax.weights.reference import reference_key_shapes
-from mae_jax.weights.reference import to_reference_state_dict
+from mae_jax.weights.files import (
+    FORMATS,
+    METADATA_FILENAME,
+    detect_format,
+    export_weights,
+    import_weights,
+    load_torch_state_dict,
+    metadata_path,
+    read_metadata,
+    resolve_model,
+)
+from mae_jax.weights.hf import hf_config, hf_key_names, model_name_from_hf_config, to_hf_state_dict
+from mae_jax.weights.layout import model_settings, stack_blocks, unstack_blocks
+from mae_jax.weights.pretrained import load_pretrained_encoder, merge_encoder
+from mae_jax.weights.reference import from_reference_state_dict, reference_key_shapes, to_reference_state_dict
 
 __all__ = [
     'detect_format', 'export_weights', 'FORMATS', 'from_reference_state_dict', 'hf_config', 'hf_key_names',

@@ -33,8 +33,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from mae_jax import config_tools, loop, parallel, train
 from mae_jax import flops as flops_lib
-from mae_jax import loop, parallel, train
 from mae_jax.accelerators import (  # noqa: F401  pylint: disable=unused-import
   GENERATION_ALIASES,
   TopologySpec,
@@ -410,7 +410,7 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_tools.parse_flags)
 
 
 if __name__ == '__main__':

@@ -10,9 +10,11 @@ import difflib
 import importlib.util
 import os
 import re
+import sys
 from collections.abc import Sequence
 
 import ml_collections
+from absl import flags
 
 # Config files are looked up relative to the cwd, then to the repository root (mae_jax's parent).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,3 +110,20 @@ def check_config_flags(argv: Sequence[str], name: str = 'config') -> None:
       check_keys(config, keys)
     except ValueError as e:
       raise ValueError(f'--{name}={spec}: {e}') from None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl `flags_parser` of every entry point that takes --config: one clear line for a bad flag.
+
+  An unknown --config.KEY is named with its close matches before ml_collections
+  reads the config file; any other bad flag or override value ends the same way
+  (exit code 2), not with a traceback from inside flag parsing.
+  """
+  try:
+    check_config_flags(argv)
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    message = str(e).strip().strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+    sys.stderr.write(f'error: bad flags {overrides or list(argv[1:])}: {message}\n')
+    sys.exit(2)

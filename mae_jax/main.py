@@ -71,25 +71,9 @@ def main(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
-def parse_flags(argv):
-  """Parses flags; a bad --config override ends with one clear line, not a traceback.
-
-  An unknown --config.KEY is named with its close matches before ml_collections
-  reads the config file.
-  """
-  try:
-    config_tools.check_config_flags(argv)
-    return FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    message = str(e).strip().strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
-    overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
-    sys.stderr.write(f'error: bad flags {overrides or argv[1:]}: {message}\n')
-    sys.exit(2)
-
-
 def run():
   """Console-script entry point."""
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_tools.parse_flags)
 
 
 if __name__ == '__main__':

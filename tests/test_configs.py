@@ -11,7 +11,7 @@ import pytest
 
 from configs import common, finetune, linprobe, mae_pretrain
 from launch import sweep as sweep_lib
-from mae_jax import main, models, optim, parallel
+from mae_jax import config_tools, models, optim, parallel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ('B/16', 'L/16', 'H/14')
@@ -247,7 +247,7 @@ def test_check_config_flags_names_close_matches(capsys):
   common.check_config_flags(argv[:4])  # Known keys pass.
   common.check_config_flags(['main', '--config', 'configs/test.py', '--config.seed=1'])
   with pytest.raises(SystemExit):
-    main.parse_flags(argv)  # The one flag parser: every unknown key with its close matches, one line.
+    config_tools.parse_flags(argv)  # The one flag parser: every unknown key with its close matches, one line.
   err = capsys.readouterr().err
   assert err.startswith('error: bad flags') and "'mask_ration'; close matches: mask_ratio" in err
 

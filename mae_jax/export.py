@@ -16,27 +16,7 @@ from absl import app, flags
 
 from mae_jax import checkpoint
 from mae_jax.models import from_config
-
-# Re-exported while callers move to mae_jax.weights.
-from mae_jax.weights import (
-  FORMATS,
-  METADATA_FILENAME,
-  export_weights,
-  import_weights,
-  metadata_path,
-  read_metadata,
-  reference_key_shapes,
-  resolve_model,
-  stack_blocks,
-  to_reference_state_dict,
-  unstack_blocks,
-)
-
-__all__ = [
-    'convert', 'export_from_workdir', 'export_weights', 'FORMATS', 'import_weights', 'main',
-    'METADATA_FILENAME', 'metadata_path', 'model_from_config', 'read_metadata', 'reference_key_shapes',
-    'resolve_model', 'run', 'stack_blocks', 'to_reference_state_dict', 'unstack_blocks',
-]
+from mae_jax.weights import FORMATS, export_weights, import_weights, metadata_path, read_metadata, resolve_model
 
 
 def model_from_config(run_config: dict) -> tuple[str, dict]:

@@ -224,7 +224,6 @@ def downstream_base(kind: str, variant: str) -> ml_collections.ConfigDict:
   config.eval_batch_size = 0  # Global eval batch; <= 0: batch_size // grad_accum_steps.
   # Linear probing: encode the train split once (eval transform) and train the head on those features.
   config.probe_cached_features = False
-  config.optim.layer_decay = 1.0  # Layer-wise lr decay; 1 disables it.
   set_imagenet_data(config, crop_scale=(0.08, 1.0))
   return config
 

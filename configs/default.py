@@ -82,6 +82,9 @@ def get_config(arg=None):
   config.optim.grad_clip_norm = 0.0  # > 0 clips by global norm.
   # Pretraining decays every tensor but 1-D ones and biases (cls and mask tokens too).
   config.optim.no_decay_names = ()
+  config.optim.layer_decay = 1.0  # Layer-wise lr decay (fine-tuning); 1 disables it.
+  config.optim.momentum = 0.9  # sgd and lars.
+  config.optim.trust_coefficient = 0.001  # lars.
 
   # Device mesh; -1 = all remaining devices. Product must equal the device count.
   config.mesh = ml_collections.ConfigDict()

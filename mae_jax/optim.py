@@ -62,10 +62,10 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 
 def warmup_steps_from_config(optim_config, steps_per_epoch: int) -> int:
   """Warmup length in optimizer steps: warmup_steps if > 0, else from epochs."""
-  warmup_steps = int(optim_config.get('warmup_steps', -1))
+  warmup_steps = int(optim_config['warmup_steps'])
   if warmup_steps > 0:
     return warmup_steps
-  return round(float(optim_config.get('warmup_epochs', 0.0)) * steps_per_epoch)
+  return round(float(optim_config['warmup_epochs']) * steps_per_epoch)
 
 
 def create_learning_rate_fn(optim_config, *, global_batch: int, steps_per_epoch: int,
@@ -89,7 +89,7 @@ def create_learning_rate_fn(optim_config, *, global_batch: int, steps_per_epoch:
   if steps_per_epoch <= 0:
     raise ValueError(f'steps_per_epoch={steps_per_epoch}: must be > 0')
   peak = scaled_lr(float(optim_config['base_lr']), global_batch)
-  min_lr = float(optim_config.get('min_lr', 0.0))
+  min_lr = float(optim_config['min_lr'])
   warmup = warmup_steps_from_config(optim_config, steps_per_epoch)
   if warmup > total_steps:
     raise ValueError(f'optim warmup of {warmup} steps (warmup_steps / warmup_epochs) '
@@ -316,10 +316,7 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
 
 def _layer_decay(optim_config) -> float | None:
   """Returns layer_decay if it enables layer-wise decay, else None."""
-  layer_decay = optim_config.get('layer_decay', None)
-  if layer_decay is None:
-    return None
-  layer_decay = float(layer_decay)
+  layer_decay = float(optim_config['layer_decay'])
   if layer_decay < 0 or layer_decay > 1:
     raise ValueError(f'optim.layer_decay={layer_decay}: must be in (0, 1) to enable '
                      'layer-wise lr decay, or 0 / 1 to disable it')
@@ -333,11 +330,11 @@ def create_optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, t
   """Builds the optimizer named by optim_config.name and its lr schedule.
 
   Args:
-    optim_config: `config.optim`. Reads name, base_lr, min_lr, warmup_steps,
-      warmup_epochs, weight_decay, grad_clip_norm; adamw: b1, b2 (eps 1e-8);
-      lars: momentum (0.9), trust_coefficient (0.001); sgd: momentum (0.9);
-      optional layer_decay (in (0, 1) enables layer-wise decay, needs depth)
-      and no_decay_names (default NO_DECAY_NAMES).
+    optim_config: `config.optim` (every key declared in configs/default.py).
+      Reads name, base_lr, min_lr, warmup_steps, warmup_epochs, weight_decay,
+      grad_clip_norm, layer_decay (in (0, 1) enables layer-wise decay, needs
+      depth); adamw: b1, b2 (eps 1e-8), no_decay_names; lars: momentum,
+      trust_coefficient; sgd: momentum, no_decay_names.
     global_batch: effective batch per optimizer step.
     steps_per_epoch: optimizer steps per epoch.
     total_steps: optimizer steps of the run.
@@ -355,8 +352,8 @@ def create_optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, t
     raise ValueError(f'optim.name={optim_config["name"]!r}: must be one of {OPTIMIZERS}')
   lr_fn = create_learning_rate_fn(optim_config, global_batch=global_batch,
                                   steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  weight_decay = float(optim_config.get('weight_decay', 0.0))
-  grad_clip_norm = float(optim_config.get('grad_clip_norm', 0.0))
+  weight_decay = float(optim_config['weight_decay'])
+  grad_clip_norm = float(optim_config['grad_clip_norm'])
 
   lr_scales = None
   layer_decay = _layer_decay(optim_config)
@@ -372,20 +369,20 @@ def create_optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, t
   layerwise = (scale_by_layerwise_lr(lr_scales) if lr_scales is not None else optax.identity())
 
   if name == 'lars':
-    tx = lars(lr_fn, momentum=float(optim_config.get('momentum', 0.9)),
-              trust_coefficient=float(optim_config.get('trust_coefficient', 0.001)),
+    tx = lars(lr_fn, momentum=float(optim_config['momentum']),
+              trust_coefficient=float(optim_config['trust_coefficient']),
               weight_decay=weight_decay, lr_scales=lr_scales)
     return optax.chain(clip, tx), lr_fn
 
-  no_decay_names = tuple(optim_config.get('no_decay_names', NO_DECAY_NAMES))
+  no_decay_names = tuple(optim_config['no_decay_names'])
   mask = functools.partial(weight_decay_mask, no_decay_names=no_decay_names)
   if name == 'adamw':
     # Decoupled decay: added after the Adam scaling, so it is multiplied by
     # the (layer-scaled) learning rate only, as torch.optim.AdamW.
     tx = optax.chain(
         clip,
-        optax.scale_by_adam(b1=float(optim_config.get('b1', 0.9)),
-                            b2=float(optim_config.get('b2', 0.999)), eps=1e-8),
+        optax.scale_by_adam(b1=float(optim_config['b1']),
+                            b2=float(optim_config['b2']), eps=1e-8),
         optax.add_decayed_weights(weight_decay, mask),
         layerwise,
         optax.scale_by_learning_rate(lr_fn),
@@ -394,7 +391,7 @@ def create_optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, t
     tx = optax.chain(
         clip,
         optax.add_decayed_weights(weight_decay, mask),
-        optax.trace(decay=float(optim_config.get('momentum', 0.9))),
+        optax.trace(decay=float(optim_config['momentum'])),
         layerwise,
         optax.scale_by_learning_rate(lr_fn),
     )

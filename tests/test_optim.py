@@ -13,10 +13,11 @@ from mae_jax import optim
 
 
 def make_config(**overrides):
-  """The optim keys of configs/default.py, with overrides."""
+  """The optim keys of configs/default.py (with timm's no-decay names), with overrides."""
   config = ml_collections.ConfigDict({
       'name': 'adamw', 'base_lr': 1.5e-4, 'min_lr': 0.0, 'warmup_epochs': 1.0, 'warmup_steps': -1,
-      'b1': 0.9, 'b2': 0.95, 'weight_decay': 0.05, 'grad_clip_norm': 0.0})
+      'b1': 0.9, 'b2': 0.95, 'weight_decay': 0.05, 'grad_clip_norm': 0.0, 'layer_decay': 1.0,
+      'momentum': 0.9, 'trust_coefficient': 0.001, 'no_decay_names': optim.NO_DECAY_NAMES})
   for key, value in overrides.items():
     config[key] = value
   return config

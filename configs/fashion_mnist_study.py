@@ -41,7 +41,6 @@ norm per step, so an epoch of 10,000 examples at base lr 0.1 moves it 128x
 less than an ImageNet epoch does.
 """
 
-import ml_collections
 
 from configs import common, demo, finetune, linprobe
 
@@ -89,7 +88,6 @@ def _set_epochs(config, epochs: float):
 
 
 def _knn(config):
-  config.knn = ml_collections.ConfigDict()
   config.knn.k = 20
   config.knn.temperature = 0.07
   config.knn.train_examples = -1  # All of dataset.train_split.

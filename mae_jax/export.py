@@ -23,7 +23,7 @@ def model_from_config(run_config: dict) -> tuple[str, dict]:
   """(model name, overrides) of the config dict a run saved, as the trainers build the model."""
   if not (run_config.get('model') or {}).get('name'):
     raise ValueError('the checkpoint config has no model.name: pass --model= with --import_from instead')
-  return from_config.model_name(run_config), from_config.model_overrides(run_config)
+  return from_config.model_name(run_config), from_config.model_overrides(run_config, strict=False)
 
 
 def export_from_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,

@@ -21,16 +21,22 @@ from mae_jax.models import from_config
 from mae_jax.weights import pretrained
 
 POOLS = ('cls', 'mean')
+# What config.knn holds (configs/default.py declares each with its default).
+KNN_KEYS = ('k', 'temperature', 'train_examples', 'eval_examples', 'pool', 'batch_size')
 # Labelled synthetic data has this many classes when the config leaves num_classes at 0.
 SYNTHETIC_NUM_CLASSES = 10
 
 
 def knn_settings(config, **overrides) -> dict:
-  """config.knn with `overrides` (keys of config.knn only), checked."""
+  """config.knn with `overrides`, checked: the keys are KNN_KEYS, the values in range."""
   knn = config.knn.to_dict()
-  unknown = sorted(set(overrides) - set(knn))
-  if unknown:
-    raise ValueError(f'kNN settings have unknown keys {unknown}; known: {sorted(knn)}')
+  for what, keys in (('config.knn', knn), ('kNN settings', overrides)):
+    unknown = sorted(set(keys) - set(KNN_KEYS))
+    if unknown:
+      raise ValueError(f'{what} has unknown keys {unknown}; known: {sorted(KNN_KEYS)}')
+  missing = sorted(set(KNN_KEYS) - set(knn))
+  if missing:
+    raise ValueError(f'config.knn lacks {missing}: declare them (configs/default.py declares every kNN key)')
   knn.update(overrides)
   if knn['pool'] not in POOLS:
     raise ValueError(f'knn.pool={knn["pool"]!r}: must be one of {POOLS}')
@@ -67,7 +73,7 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
   `batches` yields {'image', 'label', 'mask'?} local batches; only rows with
   mask True are kept, in order, and at most `max_examples` (<= 0: all).
   """
-  mesh = mesh or parallel.create_mesh({'data': -1})
+  mesh = mesh or parallel.data_parallel_mesh()
   encode = encode_fn if hasattr(encode_fn, 'lower') else jax.jit(encode_fn)
   devices = set(mesh.devices.flat)
 
@@ -78,7 +84,7 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
 
   params = jax.tree.map(on_mesh, params)
   features, labels, count = [], [], 0
-  with jax.set_mesh(mesh):
+  with loop.mesh_context(mesh):
     for local in batches:
       local = dict(local)
       local.setdefault('mask', np.ones(len(local['label']), bool))
@@ -164,7 +170,7 @@ def knn_eval(encode_fn, params, train_iter, eval_iter, *, num_classes: int, k: i
 
 def monitor_num_classes(config) -> int:
   """The classes of the config's labelled data (config.num_classes; synthetic data: 10 when 0)."""
-  if config.dataset.name == 'synthetic' and config.num_classes <= 0:
+  if config.dataset.name == inputs.SYNTHETIC and config.num_classes <= 0:
     return SYNTHETIC_NUM_CLASSES
   return inputs.resolve_num_classes(config)
 
@@ -199,7 +205,7 @@ class KnnMonitor:
     self.config = config
     self.mesh = mesh or parallel.create_mesh(config.mesh)
     self.num_classes = num_classes or monitor_num_classes(config)
-    self.synthetic = config.dataset.name == 'synthetic'
+    self.synthetic = config.dataset.name == inputs.SYNTHETIC
     self.splits = {}  # The splits read: the bank and the queries.
     for which in ('train', 'eval'):
       split, count = config.dataset[f'{which}_split'], self.settings[f'{which}_examples']

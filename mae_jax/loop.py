@@ -383,12 +383,14 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
                 f'(at step {step}); the last good checkpoint is step {checkpointer.latest_step()}. '
                 'Lower optim.base_lr, set optim.grad_clip_norm, or check the input data.')
         if evaluate is not None:
+          eval_start = time.time()
           results = evaluate(step, state, batch)
           if results:
             evals = dict(results)
             writer.write_scalars(step, evals)
             last.update(evals)
-            timer_start = time.time()
+          if timer_start is not None:  # Evaluations and pictures are not training time.
+            timer_start += time.time() - eval_start
         if save_or_stop(checkpointer, preemption, step, total_steps, state.halted,
                         lambda: checkpointer.save(step, saved_tree(state), state.opt_state,
                                                   checkpoint_meta(state, config, **extra_meta(evals)))):

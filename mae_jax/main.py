@@ -20,12 +20,16 @@ from mae_jax import config_tools, finetune, knn, linprobe, supervised, train
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the resolved config.')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (explicit multi-process jobs).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (explicit multi-process jobs).')
-flags.DEFINE_integer('process_id', None, 'This process (explicit multi-process jobs).')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags():
+  """The command line of `python -m mae_jax.main` (defined by `run`, not on import: this module is a library too)."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the resolved config.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (explicit multi-process jobs).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (explicit multi-process jobs).')
+  flags.DEFINE_integer('process_id', None, 'This process (explicit multi-process jobs).')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
@@ -73,6 +77,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  define_flags()
   app.run(main, flags_parser=config_tools.parse_flags)
 
 

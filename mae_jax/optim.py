@@ -48,6 +48,9 @@ SCANNED_BLOCK_NAMES = ('blocks', 'decoder_blocks')
 # `patch_embed`).
 LAYER_ZERO_NAMES = ('cls_token', 'pos_embed', 'dist_token')
 OPTIMIZERS = ('adamw', 'lars', 'sgd')
+# The config.optim keys each optimizer reads beyond the schedule, decay and clipping ones.
+OPTIMIZER_KEYS = {'adamw': ('b1', 'b2', 'no_decay_names'), 'lars': ('momentum', 'trust_coefficient'),
+                  'sgd': ('momentum', 'no_decay_names')}
 
 _BLOCK_RE = re.compile(r'^blocks_(\d+)$')
 
@@ -350,6 +353,10 @@ def create_optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, t
   name = str(optim_config['name']).lower()
   if name not in OPTIMIZERS:
     raise ValueError(f'optim.name={optim_config["name"]!r}: must be one of {OPTIMIZERS}')
+  missing = [key for key in OPTIMIZER_KEYS[name] if key not in optim_config]
+  if missing:
+    raise ValueError(f'optim.name={name!r} reads {", ".join("optim." + k for k in missing)}, which this config '
+                     f'does not declare: add them to the config file (configs/default.py has every one)')
   lr_fn = create_learning_rate_fn(optim_config, global_batch=global_batch,
                                   steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   weight_decay = float(optim_config['weight_decay'])

@@ -31,8 +31,8 @@ DEFAULT_RULES = (
 
 def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> dict:
   """Returns {'data': d, 'fsdp': f, 'tensor': t} for the devices of one slice times slices."""
-  sizes = {axis: int(mesh_config.get(axis, 1)) for axis in MESH_AXES}
-  dcn_data = int(mesh_config.get('dcn_data', 1) or 1)
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  dcn_data = int(mesh_config['dcn_data'] or 1)
   if num_slices > 1 and dcn_data == 1:
     dcn_data = num_slices
   if num_devices % dcn_data:
@@ -66,7 +66,7 @@ def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> di
 def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
   """Builds the ('data', 'fsdp', 'tensor') mesh with Auto axes from `config.mesh`."""
   devices = list(devices if devices is not None else jax.devices())
-  wanted = int(mesh_config.get('num_devices', -1) or -1)
+  wanted = int(mesh_config['num_devices'] or -1)
   if wanted > len(devices):
     raise ValueError(f'mesh.num_devices={wanted} but only {len(devices)} devices are visible')
   if wanted > 0:
@@ -86,6 +86,11 @@ def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.shardi
     except (ValueError, AssertionError, NotImplementedError):
       device_array = np.asarray(devices).reshape(ici_shape)
   return jax.sharding.Mesh(device_array, MESH_AXES)
+
+
+def data_parallel_mesh(devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """Every device on the data axis (what a mesh section of data=-1, fsdp=1, tensor=1 gives)."""
+  return create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, 'num_devices': -1}, devices)
 
 
 def batch_axis_size(mesh: jax.sharding.Mesh) -> int:
@@ -166,7 +171,7 @@ def tree_shardings(tree, mesh, rules=DEFAULT_RULES, min_fsdp_size: int = 2**18):
 
 def rules_from_config(mesh_config):
   """Reads config.mesh.rules ((regex, spec), ...) or falls back to DEFAULT_RULES."""
-  rules = mesh_config.get('rules', None)
+  rules = mesh_config['rules']
   if not rules:
     return DEFAULT_RULES
   parsed = []

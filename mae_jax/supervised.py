@@ -193,7 +193,7 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
       evaluate=evaluate_now)
   evals = result.evals
   if result.status == 'done' and not evals:  # Resumed at the end: evaluate the final state again.
-    with jax.set_mesh(mesh):
+    with loop.mesh_context(mesh):
       evals = task.eval_fn(result.state, frozen)
   out = {**result.metrics, **evals, 'status': result.status, 'step': result.step}
   if result.status == 'done':

@@ -162,6 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   The returned dict also holds 'status' ('done' or 'preempted') and 'step'.
   """
   mesh = parallel.create_mesh(config.mesh)
+  validate_config(config, mesh)  # Before the data set is read: a bad setting is named first.
   step = build_train_step(config, mesh, inputs.num_train_examples(config))
   model = step.model
   logging.info('Mesh %s; %d steps (%d per epoch); global batch %d', dict(mesh.shape), step.total_steps,

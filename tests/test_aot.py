@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from configs import default
+from configs import default, mae_pretrain
 from configs import test as test_config
 from mae_jax import aot, flops, loop, train
 
@@ -166,3 +166,22 @@ def test_aot_compiles_the_step_the_trainer_runs(tmp_path, monkeypatch):
   with loop.mesh_context(ran.mesh):
     texts = [step.jitted.lower(step.abstract_state, step.abstract_batch).as_text() for step in (ran, compiled)]
   assert texts[0] == texts[1]
+
+
+def test_report_matches_benchmarks_md(libtpu):
+  """The B/16 recipe on v5e-4 (BENCHMARKS.md, 'A small slice that the test suite compiles') reports its row."""
+  with open(os.path.join(REPO, 'BENCHMARKS.md'), encoding='utf-8') as f:
+    row = next(line for line in f if line.startswith('| B/16 | v5e-4 (2x2) |'))
+  cells = [cell.strip() for cell in row.strip().strip('|').split('|')]
+  spec = aot.parse_topology('v5e-4')
+  devices = aot.topology_devices(spec)
+  config = aot.with_per_chip_batch(mae_pretrain.get_config('variant=B/16'), int(cells[3]), len(devices))
+  report = aot.compile_report(config, spec, devices)
+  gib = lambda num_bytes: f'{num_bytes / flops.GiB:.2f} GiB'
+  assert report.fits and report.mesh_shape == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert gib(report.argument_bytes) == cells[5]
+  assert gib(report.temp_bytes) == cells[6]
+  assert f'{gib(report.total_bytes)[:-4]} / {gib(report.hbm_capacity_bytes)}' == cells[7]
+  assert f'{report.bytes_accessed_per_device / 1e9:.1f} GB' == cells[8]
+  assert f'{report.flops_per_device_compiled / 1e12:.3f} TFLOP' == cells[9]
+  assert f'{report.step_seconds * 1e3:.1f} ms, MFU {100 * report.mfu:.1f}%' == cells[10]

@@ -37,12 +37,17 @@ MODULE_CONFIGS = {
     'mae_jax/models/from_config.py': ('finetune',),
     'mae_jax/weights/pretrained.py': ('finetune', 'linprobe'),
     'mae_jax/data/inputs.py': ('finetune', 'linprobe'),
+    'mae_jax/optim.py': ('pretrain', 'finetune'),  # linprobe (LARS) lacks Adam's b1 / b2: test_optim.
+    'mae_jax/parallel.py': ('pretrain', 'finetune', 'linprobe'),
+    'mae_jax/aot.py': ('pretrain',),
 }
 # Methods of ConfigDict, not keys.
 METHODS = {'get', 'items', 'keys', 'values', 'to_dict', 'to_json', 'to_json_best_effort', 'update', 'lock',
            'unlock', 'copy_and_resolve_references'}
-READ = re.compile(r'(?<![\w.])config((?:\.[A-Za-z_][A-Za-z0-9_]*)+)')
-ITEM = re.compile(r"\bconfig\[['\"]([A-Za-z_][A-Za-z0-9_]*)['\"]\]")
+# The names config sections go by in the package, and where they sit in the config.
+SECTIONS = {'config': '', 'optim_config': 'optim.', 'mesh_config': 'mesh.'}
+READ = re.compile(r'(?<![\w.])(config|optim_config|mesh_config)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)')
+ITEM = re.compile(r"(?<![\w.])(config|optim_config|mesh_config)\[['\"]([A-Za-z_][A-Za-z0-9_]*)['\"]\]")
 
 
 def config_reads(path: str) -> set[str]:
@@ -55,12 +60,12 @@ def config_reads(path: str) -> set[str]:
   source = re.sub(r'\s*([.\[\]])\s*', r'\1', source)
   keys = set()
   for match in READ.finditer(source):
-    parts = match.group(1).lstrip('.').split('.')
+    parts = match.group(2).lstrip('.').split('.')
     while parts and parts[-1] in METHODS:
       parts.pop()
     if parts:
-      keys.add('.'.join(parts))
-  keys.update(ITEM.findall(source))
+      keys.add(SECTIONS[match.group(1)] + '.'.join(parts))
+  keys.update(SECTIONS[name] + key for name, key in ITEM.findall(source))
   return keys
 
 
@@ -69,6 +74,8 @@ def test_the_scan_finds_reads():
   reads = config_reads('mae_jax/finetune.py')
   assert {'mixup_mode', 'dataset.eval_split', 'label_smoothing', 'grad_accum_steps'} <= reads
   assert not any(key.endswith(('.get', '.to_dict')) for key in reads)
+  assert {'optim.b1', 'optim.layer_decay', 'optim.no_decay_names'} <= config_reads('mae_jax/optim.py')
+  assert {'mesh.dcn_data', 'mesh.rules', 'mesh.num_devices'} <= config_reads('mae_jax/parallel.py')
 
 
 @pytest.mark.parametrize('path', sorted(MODULE_CONFIGS))
@@ -90,7 +97,7 @@ def test_the_package_never_reads_a_config_with_a_default():
         path = os.path.join(root, name)
         with open(path, encoding='utf-8') as f:
           for number, line in enumerate(f, 1):
-            if re.search(r'\bconfig(\.[A-Za-z_]+)*\.get\(', line):
+            if re.search(r'\b(config|optim_config|mesh_config)(\.[A-Za-z_]+)*\.get\(', line):
               offenders.append(f'{os.path.relpath(path, REPO)}:{number}: {line.strip()}')
   assert not offenders, '\n'.join(offenders)
 

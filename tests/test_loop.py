@@ -1,7 +1,6 @@
 """The loop every trainer shares: guarded updates, state, prefetching, settings."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -47,7 +46,7 @@ def test_new_state_has_no_batch_stats_unless_given():
 
 
 def test_prefetch_moves_every_key_of_the_host_batches_onto_the_mesh():
-  mesh = parallel.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
+  mesh = parallel.data_parallel_mesh()
   local = [{'image': np.full((8, 2), i, np.float32), 'corrupt': np.zeros((8,), bool)} for i in range(3)]
   batches = list(loop.prefetch_to_mesh(iter(local), mesh, size=1))
   assert [float(b['image'][0, 0]) for b in batches] == [0.0, 1.0, 2.0]

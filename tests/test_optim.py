@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import linprobe
 from mae_jax import optim
 
 
@@ -471,3 +472,12 @@ def test_default_config_builds_every_optimizer():
     updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     assert float(lr_fn(10)) == pytest.approx(1.5e-4)
+
+
+def test_an_optimizer_whose_settings_the_config_lacks_is_one_clear_error():
+  """The linear-probe recipe declares no Adam settings: switching it to adamw names what to add."""
+  config = linprobe.get_config('variant=B/16').optim
+  optim.create_optimizer(config, global_batch=256, steps_per_epoch=10, total_steps=100)  # LARS: complete.
+  config.name = 'adamw'
+  with pytest.raises(ValueError, match=r"optim.name='adamw' reads optim.b1, optim.b2, which this config"):
+    optim.create_optimizer(config, global_batch=256, steps_per_epoch=10, total_steps=100)

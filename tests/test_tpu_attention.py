@@ -56,8 +56,8 @@ def test_padding_is_masked():
 
 # Two devices: interpret mode runs each device's kernel as host callbacks that meet at
 # barriers, which more simulated devices than host threads can deadlock.
-@pytest.mark.parametrize('mesh_shape', [{'num_devices': 2, 'data': 1, 'fsdp': 2, 'tensor': 1},
-                                        {'num_devices': 2, 'data': 1, 'fsdp': 1, 'tensor': 2}])
+@pytest.mark.parametrize('mesh_shape', [{'num_devices': 2, 'data': 1, 'fsdp': 2, 'tensor': 1, 'dcn_data': 1},
+                                        {'num_devices': 2, 'data': 1, 'fsdp': 1, 'tensor': 2, 'dcn_data': 1}])
 def test_sharded_under_a_mesh(mesh_shape):
   """Under jax.set_mesh the kernel runs per device (shard_map over batch and heads) and equals XLA's attention."""
   mesh = parallel.create_mesh(ml_collections.ConfigDict(mesh_shape))

@@ -34,13 +34,17 @@ def model_name(config) -> str:
   return name
 
 
-def model_overrides(config) -> dict:
-  """MaskedAutoencoder fields the config sets: model.* (but name), the data shape, norm_pix_loss."""
+def model_overrides(config, strict: bool = True) -> dict:
+  """MaskedAutoencoder fields the config sets: model.* (but name), the data shape, norm_pix_loss.
+
+  strict=False (a config a run saved, perhaps by another version) skips model.*
+  keys that are not model fields instead of refusing them.
+  """
   fields = _mae_fields()
   model = _get(config, 'model', {}) or {}
   overrides = {k: v for k, v in model.items() if k not in NOT_MODEL_FIELDS and k in fields}
   unknown = sorted(k for k in model.keys() if k not in NOT_MODEL_FIELDS and k not in fields)
-  if unknown:
+  if unknown and strict:
     raise ValueError(f'model.{unknown[0]}: not a model setting; allowed: {sorted(fields)}')
   dataset = _get(config, 'dataset', {}) or {}
   size = _get(dataset, 'image_size')

@@ -194,7 +194,7 @@ def _check_pos_table(table: np.ndarray, width: int, grid, key: str, source: str)
   if table.shape != fixed.shape:
     logging.warning(
         '%s: %s has shape %s but the model (grid %s) expects %s; mae_jax uses fixed sin-cos '
-        'tables, so it is ignored (a learned table would need pos_embed.interpolate_pos_embed)',
+        'tables, so it is ignored (a learned or resized table is not used)',
         source, key, table.shape, tuple(grid), fixed.shape)
   elif not np.allclose(table.astype(np.float32), fixed, atol=1e-4):
     logging.warning('%s: %s differs from the fixed sin-cos table (a learned table?); mae_jax uses '

@@ -1,0 +1,37 @@
+"""The entry point: importing it defines nothing; it dispatches configs to their trainers."""
+
+import os
+import subprocess
+import sys
+
+from configs import finetune as finetune_recipe
+from configs import linprobe as linprobe_recipe
+from configs import test as test_config
+from mae_jax import finetune, knn, linprobe, main, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_the_entry_points_defines_no_flags():
+  """A program with its own --workdir / --config flags (benchmarks, notebooks) imports them as libraries."""
+  code = ('from absl import flags; flags.DEFINE_string("workdir", None, ""); flags.DEFINE_string("config", None, ""); '
+          'import mae_jax.main, mae_jax.downstream, mae_jax.aot, mae_jax.export, mae_jax.visualize; print("ok")')
+  done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr[-2000:]
+
+
+def test_each_config_goes_to_its_trainer(monkeypatch):
+  calls = []
+  for module, name in ((train, 'train_and_evaluate'), (finetune, 'finetune'), (linprobe, 'linear_probe'),
+                       (knn, 'run_knn')):
+    monkeypatch.setattr(module, name, lambda config, workdir, name=name: calls.append(name) or {})
+  monkeypatch.setattr(main, 'DOWNSTREAM', {'finetune': finetune.finetune, 'linprobe': linprobe.linear_probe,
+                                           'knn': knn.run_knn})
+  main.run_experiment(test_config.get_config(), 'unused')
+  main.run_experiment(finetune_recipe.get_config('runlocal=True'), 'unused')
+  probe = linprobe_recipe.get_config('runlocal=True')
+  main.run_experiment(probe, 'unused')
+  probe.downstream = 'knn'
+  main.run_experiment(probe, 'unused')
+  assert calls == ['train_and_evaluate', 'finetune', 'linear_probe', 'run_knn']

@@ -48,8 +48,8 @@ def finetune_step(state: loop.TrainState, batch: dict, frozen, *, model, tx, lr_
     logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean(), batch_stats
 
-  loss, _, grads = supervised.value_and_grad(loss_fn, state.params, state.batch_stats, images, targets,
-                                             drop_key, accum_steps, micro_sharding)
+  loss, _, grads = loop.value_and_grad(loss_fn, state.params, state.batch_stats, (images, targets), drop_key,
+                                       accum_steps, micro_sharding)
   new_state, grad_norm, finite = loop.guarded_update(state, loss, grads, tx, max_nonfinite,
                                                      batch_stats=state.batch_stats)
   return new_state, loop.step_metrics(loss, grad_norm, finite, lr_fn(state.step), batch)

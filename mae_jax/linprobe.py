@@ -85,9 +85,9 @@ def linprobe_step(state: loop.TrainState, batch: dict, encoder_params, *, head, 
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     return loss, updates['batch_stats']
 
-  loss, batch_stats, grads = supervised.value_and_grad(
-      loss_fn, state.params, state.batch_stats, features, targets,
-      jax.random.fold_in(base_rng, state.step), accum_steps, None)
+  loss, batch_stats, grads = loop.value_and_grad(
+      loss_fn, state.params, state.batch_stats, (features, targets), jax.random.fold_in(base_rng, state.step),
+      accum_steps)
   new_state, grad_norm, finite = loop.guarded_update(state, loss, grads, tx, max_nonfinite,
                                                      batch_stats=batch_stats)
   logits = head.apply({'params': state.params, 'batch_stats': state.batch_stats}, features)

@@ -90,6 +90,37 @@ def guarded_update(state: TrainState, loss, grads, tx, max_nonfinite: int, **oth
   return new_state, grad_norm, finite
 
 
+def value_and_grad(loss_fn, params, aux, inputs: tuple, rng, accum_steps: int, micro_sharding=None):
+  """(loss, aux, grads) of loss_fn(params, aux, *inputs, key) -> (loss, new aux), over accum_steps micro-batches.
+
+  With accum_steps > 1 every input splits into strided micro-batches (every
+  device's rows in every micro-batch), micro-batch i draws its randomness from
+  fold_in(rng, i), aux (e.g. BatchNorm statistics) threads through them in
+  order, and loss and grads are the micro-batches' means.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, aux), grads = grad_fn(params, aux, *inputs, rng)
+    return loss, aux, grads
+
+  def split(x):  # [B, ...] -> [accum_steps, B / accum_steps, ...], strided.
+    x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  def accumulate(carry, xs):
+    loss_sum, grad_sum, aux = carry
+    index, first, *rest = xs
+    if micro_sharding is not None:
+      first = jax.lax.with_sharding_constraint(first, micro_sharding)
+    (loss, aux), grads = grad_fn(params, aux, first, *rest, jax.random.fold_in(rng, index))
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), aux), None
+
+  zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params), aux)
+  (loss, grads, aux), _ = jax.lax.scan(accumulate, zeros,
+                                       (jnp.arange(accum_steps), *[split(x) for x in inputs]))
+  return loss / accum_steps, aux, jax.tree.map(lambda g: g / accum_steps, grads)
+
+
 def step_metrics(loss, grad_norm, finite, lr, batch: dict) -> dict:
   """The metrics every train step reports (and the corrupt-image count when the batch has one)."""
   metrics = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': lr,

@@ -100,34 +100,6 @@ def evaluate(eval_step, batches, mesh, *args) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# Gradients of a classification loss, optionally accumulated over micro-batches.
-
-def value_and_grad(loss_fn, params, batch_stats, inputs, targets, rng, accum_steps, micro_sharding):
-  """(loss, new batch_stats, grads) of loss_fn(params, batch_stats, inputs, targets, key), accumulated."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if accum_steps == 1:
-    (loss, batch_stats), grads = grad_fn(params, batch_stats, inputs, targets, rng)
-    return loss, batch_stats, grads
-
-  def split(x):  # Strided: every device's rows in every micro-batch.
-    x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-
-  def accumulate(carry, xs):
-    loss_sum, grad_sum, stats = carry
-    index, chunk, chunk_targets = xs
-    if micro_sharding is not None:
-      chunk = jax.lax.with_sharding_constraint(chunk, micro_sharding)
-    (loss, stats), grads = grad_fn(params, stats, chunk, chunk_targets, jax.random.fold_in(rng, index))
-    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), stats), None
-
-  zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params), batch_stats)
-  (loss, grads, batch_stats), _ = jax.lax.scan(
-      accumulate, zeros, (jnp.arange(accum_steps), split(inputs), split(targets)))
-  return loss / accum_steps, batch_stats, jax.tree.map(lambda g: g / accum_steps, grads)
-
-
-# ----------------------------------------------------------------------------
 # The run.
 
 @dataclasses.dataclass(frozen=True)

@@ -52,29 +52,13 @@ def train_step(state: loop.TrainState, batch: dict, *, model, tx, lr_fn, mask_ra
   """One optimizer step over the global batch (optionally as accumulated micro-batches)."""
   rng = jax.random.fold_in(base_rng, state.step)
 
-  def loss_fn(params, images, key):
+  def loss_fn(params, aux, images, key):
     loss, _, _ = model.apply({'params': params}, images, mask_ratio=mask_ratio, rngs={'mask': key},
                              train=True)
-    return loss
+    return loss, aux
 
-  images = batch['image']
-  if accum_steps == 1:
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, images, rng)
-  else:
-    # Strided split keeps every device's rows in every micro-batch.
-    micro = images.reshape((images.shape[0] // accum_steps, accum_steps) + images.shape[1:])
-    micro = jnp.swapaxes(micro, 0, 1)
-
-    def accumulate(carry, xs):
-      index, chunk = xs
-      if micro_sharding is not None:
-        chunk = jax.lax.with_sharding_constraint(chunk, micro_sharding)
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, chunk, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
-    loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+  loss, _, grads = loop.value_and_grad(loss_fn, state.params, {}, (batch['image'],), rng, accum_steps,
+                                       micro_sharding)
 
   new_state, grad_norm, finite = loop.guarded_update(state, loss, grads, tx, max_nonfinite)
   return new_state, loop.step_metrics(loss, grad_norm, finite, lr_fn(state.step), batch)

@@ -37,6 +37,9 @@ def get_config(arg=None):
   config.max_nonfinite_steps = 10  # Stop after this many non-finite steps in a row.
   # Multi-process runs agree on a SIGTERM every this many steps (one all-gather), then all save and stop.
   config.preemption_sync_every_steps = 10
+  # Resuming refuses a changed seed, batch_size, data set or process count (the data order and the lr
+  # schedule would silently change); True resumes anyway.
+  config.resume_allow_changes = False
   config.mask_ratio = 0.75
   config.norm_pix_loss = True
 

@@ -162,8 +162,35 @@ def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
           f'divisible by the data-parallel size {dp} = mesh data x fsdp {dict(mesh.shape)}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
+  if mesh is not None:
+    check_mesh_feeds_whole_rows(np.vectorize(lambda d: d.process_index)(mesh.devices), mesh.axis_names,
+                                config.mesh.num_devices, jax.device_count())
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   vit.check_attention_platform(config.model.attention_impl, platform)
+
+
+def check_mesh_feeds_whole_rows(process_grid: np.ndarray, axis_names, num_devices_setting: int,
+                                device_count: int) -> None:
+  """Each process must own whole rows of the batch: else its local batch lands on the wrong rows.
+
+  `process_grid` holds the process index of each device of the mesh (shape
+  of the mesh). The batch is split over every axis but `tensor`, so the
+  devices along `tensor` (which hold the same rows) must belong to one
+  process, and with several processes every device must be in the mesh.
+  """
+  processes = np.unique(process_grid)
+  if len(processes) < 2 and num_devices_setting in (-1, device_count):
+    return
+  if num_devices_setting not in (-1, device_count) and (len(processes) > 1 or process_grid.size < device_count):
+    raise ValueError(f'mesh.num_devices={num_devices_setting} with {device_count} devices over several processes '
+                     'leaves devices out, so some processes would feed rows no device holds: set '
+                     'mesh.num_devices=-1')
+  if 'tensor' in axis_names:
+    rows = np.moveaxis(process_grid, list(axis_names).index('tensor'), -1)
+    if (rows != rows[..., :1]).any():
+      raise ValueError(f'mesh.tensor={rows.shape[-1]} spans processes: the devices that hold the same batch '
+                       'rows must be in one process (each process feeds its own rows); lower mesh.tensor to '
+                       'at most the devices per process')
 
 
 def train_steps(config, num_examples: int) -> tuple[int, int]:
@@ -250,6 +277,41 @@ def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted, 
 # ----------------------------------------------------------------------------
 # State: resume or initialise.
 
+# Settings that fix which examples step s reads (and, through the batch size, the lr scaling and the
+# steps per epoch): a resumed run must keep them, and the process count. Extending num_train_steps is
+# allowed: it is how a run is continued.
+RESUME_KEYS = ('seed', 'batch_size', 'dataset.name', 'dataset.train_split')
+
+
+def _dotted(tree: dict, key: str):
+  for part in key.split('.'):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def check_resume(config, workdir: str) -> None:
+  """Before anything is restored or compiled: a resume keeps the data order and the schedule.
+
+  Compares RESUME_KEYS and the process count with the newest checkpoint's;
+  config.resume_allow_changes=True resumes anyway (on purpose).
+  """
+  if ckpt_lib.latest_step(workdir) is None or config.resume_allow_changes:
+    return
+  meta = ckpt_lib.load_meta(workdir)
+  saved, current = meta.get('config') or {}, config_dict(config)
+  changed = [f'{key}: {_dotted(saved, key)!r} -> {_dotted(current, key)!r}' for key in RESUME_KEYS
+             if _dotted(saved, key) is not None and _dotted(saved, key) != _dotted(current, key)]
+  if meta.get('process_count', jax.process_count()) != jax.process_count():
+    changed.append(f'process count: {meta["process_count"]} -> {jax.process_count()}')
+  if changed:
+    raise ValueError(
+        f'{workdir} holds a run (step {meta.get("step")}) with other settings that fix the data order or the lr '
+        f'schedule: {"; ".join(changed)}. Use a new --workdir, put the settings back, or set '
+        '--config.resume_allow_changes=True to resume with them on purpose')
+
+
 def restore_or_init(checkpointer, init_fn: Callable, init_rng, shardings, mesh, *,
                     saved_tree: Callable = lambda s: s.params,
                     from_saved: Callable = lambda saved: (saved, None)) -> tuple[TrainState, bool]:
@@ -323,21 +385,65 @@ class LoopResult:
   step: int
 
 
-def _log_metrics(writer, step: int, pending: list, state, timer_step: int, timer_start, batch_size: int,
+class Window:
+  """Wall time of a log window's training steps: evaluations, pictures and saves are left out."""
+
+  def __init__(self, start_step: int):
+    self.start_step = start_step
+    self.start = None  # Set after the first step (its compilation is not training time).
+    self.paused = 0.0  # Seconds spent outside training steps.
+    self.input_wait = 0.0  # Seconds the loop waited for the next batch.
+
+  def restart(self, step: int) -> None:
+    self.start_step, self.start, self.paused, self.input_wait = step, time.time(), 0.0, 0.0
+
+  def train_seconds(self) -> float | None:
+    return None if self.start is None else max(time.time() - self.start - self.paused, 1e-9)
+
+  def excluding(self, fn, *args):
+    """fn(*args), its time not counted as training."""
+    start = time.time()
+    try:
+      return fn(*args)
+    finally:
+      if self.start is not None:
+        self.paused += time.time() - start
+
+
+# Step metrics that are counts over the log window, not means.
+COUNTED = ('train/corrupt_images', 'train/skipped')
+
+
+def window_scalars(fetched: list[dict]) -> dict:
+  """The log window's scalars: means over the applied steps, counts of the skipped and corrupt.
+
+  A skipped (non-finite) step's loss and gradient norm are left out of the
+  means, so one bad step does not turn the window's train/loss into NaN; a
+  window of skipped steps only has NaN means. train/lr is the last step's.
+  """
+  applied = [m for m in fetched if not m.get('train/skipped', 0)]
+  scalars = {}
+  for key in fetched[-1]:
+    if key in COUNTED:
+      scalars[key] = float(np.sum([m[key] for m in fetched]))
+    else:
+      scalars[key] = float(np.mean([m[key] for m in applied])) if applied else float('nan')
+  scalars['train/lr'] = float(fetched[-1]['train/lr'])
+  return scalars
+
+
+def _log_metrics(writer, step: int, pending: list, state, window: Window, batch_size: int,
                  flops_per_image: float | None) -> dict:
   """Averages the pending step metrics (one host sync per log period) and writes them."""
-  fetched = jax.device_get(pending)
-  scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-  if 'train/corrupt_images' in scalars:  # A count over the log period, not a mean.
-    scalars['train/corrupt_images'] = float(np.sum([m['train/corrupt_images'] for m in fetched]))
-  scalars['train/lr'] = float(fetched[-1]['train/lr'])
+  scalars = window_scalars(jax.device_get(pending))
   scalars['train/nonfinite_total'] = float(jax.device_get(state.nonfinite_total))
-  if timer_start is not None and step > timer_step:
-    seconds = time.time() - timer_start
-    images_per_sec = (step - timer_step) * batch_size / seconds
+  seconds = window.train_seconds()
+  if seconds is not None and step > window.start_step:
+    images_per_sec = (step - window.start_step) * batch_size / seconds
     scalars['perf/images_per_sec'] = images_per_sec
     scalars['perf/images_per_sec_per_device'] = images_per_sec / jax.device_count()
-    scalars['perf/step_time_sec'] = seconds / (step - timer_step)
+    scalars['perf/step_time_sec'] = seconds / (step - window.start_step)
+    scalars['perf/input_wait_fraction'] = window.input_wait / seconds
     peak = flops_lib.peak_flops_per_device()
     if flops_per_image and peak:
       scalars['perf/mfu'] = images_per_sec * flops_per_image / (peak * jax.device_count())
@@ -361,7 +467,7 @@ def checkpoint_meta(state: TrainState, config, **extra) -> dict:
   return {'step': int(jax.device_get(state.step)),
           'nonfinite_run': int(jax.device_get(state.nonfinite_run)),
           'nonfinite_total': int(jax.device_get(state.nonfinite_total)),
-          **extra, 'config': config_dict(config)}
+          'process_count': jax.process_count(), **extra, 'config': config_dict(config)}
 
 
 def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callable, batches: Iterator[dict],
@@ -388,47 +494,50 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
   preemption = PreemptionFlag(config.preemption_sync_every_steps).install()
   pending, last, evals, status = [], {}, {}, 'done'
   corrupt_seen = 0
-  timer_step, timer_start = start_step, None
+  window = Window(start_step)
   step = start_step
   try:
     with mesh_context(mesh):
       while step < total_steps:
+        wait_start = time.time()
         batch = next(batches)
+        window.input_wait += time.time() - wait_start
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
         step += 1
         for hook in hooks:
-          hook(step)
-        if timer_start is None:  # The first step includes compilation: time from its end.
+          window.excluding(hook, step)
+        if window.start is None:  # The first step includes compilation: time from its end.
           jax.block_until_ready(metrics)
-          timer_step, timer_start = step, time.time()
+          window.restart(step)
         if step % config.log_every_steps == 0 or step == total_steps:
-          last.update(_log_metrics(writer, step, pending, state, timer_step, timer_start, config.batch_size,
-                                   flops_per_image))
+          last.update(_log_metrics(writer, step, pending, state, window, config.batch_size, flops_per_image))
           corrupt_seen += int(last.get('train/corrupt_images', 0))
           _check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config)
-          pending, timer_step, timer_start = [], step, time.time()
+          pending = []
+          window.restart(step)
           if bool(jax.device_get(state.halted)):
             raise NonFiniteLossError(
                 f'{config.max_nonfinite_steps} consecutive steps had a non-finite loss or gradients '
                 f'(at step {step}); the last good checkpoint is step {checkpointer.latest_step()}. '
                 'Lower optim.base_lr, set optim.grad_clip_norm, or check the input data.')
-        if evaluate is not None:
-          eval_start = time.time()
-          results = evaluate(step, state, batch)
+        if evaluate is not None:  # Evaluations and pictures are not training time.
+          results = window.excluding(evaluate, step, state, batch)
           if results:
             evals = dict(results)
             writer.write_scalars(step, evals)
             last.update(evals)
-          if timer_start is not None:  # Evaluations and pictures are not training time.
-            timer_start += time.time() - eval_start
-        if save_or_stop(checkpointer, preemption, step, total_steps, state.halted,
-                        lambda: checkpointer.save(step, saved_tree(state), state.opt_state,
-                                                  checkpoint_meta(state, config, **extra_meta(evals)))):
+        save = lambda: checkpointer.save(step, saved_tree(state), state.opt_state,
+                                         checkpoint_meta(state, config, **extra_meta(evals)))
+        if window.excluding(save_or_stop, checkpointer, preemption, step, total_steps, state.halted, save):
           status = 'preempted'
           break
   finally:
-    preemption.uninstall()
-    checkpointer.close()
-    writer.flush()
+    # The SIGTERM handler stays until the last save is durable: a second SIGTERM (a requeue, a
+    # launcher's kill) during the final commit must not kill the process half-way.
+    try:
+      checkpointer.close()
+    finally:
+      preemption.uninstall()
+      writer.flush()
   return LoopResult(state=state, metrics=last, evals=evals, status=status, step=step)

@@ -127,6 +127,7 @@ def _best_so_far(workdir: str, default: float) -> float:
 
 def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoch: int) -> dict:
   """Initialises or resumes, trains to total_steps with evals and checkpoints; returns the metrics."""
+  loop.check_resume(config, workdir)
   init_rng = jax.random.key(config.seed)
   shardings = parallel.config_shardings(jax.eval_shape(task.init_fn, init_rng), config, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,

@@ -147,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   mesh = parallel.create_mesh(config.mesh)
   validate_config(config, mesh)  # Before the data set is read: a bad setting is named first.
+  loop.check_resume(config, workdir)
   step = build_train_step(config, mesh, inputs.num_train_examples(config))
   model = step.model
   logging.info('Mesh %s; %d steps (%d per epoch); global batch %d', dict(mesh.shape), step.total_steps,

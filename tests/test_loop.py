@@ -1,5 +1,9 @@
 """The loop every trainer shares: guarded updates, state, prefetching, settings."""
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -7,7 +11,9 @@ import pytest
 
 from configs import finetune as finetune_recipe
 from configs import test as test_config
-from mae_jax import loop, parallel
+from mae_jax import checkpoint, loop, parallel, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_skipped_steps_keep_the_moments_but_not_the_schedule():
@@ -76,3 +82,75 @@ def test_train_steps_from_epochs_or_steps():
   config.num_train_steps = -1
   config.num_epochs = 2.5
   assert loop.train_steps(config, 64) == (4, 10)
+
+
+def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
+  workdir = str(tmp_path)
+  config = test_config.get_config('steps=1')
+  assert train.train_and_evaluate(config, workdir)['status'] == 'done'
+  config.num_train_steps = 2  # Continuing a run is allowed.
+  loop.check_resume(config, workdir)
+  changed = test_config.get_config('steps=2')
+  changed.batch_size = 32
+  changed.seed = 3
+  with pytest.raises(ValueError, match=r"batch_size: 16 -> 32.*seed|seed: 0 -> 3.*batch_size: 16 -> 32"):
+    train.train_and_evaluate(changed, workdir)
+  assert checkpoint.latest_step(workdir) == 1  # Refused before anything ran.
+  changed.resume_allow_changes = True
+  loop.check_resume(changed, workdir)
+
+
+@pytest.mark.parametrize('grid,axes,num_devices,count,match', [
+    (np.array([[[0, 0]], [[1, 1]]]), ('data', 'fsdp', 'tensor'), -1, 4, None),  # Tensor pairs in one process.
+    (np.array([[[0, 1]], [[0, 1]]]), ('data', 'fsdp', 'tensor'), -1, 4, 'mesh.tensor=2 spans processes'),
+    (np.array([[[0]], [[0]]]), ('data', 'fsdp', 'tensor'), 2, 4, 'mesh.num_devices=2'),
+    (np.array([[[0]], [[0]]]), ('data', 'fsdp', 'tensor'), 2, 2, None),
+])
+def test_a_mesh_that_feeds_overlapping_or_missing_rows_fails(grid, axes, num_devices, count, match):
+  if match is None:
+    loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count)
+  else:
+    with pytest.raises(ValueError, match=match):
+      loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count)
+
+
+def test_window_means_leave_skipped_steps_out_and_count_them():
+  steps = [{'train/loss': 1.0, 'train/skipped': 0.0, 'train/lr': 0.1, 'train/corrupt_images': 1},
+           {'train/loss': np.nan, 'train/skipped': 1.0, 'train/lr': 0.2, 'train/corrupt_images': 0},
+           {'train/loss': 3.0, 'train/skipped': 0.0, 'train/lr': 0.3, 'train/corrupt_images': 2}]
+  scalars = loop.window_scalars(steps)
+  assert scalars == {'train/loss': 2.0, 'train/skipped': 1.0, 'train/lr': 0.3, 'train/corrupt_images': 3.0}
+  assert np.isnan(loop.window_scalars(steps[1:2])['train/loss'])
+
+
+def test_throughput_window_leaves_out_what_is_not_training(monkeypatch):
+  clock = iter([100.0, 101.0, 105.0, 110.0])
+  monkeypatch.setattr(loop.time, 'time', lambda: next(clock))
+  window = loop.Window(0)
+  window.restart(1)  # t = 100
+  window.excluding(lambda: None)  # 101 -> 105: an evaluation, 4 s
+  assert window.train_seconds() == pytest.approx(6.0)  # t = 110: 10 s wall, 4 s of it evaluating
+
+
+SECOND_SIGTERM_DURING_FINAL_SAVE = '''
+import os, signal, sys
+from configs import test as test_config
+from mae_jax import checkpoint, train
+close = checkpoint.Checkpointer.close
+def close_after_a_second_sigterm(self):
+  os.kill(os.getpid(), signal.SIGTERM)  # A requeue or a launcher's kill while the last save commits.
+  close(self)
+checkpoint.Checkpointer.close = close_after_a_second_sigterm
+print(train.train_and_evaluate(test_config.get_config('steps=2'), sys.argv[1])['status'])
+'''
+
+
+def test_a_second_sigterm_during_the_final_save_does_not_lose_it(tmp_path):
+  """The trainer's SIGTERM handler stays installed until the last checkpoint is committed."""
+  workdir = str(tmp_path / 'run')
+  done = subprocess.run([sys.executable, '-c', SECOND_SIGTERM_DURING_FINAL_SAVE, workdir], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip().splitlines()[-1] == 'done'
+  params, _ = checkpoint.load_params(workdir)
+  assert checkpoint.latest_step(workdir) == 2 and params['encoder']

@@ -173,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     or step_index == step.total_steps):
       results.update(knn_monitor(state.params))
     if config.visualize_every_steps > 0 and step_index % config.visualize_every_steps == 0:
-      _write_reconstructions(writer, step_index, model, state, batch, config, step.base_rng)
+      _write_reconstructions(writer, step_index, model, state, batch, config, step.base_rng, mesh)
     return results
 
   batches = loop.prefetch_to_mesh(
@@ -186,13 +186,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {**result.metrics, 'status': result.status, 'step': result.step}
 
 
-def _write_reconstructions(writer, step, model, state, batch, config, base_rng):
-  """Writes a reconstruction grid of the first images of the batch to TensorBoard."""
-  images = jax.device_get(batch['image'])[:8] if jax.process_count() == 1 else None
-  if images is None or jax.process_index() > 0:
-    return
-  params = jax.device_get(state.params)
-  grid = visualize.reconstruction_grid(model, params, images, config.mask_ratio,
-                                       jax.random.fold_in(base_rng, 10**9 + step),
-                                       mean=config.dataset.mean, std=config.dataset.std)
-  writer.write_images(step, {'reconstructions': grid[None]})
+def _write_reconstructions(writer, step, model, state, batch, config, base_rng, mesh):
+  """Writes a reconstruction grid of the first images of the batch to TensorBoard.
+
+  Every process takes part (the params may span hosts); only the few images
+  drawn are gathered, replicated, and process 0 writes the grid.
+  """
+  replicated = parallel.replicated(mesh)
+  count = min(8, batch['image'].shape[0])
+  images = jax.jit(lambda x: x[:count], out_shardings=replicated)(batch['image'])
+  reconstruct = functools.partial(visualize.reconstruct, model, mask_ratio=config.mask_ratio)
+  outputs = jax.jit(reconstruct, out_shardings=replicated)(
+      state.params, images, rng=jax.random.fold_in(base_rng, 10**9 + step))
+  if jax.process_index() == 0:
+    host = lambda x: np.asarray(x.addressable_data(0))
+    grid = visualize.grid_of(host(images), *[host(x) for x in outputs], mean=config.dataset.mean,
+                             std=config.dataset.std)
+    writer.write_images(step, {'reconstructions': grid[None]})

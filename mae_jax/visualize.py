@@ -81,6 +81,11 @@ def _to_uint8(images, mean, std):
 def reconstruction_grid(model, params, images, mask_ratio: float, rng, *, mean, std, min_tile: int = 112):
   """uint8 [rows*H, 4*W, 3] grid, one row per image; masked patches shown grey."""
   recon, pasted, mask_image = reconstruct(model, params, images, mask_ratio, rng)
+  return grid_of(images, recon, pasted, mask_image, mean=mean, std=std, min_tile=min_tile)
+
+
+def grid_of(images, recon, pasted, mask_image, *, mean, std, min_tile: int = 112):
+  """The grid of `reconstruct`'s outputs (host arrays): original | masked | reconstruction | pasted."""
   originals = _to_uint8(images, mean, std)
   masked = np.where(np.asarray(mask_image) > 0, np.uint8(128), originals)
   columns = [originals, masked, _to_uint8(recon, mean, std), _to_uint8(pasted, mean, std)]

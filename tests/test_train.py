@@ -228,7 +228,8 @@ def test_two_processes_match_one(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
              PYTHONPATH=REPO)
   procs = [subprocess.Popen(_main_argv(multi, [f'--coordinator_address=127.0.0.1:{port}',
-                                               '--num_processes=2', f'--process_id={i}']),
+                                               '--num_processes=2', f'--process_id={i}',
+                                               '--config.visualize_every_steps=4']),
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for i in range(2)]
   outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
@@ -238,11 +239,16 @@ def test_two_processes_match_one(tmp_path):
   out = subprocess.run(_main_argv(single), env=env1, cwd=REPO, capture_output=True, timeout=300)
   assert out.returncode == 0, out.stderr.decode()[-3000:]
   np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)
+  # Process 0 wrote the reconstruction grids (the params span both processes' devices).
+  events = [f for f in os.listdir(multi) if f.startswith('events.out.tfevents')]
+  assert events and any(os.path.getsize(os.path.join(multi, f)) > 10_000 for f in events)
   # The checkpoint written by the 2-process job restores in a 1-process job.
   assert checkpoint.latest_step(multi) == 8
   _, config = checkpoint.load_params(multi)
   assert config['batch_size'] == 16
-  resumed = subprocess.run(_main_argv(multi, ['--config.num_train_steps=10']), env=env1, cwd=REPO,
+  # Another process count reads other examples at a step: allowed here on purpose.
+  resumed = subprocess.run(_main_argv(multi, ['--config.num_train_steps=10', '--config.resume_allow_changes=True']),
+                           env=env1, cwd=REPO,
                            capture_output=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
   assert checkpoint.latest_step(multi) == 10

@@ -222,9 +222,13 @@ class PreemptionFlag:
   """Set by SIGTERM; the loop saves a checkpoint and exits cleanly.
 
   With several processes every one must stop at the same step (the save is
-  collective), but SIGTERM reaches them at different times: `requested(step)`
-  then agrees across processes every `sync_every_steps` steps (an all-gather
-  of one flag per process) and says True on all of them at the same step.
+  collective), but SIGTERM reaches them at different times. When
+  jax.distributed runs its preemption service (the default), that service owns
+  SIGTERM: it tells every process, and `Checkpointer.reached_preemption` (JAX's
+  preemption sync point) says True on all of them at the same step, so no
+  Python handler is installed here (one would replace the service's notifier).
+  Without the service, `requested(step)` agrees across processes every
+  `sync_every_steps` steps (an all-gather of one flag per process).
   """
 
   def __init__(self, sync_every_steps: int = 10):
@@ -235,7 +239,7 @@ class PreemptionFlag:
     self._previous = {}
 
   def install(self):
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or jax_preemption_service():
       return self
     for sig in (signal.SIGTERM,):
       self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
@@ -255,6 +259,14 @@ class PreemptionFlag:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.int32(self.event.is_set()))
     return bool(np.max(flags))
+
+
+def jax_preemption_service() -> bool:
+  """Whether jax.distributed's preemption service watches for SIGTERM in this multi-process job."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.preemption_sync_manager is not None
 
 
 def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted, save_fn) -> bool:

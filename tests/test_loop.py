@@ -154,3 +154,4 @@ def test_a_second_sigterm_during_the_final_save_does_not_lose_it(tmp_path):
   assert done.stdout.strip().splitlines()[-1] == 'done'
   params, _ = checkpoint.load_params(workdir)
   assert checkpoint.latest_step(workdir) == 2 and params['encoder']
+

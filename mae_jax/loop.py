@@ -67,26 +67,34 @@ def guarded_update(state: TrainState, loss, grads, tx, max_nonfinite: int, **oth
 
   `other_fields` (e.g. batch_stats) are new values of further state fields,
   kept only when the step is applied. Returns (new_state, grad_norm, finite).
+
+  The choice is a `lax.cond`: a finite step costs the optimizer update and
+  nothing more, where selecting between new and old values of every
+  parameter and moment would read and write them all a second time.
   """
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state.halted
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  # As the reference, a skipped step leaves the moments (and Adam's bias-correction count)
-  # alone, but the learning-rate schedule follows the iteration: its counters advance.
   is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
-  keep_opt = lambda new, old: jax.tree.map(lambda n, o: n if is_schedule(n) else keep(n, o), new, old,
-                                           is_leaf=is_schedule)
+
+  def apply(operand):
+    params, opt_state, _ = operand
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, dict(other_fields)
+
+  def skip(operand):
+    # As the reference, a skipped step leaves the moments (and Adam's bias-correction count)
+    # alone, but the learning-rate schedule follows the iteration: its counters advance.
+    params, opt_state, others = operand
+    advance = lambda x: x._replace(count=optax.safe_increment(x.count)) if is_schedule(x) else x
+    return params, jax.tree.map(advance, opt_state, is_leaf=is_schedule), others
+
+  others = {name: getattr(state, name) for name in other_fields}
+  params, opt_state, others = jax.lax.cond(finite, apply, skip, (state.params, state.opt_state, others))
   nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep_opt(new_opt_state, state.opt_state),
-      nonfinite_run=nonfinite_run,
+      step=state.step + 1, params=params, opt_state=opt_state, nonfinite_run=nonfinite_run,
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-      halted=state.halted | (nonfinite_run >= max_nonfinite),
-      **{name: keep(value, getattr(state, name)) for name, value in other_fields.items()})
+      halted=state.halted | (nonfinite_run >= max_nonfinite), **others)
   return new_state, grad_norm, finite
 
 
@@ -164,13 +172,13 @@ def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
     raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
   if mesh is not None:
     check_mesh_feeds_whole_rows(np.vectorize(lambda d: d.process_index)(mesh.devices), mesh.axis_names,
-                                config.mesh.num_devices, jax.device_count())
+                                config.mesh.num_devices, jax.device_count(), jax.process_count())
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   vit.check_attention_platform(config.model.attention_impl, platform)
 
 
 def check_mesh_feeds_whole_rows(process_grid: np.ndarray, axis_names, num_devices_setting: int,
-                                device_count: int) -> None:
+                                device_count: int, process_count: int) -> None:
   """Each process must own whole rows of the batch: else its local batch lands on the wrong rows.
 
   `process_grid` holds the process index of each device of the mesh (shape
@@ -178,10 +186,9 @@ def check_mesh_feeds_whole_rows(process_grid: np.ndarray, axis_names, num_device
   devices along `tensor` (which hold the same rows) must belong to one
   process, and with several processes every device must be in the mesh.
   """
-  processes = np.unique(process_grid)
-  if len(processes) < 2 and num_devices_setting in (-1, device_count):
+  if process_count == 1:
     return
-  if num_devices_setting not in (-1, device_count) and (len(processes) > 1 or process_grid.size < device_count):
+  if num_devices_setting not in (-1, device_count):
     raise ValueError(f'mesh.num_devices={num_devices_setting} with {device_count} devices over several processes '
                      'leaves devices out, so some processes would feed rows no device holds: set '
                      'mesh.num_devices=-1')

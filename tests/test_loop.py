@@ -100,18 +100,19 @@ def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
   loop.check_resume(changed, workdir)
 
 
-@pytest.mark.parametrize('grid,axes,num_devices,count,match', [
-    (np.array([[[0, 0]], [[1, 1]]]), ('data', 'fsdp', 'tensor'), -1, 4, None),  # Tensor pairs in one process.
-    (np.array([[[0, 1]], [[0, 1]]]), ('data', 'fsdp', 'tensor'), -1, 4, 'mesh.tensor=2 spans processes'),
-    (np.array([[[0]], [[0]]]), ('data', 'fsdp', 'tensor'), 2, 4, 'mesh.num_devices=2'),
-    (np.array([[[0]], [[0]]]), ('data', 'fsdp', 'tensor'), 2, 2, None),
+@pytest.mark.parametrize('grid,num_devices,count,processes,match', [
+    (np.array([[[0, 0]], [[1, 1]]]), -1, 4, 2, None),  # Each tensor pair within one process.
+    (np.array([[[0, 1]], [[0, 1]]]), -1, 4, 2, 'mesh.tensor=2 spans processes'),
+    (np.array([[[0]], [[1]]]), 2, 4, 2, 'mesh.num_devices=2'),  # Two processes' devices left out.
+    (np.array([[[0]], [[0]]]), 2, 8, 1, None),  # One process may use some of its devices.
 ])
-def test_a_mesh_that_feeds_overlapping_or_missing_rows_fails(grid, axes, num_devices, count, match):
+def test_a_mesh_that_feeds_overlapping_or_missing_rows_fails(grid, num_devices, count, processes, match):
+  axes = ('data', 'fsdp', 'tensor')
   if match is None:
-    loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count)
+    loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count, processes)
   else:
     with pytest.raises(ValueError, match=match):
-      loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count)
+      loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count, processes)
 
 
 def test_window_means_leave_skipped_steps_out_and_count_them():

@@ -22,11 +22,20 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
 # Printed by the remote job wrapper after the trainer exits with status 0.
 SUCCESS_MARKER = 'MAE_JAX_JOB_SUCCEEDED'
+# Printed by the remote job wrapper with the trainer's exit status, e.g. MAE_JAX_JOB_EXIT=75.
+EXIT_MARKER = 'MAE_JAX_JOB_EXIT='
+_EXIT_LINE = re.compile(re.escape(EXIT_MARKER) + r'(\d+)')
+
+# mae_jax.main's exit statuses (tests/test_launch.py checks that they agree; importing
+# mae_jax.main here would load jax and TensorFlow into every launcher).
+PREEMPTED_EXIT_CODE = 75  # Saved and stopped early (SIGTERM, preemption): rerun to resume.
+NONFINITE_EXIT_CODE = 65  # Halted on non-finite losses: a rerun would diverge again; never retried.
 
 _ENV_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
 _CONFIG_KEY = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*')
@@ -34,6 +43,17 @@ _CONFIG_KEY = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*')
 
 class LaunchError(RuntimeError):
   """A launch step failed (a command exited non-zero, retries ran out, ...)."""
+  exit_code = 1
+
+
+class Preempted(LaunchError):
+  """The retries ran out while the TPU kept being preempted: rerun the same command later to resume."""
+  exit_code = PREEMPTED_EXIT_CODE
+
+
+class NonFiniteHalt(LaunchError):
+  """The trainer halted on non-finite losses; relaunching would repeat it, so nothing retries."""
+  exit_code = NONFINITE_EXIT_CODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +62,8 @@ class StreamResult:
   returncode: int
   # How many times the success marker appeared in the command's output.
   marker_count: int
+  # The trainer exit statuses that workers reported (EXIT_MARKER lines), in order.
+  exit_codes: tuple[int, ...] = ()
 
 
 class Runner:
@@ -129,6 +151,11 @@ class Runner:
       raise ValueError(f'got {len(labels)} labels for {len(commands)} commands')
     return self._call_stream(commands, labels, marker)
 
+  def sleep(self, seconds: float) -> None:
+    """Waits (polling, backoff); a dry run does not wait."""
+    if not self.dry_run and seconds > 0:
+      time.sleep(seconds)
+
   # The three methods below are the only ones that start processes. Tests
   # override them to check real-mode behaviour without running anything.
 
@@ -159,11 +186,13 @@ class Runner:
         except FileNotFoundError as e:
           raise LaunchError(_not_found(command)) from e
       counts = [0] * len(processes)
+      exit_codes = [[] for _ in processes]
 
       def pump(index: int) -> None:
         prefix = f'[{labels[index]}] ' if labels[index] else ''
         for line in processes[index].stdout:
           counts[index] += line.count(marker)
+          exit_codes[index] += [int(code) for code in _EXIT_LINE.findall(line)]
           self.echo(prefix + line.rstrip('\n'))
 
       threads = [threading.Thread(target=pump, args=(i,), daemon=True)
@@ -173,7 +202,7 @@ class Runner:
       for process, thread in zip(processes, threads):
         process.wait()
         thread.join()
-      return [StreamResult(p.returncode, c) for p, c in zip(processes, counts)]
+      return [StreamResult(p.returncode, c, tuple(e)) for p, c, e in zip(processes, counts, exit_codes)]
     finally:
       # On Ctrl-C or an error, stop the processes this call started.
       for process in processes:

@@ -22,16 +22,22 @@ Resuming: a run that finishes with status 'done' gets a DONE marker in its
 workdir and is skipped by later invocations; an interrupted run (SIGTERM,
 Ctrl-C, a lost TPU) has no marker and resumes from its newest checkpoint the
 next time. SIGTERM sent to a local sweep reaches the running trainer, which
-saves a checkpoint; the sweep then stops with exit status 75. --max_runs=N
-stops after N runs, leaving the rest for a later invocation.
+saves a checkpoint; the sweep then stops with exit status 75. A trainer that
+exits with 75 by itself (preempted: it saved and stopped) is 'preempted' and
+stops the sweep the same way; in tpu mode so does a run whose TPU kept being
+preempted until launch.tpu's retries ran out. A trainer that halted on
+non-finite losses (exit status 65) is 'failed' and not retried; the sweep goes
+on with the next run. --max_runs=N stops after N runs, leaving the rest for a
+later invocation.
 
 At the end the last value of every metric in each run's metrics.jsonl goes into
 one table, printed as markdown and written to ROOT/summary.md and
 ROOT/summary.csv. ROOT/sweep.json records the expanded runs. --dry_run prints
 the plan and every command and runs or writes nothing.
 
-Exit status: 0 when every run it tried finished, 1 when one failed, 75 when
-interrupted (rerun to resume), 2 for usage errors.
+Exit status: 0 when every run it tried finished, 1 when one failed (a
+non-finite halt included), 75 when interrupted or preempted (rerun to resume),
+2 for usage errors.
 
 Examples:
 
@@ -78,7 +84,9 @@ LOCAL_RUNNERS = ('subprocess', 'inprocess')
 DONE_MARKER = 'DONE'
 METRICS_FILE = 'metrics.jsonl'
 EXIT_FAILED = 1
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: rerun the same command to resume.
+EXIT_INTERRUPTED = common.PREEMPTED_EXIT_CODE  # EX_TEMPFAIL: rerun the same command to resume.
+# Statuses after which the sweep stops (exit EXIT_INTERRUPTED).
+STOPPING = ('interrupted', 'preempted')
 # Metrics shown first in the summary, when present.
 LEADING_METRICS = ('train/loss',)
 
@@ -275,8 +283,9 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
               python: str = sys.executable) -> dict[str, str]:
   """Runs the pending runs one after another; returns {name: status} of those it tried.
 
-  A status is 'done', 'failed' or 'interrupted'; the loop stops after an
-  interrupted run and after `max_runs` runs (0: no limit).
+  A status is 'done', 'failed', 'interrupted' (this process got SIGTERM or
+  Ctrl-C) or 'preempted' (the trainer exited 75); the loop stops after an
+  interrupted or preempted run and after `max_runs` runs (0: no limit).
   """
   runner = runner or TrainerRunner()
   if local_runner not in LOCAL_RUNNERS:
@@ -311,8 +320,12 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
         interrupted = getattr(runner, 'interrupted', False)
         if returncode == 0 and not interrupted and _finished_all_steps(config, run):
           status = 'done'
-        else:
-          status = 'interrupted' if returncode == 0 or interrupted else 'failed'
+        elif returncode == 0 or interrupted:
+          status = 'interrupted'
+        elif returncode == common.PREEMPTED_EXIT_CODE:
+          status = 'preempted'  # Saved and stopped by a signal this sweep did not send.
+        else:  # Non-finite halts (65) included: a rerun would diverge again.
+          status = 'failed'
         result = {'step': read_metrics(run).get('step')}
     except Exception:  # noqa: BLE001  One failed run must not stop the others.
       runner.echo(f'# {run.name}: failed\n{traceback.format_exc()}')
@@ -321,8 +334,8 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
     runner.echo(f'# {run.name}: {status}')
     if status == 'done':
       mark_done(run, result)
-    elif status == 'interrupted':
-      runner.echo('# interrupted: rerun the same command to resume from the checkpoint')
+    elif status in STOPPING:
+      runner.echo(f'# {status}: rerun the same command to resume from the checkpoint')
       break
   return statuses
 
@@ -367,7 +380,11 @@ def run_tpu(sweep: Sweep, template, runner: common.Runner, steps: Sequence[str],
         runner.echo(f'# {run.name}: running in {run.workdir}')
         try:
           tpu.launch(job, runner, ['run'])
-        except common.LaunchError as e:
+        except common.Preempted as e:
+          runner.echo(f'# {run.name}: preempted: {e}')
+          statuses[run.name] = 'preempted'
+          break  # The TPU keeps being preempted: stop; the same command resumes.
+        except common.LaunchError as e:  # A non-finite halt too: never retried.
           runner.echo(f'# {run.name}: failed: {e}')
           statuses[run.name] = 'failed'
           continue
@@ -419,7 +436,7 @@ def summary_rows(sweep: Sweep, statuses: dict[str, str] | None = None, metrics: 
                  read: bool = True) -> tuple[list[str], list[list[Any]]]:
   """(columns, rows): run, its overrides, status, step and the final metrics.
 
-  Status: 'done' (DONE marker), this invocation's 'failed' / 'interrupted',
+  Status: 'done' (DONE marker), this invocation's 'failed' / 'interrupted' / 'preempted',
   'incomplete' (metrics but no marker) or 'pending'; 'unknown' with
   read=False, which reads nothing from the workdirs. `metrics` picks metric
   columns; empty means all, train/loss first.
@@ -568,7 +585,7 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
   runner.echo(markdown.rstrip('\n'))
   if not args.dry_run:
     runner.echo(f'# summary: {_join(sweep.root, "summary.md")}, {_join(sweep.root, "summary.csv")}')
-  if 'interrupted' in statuses.values():
+  if any(status in STOPPING for status in statuses.values()):
     return EXIT_INTERRUPTED
   if 'failed' in statuses.values():
     return EXIT_FAILED

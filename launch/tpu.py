@@ -10,16 +10,28 @@ Steps, in order (pick a subset with --steps):
   run     `gcloud compute tpus tpu-vm ssh NODE --worker=all --command=...` on each
           slice node at once, streaming the logs. The job counts as done when every
           worker prints a success marker after the trainer exits with status 0.
-          Otherwise the TPU state is read with `describe`; a PREEMPTED/TERMINATED VM
-          (or a SUSPENDED/FAILED queued resource) is deleted, recreated and set up
-          again, a healthy one simply reruns the job. At most --max_retries reruns;
-          the trainer resumes from the newest checkpoint in --workdir.
+          A trainer that halted on non-finite losses (exit status 65) ends the
+          launch at once: a rerun would diverge again. Otherwise the TPU state is
+          read with `describe`; a PREEMPTED/TERMINATED VM (or a SUSPENDED/FAILED
+          queued resource) is deleted, recreated and set up again, a healthy one
+          simply reruns the job. A failed re-create or setup is tried again after
+          a backoff (--retry_backoff_seconds, doubling). Reruns, re-creates and
+          setups together take at most --max_retries retries; the trainer resumes
+          from the newest checkpoint in --workdir. A trainer left running by an
+          earlier attempt on the same VM gets SIGTERM and is waited for (it may be
+          saving) before the new one starts; after --stale_trainer_timeout seconds
+          it is killed. On a multi-host slice the trainer gets --distributed=on.
   delete  Delete the TPU VM or queued resource (also after a failure or Ctrl-C);
           --keep skips it.
 
 Multi-slice jobs use a queued resource with `--node-count`; its nodes are named
 NODE_PREFIX-0 ... NODE_PREFIX-(N-1). The TPU runtime sets the MEGASCALE_*
 variables on queued-resource slices and jax picks them up; use --env for extras.
+
+Exit status: 0 when the job finished; 65 when the trainer halted on non-finite
+losses (not retried); 75 when the retries ran out while the TPU kept being
+preempted (rerun the same command later to resume); 1 for other failures; 2 for
+usage errors.
 
 Every value is passed as one argv element and the remote `--command=` string is
 built with `shlex.quote` around every piece, so config values may contain spaces,
@@ -60,7 +72,6 @@ import re
 import shlex
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 
 if __package__ in (None, ''):
@@ -77,6 +88,9 @@ _VM_LOST_STATES = ('PREEMPTED', 'TERMINATED', 'STOPPED', 'STOPPING', '')
 # Queued-resource states after which the resource has to be recreated.
 _QR_LOST_STATES = ('SUSPENDING', 'SUSPENDED', 'FAILED', '')
 _QR_WAITING_STATES = ('ACCEPTED', 'WAITING_FOR_RESOURCES', 'PROVISIONING', 'CREATING')
+
+# The longest wait between two failed re-creates or setups.
+_MAX_BACKOFF_SECONDS = 900.0
 
 _TARBALL_REMOTE = 'mae-jax-code.tar.gz'
 _PID_FILE = '.mae_jax_job.pid'
@@ -112,6 +126,8 @@ class TpuJob:
   extra_args: tuple[str, ...] = ()
   max_retries: int = 3
   poll_seconds: float = 60.0
+  retry_backoff_seconds: float = 30.0
+  stale_trainer_timeout: int = 600
 
   def __post_init__(self):
     for name in ('create_flags', 'overrides', 'env', 'extra_args'):
@@ -135,6 +151,10 @@ class TpuJob:
       raise ValueError(f'--max_retries={self.max_retries}: must be >= 0')
     if self.poll_seconds <= 0:
       raise ValueError(f'--poll_seconds={self.poll_seconds}: must be > 0')
+    if self.retry_backoff_seconds < 0:
+      raise ValueError(f'--retry_backoff_seconds={self.retry_backoff_seconds}: must be >= 0')
+    if self.stale_trainer_timeout < 0:
+      raise ValueError(f'--stale_trainer_timeout={self.stale_trainer_timeout}: must be >= 0 (seconds)')
     remote = os.path.normpath(self.remote_dir)
     if (not self.remote_dir or os.path.isabs(self.remote_dir) or remote == '.'
         or remote.startswith('..') or self.remote_dir.startswith('~')):
@@ -163,6 +183,11 @@ class TpuJob:
   @property
   def workers_per_slice(self) -> int:
     return self.slice_type.num_hosts
+
+  @property
+  def num_processes(self) -> int:
+    """Trainer processes: one per worker of every slice."""
+    return self.workers_per_slice * self.num_slices
 
   @property
   def node_names(self) -> list[str]:
@@ -266,25 +291,46 @@ def setup_script(job: TpuJob) -> str:
   return ' && '.join(parts)
 
 
+def trainer_args(job: TpuJob) -> list[str]:
+  """Trainer flags beyond config and workdir; flags after `--` come last and so win."""
+  # A pod's workers find each other through JAX's cluster detection; `on` makes a failure loud.
+  return (['--distributed=on'] if job.num_processes > 1 else []) + list(job.extra_args)
+
+
 def run_script(job: TpuJob) -> str:
-  """Shell command run on every worker: stop a stale copy, run the trainer, mark success.
+  """Shell command run on every worker: wait for a stale copy, run the trainer, report its status.
 
   The trainer's pid goes to a file so that a rerun on the same VM (say after a
   dropped ssh connection, which leaves the old process holding the TPU) can stop
-  exactly that process first.
+  exactly that process first: SIGTERM, then wait until it is gone (it may be
+  saving a checkpoint into the same workdir), SIGKILL after
+  --stale_trainer_timeout seconds. The exit status is printed as
+  EXIT_MARKER=STATUS, plus the success marker for 0.
   """
   q = shlex.quote
   env = [('PYTHONUNBUFFERED', '1'), *common.parse_env(job.env)]
   trainer = shlex.join(common.job_argv(job.python, job.config, job.workdir, job.overrides,
-                                       job.extra_args, env))
+                                       trainer_args(job), env))
   pid_file = q(_PID_FILE)
+  timeout = int(job.stale_trainer_timeout)
   return '; '.join([
       f'cd {q(job.remote_dir)} || exit 1',
-      f'if [ -f {pid_file} ]; then kill "$(cat {pid_file})" 2>/dev/null && sleep 10; fi',
+      # Alive and still a trainer: not a zombie (empty cmdline), not a reused pid.
+      "alive() { tr '\\000' ' ' < \"/proc/$1/cmdline\" 2>/dev/null | grep -q -F mae_jax.main; }",
+      f'old=$(cat {pid_file} 2>/dev/null)',
+      'if [ -n "$old" ] && alive "$old"; then '
+      f'echo "# stopping the previous trainer (pid $old); waiting up to {timeout}s for it to exit"; '
+      'kill -TERM "$old" 2>/dev/null; waited=0; '
+      f'while alive "$old" && [ "$waited" -lt {timeout} ]; do sleep 1; waited=$((waited + 1)); done; '
+      'if alive "$old"; then '
+      f'echo "# the previous trainer is still running after {timeout}s; killing it"; '
+      'kill -KILL "$old" 2>/dev/null; waited=0; '
+      'while alive "$old" && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done; fi; fi',
       f'{trainer} & echo $! > {pid_file}',
       'wait $!',
       'status=$?',
       f'rm -f {pid_file}',
+      f'echo {common.EXIT_MARKER}"$status"',
       f'if [ "$status" -eq 0 ]; then echo {common.SUCCESS_MARKER}; fi',
       'exit "$status"',
   ])
@@ -302,7 +348,7 @@ def _create(job: TpuJob, runner: common.Runner) -> None:
       raise common.LaunchError(f'queued resource {job.tpu_name} is {state or "missing"}; '
                                'see `gcloud compute tpus queued-resources describe`')
     runner.echo(f'# queued resource {job.tpu_name} is {state}; waiting {job.poll_seconds:g}s')
-    time.sleep(job.poll_seconds)
+    runner.sleep(job.poll_seconds)
 
 
 def _check_all(results: Sequence[common.StreamResult], nodes: Sequence[str], what: str) -> None:
@@ -322,18 +368,23 @@ def _setup(job: TpuJob, runner: common.Runner) -> None:
              nodes, 'installing the code')
 
 
-def _run_once(job: TpuJob, runner: common.Runner) -> bool:
-  """Runs the job on every node at once; True when every worker reported success."""
+def _run_once(job: TpuJob, runner: common.Runner) -> str:
+  """Runs the job on every node at once: 'done', 'nonfinite', 'preempted' (a trainer exited 75) or 'failed'."""
   nodes = job.node_names
   script = run_script(job)
   results = runner.stream([ssh_command(job, n, script) for n in nodes], labels=nodes,
                           dry_run_markers=job.workers_per_slice)
   ok = all(r.returncode == 0 and r.marker_count >= job.workers_per_slice for r in results)
+  codes = {code for r in results for code in r.exit_codes}
+  if ok and not codes - {0}:
+    return 'done'
   for node, result in zip(nodes, results):
-    if not ok:
-      runner.echo(f'# {node}: exit status {result.returncode}, {result.marker_count} of '
-                  f'{job.workers_per_slice} workers reported success')
-  return ok
+    reported = ', '.join(str(c) for c in result.exit_codes) or 'none'
+    runner.echo(f'# {node}: exit status {result.returncode}, {result.marker_count} of '
+                f'{job.workers_per_slice} workers reported success (trainer exit statuses: {reported})')
+  if common.NONFINITE_EXIT_CODE in codes:
+    return 'nonfinite'
+  return 'preempted' if common.PREEMPTED_EXIT_CODE in codes else 'failed'
 
 
 def _needs_recreate(job: TpuJob, runner: common.Runner) -> bool:
@@ -343,6 +394,62 @@ def _needs_recreate(job: TpuJob, runner: common.Runner) -> bool:
   lost = _QR_LOST_STATES if job.use_queued_resource else _VM_LOST_STATES
   runner.echo(f'# {job.tpu_name} state: {state or "missing"}')
   return state in lost
+
+
+def _run_with_retries(job: TpuJob, runner: common.Runner) -> None:
+  """Runs the job until it finishes, within --max_retries retries.
+
+  Each retry is one of: a rerun on the healthy TPU, a re-create (delete, create,
+  setup) of a lost one, or another try of a re-create or setup that failed (no
+  spot capacity, a pip or ssh hiccup), after a backoff that doubles. Raises
+  common.NonFiniteHalt at once when a trainer halted on non-finite losses, and
+  when the retries run out common.Preempted (the last setback was a
+  preemption) or common.LaunchError.
+  """
+  retries, failures, preempted = 0, 0, False
+  todo = 'run'  # What the next attempt starts with: 'recreate', 'setup' or 'run'.
+  while True:
+    try:
+      if todo == 'recreate':
+        runner.run(delete_command(job), check=False)
+        _create(job, runner)
+        todo = 'setup'
+      if todo == 'setup':
+        _setup(job, runner)
+        todo, failures = 'run', 0
+      outcome = _run_once(job, runner)
+    except common.LaunchError as e:
+      failures += 1
+      what = f'{"re-create" if todo == "recreate" else todo} failed: {e}'
+      if todo == 'setup':
+        preempted = _needs_recreate(job, runner)  # Lost again while being set up?
+        todo = 'recreate' if preempted else 'setup'
+      elif todo == 'run':
+        preempted = False
+    else:
+      if outcome == 'done':
+        return
+      if outcome == 'nonfinite':
+        raise common.NonFiniteHalt(
+            f'the trainer halted on non-finite losses (exit status {common.NONFINITE_EXIT_CODE}); not retrying: '
+            f'a rerun would diverge again. Lower optim.base_lr or set optim.grad_clip_norm; the last good '
+            f'checkpoint is in {job.workdir}')
+      lost = _needs_recreate(job, runner)
+      preempted = lost or outcome == 'preempted'
+      what = (f'{job.tpu_name} was lost (preempted?)' if lost else 'the trainer saved and stopped (exit status '
+              f'{common.PREEMPTED_EXIT_CODE}: preempted?)' if outcome == 'preempted' else 'the job failed')
+      todo = 'recreate' if lost else 'run'
+    retries += 1
+    if retries > job.max_retries:
+      error = common.Preempted if preempted else common.LaunchError
+      raise error(f'the job did not finish after {job.max_retries} retries (--max_retries); last: {what}'
+                  + ('; rerun the same command to resume from the newest checkpoint' if preempted else ''))
+    action = {'recreate': 'recreating the TPU', 'setup': 'setting it up again', 'run': 'rerunning the job'}[todo]
+    runner.echo(f'# {what}; {action}, retry {retries}/{job.max_retries}')
+    if failures:
+      backoff = min(job.retry_backoff_seconds * 2 ** (failures - 1), _MAX_BACKOFF_SECONDS)
+      runner.echo(f'# waiting {backoff:g}s first (--retry_backoff_seconds)')
+      runner.sleep(backoff)
 
 
 def launch(job: TpuJob, runner: common.Runner, steps: Sequence[str] = STEPS) -> None:
@@ -359,20 +466,7 @@ def launch(job: TpuJob, runner: common.Runner, steps: Sequence[str] = STEPS) -> 
     if 'setup' in steps:
       _setup(job, runner)
     if 'run' in steps:
-      attempt = 0
-      while not _run_once(job, runner):
-        attempt += 1
-        if attempt > job.max_retries:
-          raise common.LaunchError(
-              f'the job did not finish after {job.max_retries} retries (--max_retries)')
-        if _needs_recreate(job, runner):
-          runner.echo(f'# {job.tpu_name} was lost (preempted?); recreating, '
-                      f'retry {attempt}/{job.max_retries}')
-          runner.run(delete_command(job), check=False)
-          _create(job, runner)
-          _setup(job, runner)
-        else:
-          runner.echo(f'# rerunning on the same TPU, retry {attempt}/{job.max_retries}')
+      _run_with_retries(job, runner)
   except BaseException:
     # Failed or interrupted: still release the TPU, then report the first error.
     if 'delete' in steps and runner.run(delete_command(job), check=False):
@@ -422,9 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--env', dest='env', action='append', default=[], metavar='NAME=VALUE',
                       help='Environment variable for the trainer, repeatable.')
   add(parser, 'max_retries', type=int, default=3,
-      help='Reruns after failure or preemption before giving up.')
+      help='Retries (reruns, re-creates, setups) after failure or preemption before giving up.')
   add(parser, 'poll_seconds', type=float, default=60.0,
       help='Seconds between state checks while a queued resource waits.')
+  add(parser, 'retry_backoff_seconds', type=float, default=30.0,
+      help='Wait before trying a failed re-create or setup again; doubles per failure in a row.')
+  add(parser, 'stale_trainer_timeout', type=int, default=600,
+      help='Seconds a trainer left by an earlier attempt gets to save and exit before it is killed.')
   add(parser, 'steps', default=','.join(STEPS),
       help=f'Comma-separated subset of {",".join(STEPS)}.')
   add(parser, 'keep', action='store_true', help='Do not delete the TPU at the end.')
@@ -466,7 +564,7 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None)
     parser.error(str(e))
   except common.LaunchError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return e.exit_code
   return 0
 
 

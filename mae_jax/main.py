@@ -4,22 +4,28 @@ Runs pretraining, or what `config.downstream` names (finetune, linprobe, knn)
 for the configs that have that key (configs/finetune.py, configs/linprobe.py).
 
 Overrides: `--config.KEY=VALUE` (e.g. `--config.batch_size=512`). Multi-process
-jobs (TPU pods, SLURM, or the --coordinator_address flags) initialise
-jax.distributed before anything touches the devices.
+jobs (TPU pods, SLURM, multi-slice, or the --coordinator_address flags) initialise
+jax.distributed before anything touches the devices (mae_jax.distributed;
+--distributed=auto|on|off).
+
+Exit status: 0 when the run finished, PREEMPTED_EXIT_CODE (75) when it saved and
+stopped early (SIGTERM, a preemption notice: rerun to resume), NONFINITE_EXIT_CODE
+(65) when it halted on non-finite losses (rerunning repeats it: launchers do not
+retry), 1 for other errors.
 """
 
 import json
-import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import config_tools, finetune, knn, linprobe, supervised, train
+from mae_jax import config_tools, distributed, finetune, knn, linprobe, loop, supervised, train
 
 FLAGS = flags.FLAGS
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
+NONFINITE_EXIT_CODE = 65  # EX_DATAERR: halted on non-finite losses; a rerun would diverge again.
 
 
 def define_flags():
@@ -29,19 +35,10 @@ def define_flags():
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (explicit multi-process jobs).')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (explicit multi-process jobs).')
   flags.DEFINE_integer('process_id', None, 'This process (explicit multi-process jobs).')
+  flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
+                    'jax.distributed: auto = start it for multi-process jobs (the flags above, SLURM, GKE or '
+                    'GCE TPU pods, multi-slice), on = always (fails when no cluster is found), off = never.')
   flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-  """Starts jax.distributed for explicit, TPU-pod and SLURM multi-process jobs."""
-  if coordinator_address:
-    # Only affects CPU devices (e.g. two processes on loopback); must not touch the backend yet.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
-  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','):
-    jax.distributed.initialize()  # finds the coordinator from the cluster environment
-  elif os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
 
 
 # config.downstream -> its trainer.
@@ -62,10 +59,18 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
-  maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  try:
+    distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:  # Contradicting or incomplete flags.
+    raise app.UsageError(str(e)) from None
   logging.info('JAX process %d / %d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  result = run_experiment(FLAGS.config, FLAGS.workdir)
+  try:
+    result = run_experiment(FLAGS.config, FLAGS.workdir)
+  except loop.NonFiniteLossError as e:
+    # A distinct status, so that launchers stop instead of replaying the same divergence.
+    logging.error('Halted on non-finite losses (exit status %d, not retried): %s', NONFINITE_EXIT_CODE, e)
+    sys.exit(NONFINITE_EXIT_CODE)
   logging.info('Finished: %s', result)
   if 'downstream' in FLAGS.config and jax.process_index() == 0:
     shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step')}

@@ -12,6 +12,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -57,7 +58,14 @@ def remote_command(argv):
 
 
 def is_run(argv):
-  return argv[0] == 'gcloud' and argv[4] == 'ssh' and 'mae_jax.main' in remote_command(argv)
+  return argv[0] == 'gcloud' and argv[4] == 'ssh' and ' -m mae_jax.main ' in remote_command(argv)
+
+
+def trainer_words(argv):
+  """The trainer's argv inside a run command's remote script."""
+  words = shlex.split(remote_command(argv))
+  start = words.index('mae_jax.main') - 2
+  return words[start:words.index('&', start)]
 
 
 class ScriptedRunner(common.Runner):
@@ -66,15 +74,27 @@ class ScriptedRunner(common.Runner):
   Args:
     states: stdout of successive `describe` calls.
     job_results: for each run of the job, one StreamResult per node.
+    failures: {'create' | 'setup': numbers}: which of those commands fail, counting from 1
+      (the first create and setup are the launch's own; re-creates follow).
   """
 
-  def __init__(self, states=(), job_results=()):
+  def __init__(self, states=(), job_results=(), failures=None):
     super().__init__(dry_run=False, out=io.StringIO())
     self.states = list(states)
     self.job_results = list(job_results)
+    self.failures = dict(failures or {})
+    self.seen = {'create': 0, 'setup': 0}
+    self.sleeps = []
+
+  def _fails(self, what):
+    self.seen[what] += 1
+    return self.seen[what] in self.failures.get(what, ())
+
+  def sleep(self, seconds):
+    self.sleeps.append(seconds)
 
   def _call(self, command):
-    return 0
+    return 1 if command[4:5] == ('create',) and self._fails('create') else 0
 
   def _call_capture(self, command):
     return 0, self.states.pop(0)
@@ -82,7 +102,8 @@ class ScriptedRunner(common.Runner):
   def _call_stream(self, commands, labels, marker):
     if is_run(commands[0]):
       return self.job_results.pop(0)
-    return [common.StreamResult(0, 0) for _ in commands]
+    failed = commands[0][4] == 'ssh' and self._fails('setup')
+    return [common.StreamResult(1 if failed else 0, 0) for _ in commands]
 
 
 # TPU: accelerator types (hosts per slice: test_accelerators.py).
@@ -117,7 +138,7 @@ def test_single_host_dry_run_prints_every_command_in_order():
   scp, setup, run = runner.commands[2:5]
   assert '--worker=all' in scp and scp[-4].endswith('.tar.gz')
   assert "pip install --quiet -e '.[tpu]'" in remote_command(setup)
-  assert remote_command(run).count('mae_jax.main') == 1
+  assert remote_command(run).count(' -m mae_jax.main ') == 1
   assert '--config=configs/default.py:variant=B/16' in shlex.split(remote_command(run))
 
 
@@ -248,6 +269,164 @@ def test_failed_queued_resource_is_an_error_and_deleted(capsys):
   assert 'FAILED' in capsys.readouterr().err
 
 
+SETUP = [('git', 'archive'), ('tpu-vm', 'scp'), ('tpu-vm', 'ssh')]
+
+
+def test_failed_recreate_after_a_preemption_is_retried_with_backoff():
+  """No spot capacity twice: delete + create again after 30 s, then 60 s; the job then finishes."""
+  runner = ScriptedRunner(states=['PREEMPTED'], failures={'create': (2, 3)}, job_results=[
+      [common.StreamResult(255, 0)], [common.StreamResult(0, 1, (0,))]])
+  assert tpu.main(tpu_argv(spot=True, max_retries=3), runner=runner) == 0
+  recreate = [('tpu-vm', 'delete'), ('tpu-vm', 'create')]
+  assert kinds(runner) == ([('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh'), ('tpu-vm', 'describe')]
+                           + recreate * 3 + SETUP + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')])
+  assert runner.sleeps == [30.0, 60.0]
+  assert 'retry 3/3' in runner.out.getvalue()
+
+
+def test_failed_setup_after_a_preemption_is_retried_on_the_new_vm():
+  """A pip or ssh hiccup during setup: the VM is still READY, so only setup runs again."""
+  runner = ScriptedRunner(states=['PREEMPTED', 'READY'], failures={'setup': (2,)}, job_results=[
+      [common.StreamResult(255, 0)], [common.StreamResult(0, 1, (0,))]])
+  assert tpu.main(tpu_argv(spot=True, retry_backoff_seconds=5), runner=runner) == 0
+  assert kinds(runner) == ([('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh'), ('tpu-vm', 'describe'),
+                                                           ('tpu-vm', 'delete'), ('tpu-vm', 'create')]
+                           + SETUP + [('tpu-vm', 'describe')] + SETUP + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')])
+  assert runner.sleeps == [5.0]
+  assert 'setup failed' in runner.out.getvalue()
+
+
+def test_recreate_failing_past_max_retries_exits_75_and_deletes(capsys):
+  runner = ScriptedRunner(states=['PREEMPTED'], failures={'create': range(2, 10)},
+                          job_results=[[common.StreamResult(255, 0)]])
+  assert tpu.main(tpu_argv(spot=True, max_retries=2), runner=runner) == common.PREEMPTED_EXIT_CODE == 75
+  assert kinds(runner)[-5:] == [('tpu-vm', 'delete'), ('tpu-vm', 'create')] * 2 + [('tpu-vm', 'delete')]
+  err = capsys.readouterr().err
+  assert '--max_retries' in err and 'rerun the same command' in err
+
+
+def test_nonfinite_halt_is_not_retried(capsys):
+  """Every worker reports exit status 65: no describe, no rerun; the TPU is deleted; the launcher exits 65."""
+  runner = ScriptedRunner(job_results=[[common.StreamResult(1, 0, (65, 65, 65, 65))]])
+  assert tpu.main(tpu_argv(accelerator_type='v4-32', max_retries=5), runner=runner) == 65
+  assert kinds(runner) == [('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')]
+  assert 'non-finite' in capsys.readouterr().err
+
+
+def test_trainer_preempted_on_a_healthy_vm_is_rerun():
+  """Exit status 75 (it saved and stopped; the VM is READY again): rerun without recreating."""
+  runner = ScriptedRunner(states=['READY'], job_results=[
+      [common.StreamResult(1, 0, (75,))], [common.StreamResult(0, 1, (0,))]])
+  assert tpu.main(tpu_argv(), runner=runner) == 0
+  assert sum(is_run(c) for c in runner.commands) == 2 and kinds(runner).count(('tpu-vm', 'create')) == 1
+  assert not runner.sleeps
+
+
+def test_exit_codes_are_the_trainers_and_distinct():
+  from mae_jax import main  # pylint: disable=g-import-not-at-top
+  assert (common.PREEMPTED_EXIT_CODE, common.NONFINITE_EXIT_CODE) == (main.PREEMPTED_EXIT_CODE,
+                                                                      main.NONFINITE_EXIT_CODE)
+  assert len({0, 1, 2, common.PREEMPTED_EXIT_CODE, common.NONFINITE_EXIT_CODE}) == 5
+
+
+def test_trainer_halting_on_nonfinite_losses_exits_with_the_nonfinite_code(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+  done = subprocess.run([sys.executable, '-m', 'mae_jax.main', '--config=tests/configs/tiny_synthetic.py',
+                         f'--workdir={tmp_path}', '--config.optim.base_lr=1e30', '--config.optim.warmup_steps=1',
+                         '--config.max_nonfinite_steps=3', '--config.checkpoint_every_steps=1'],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == common.NONFINITE_EXIT_CODE, done.stderr[-3000:]
+  assert 'consecutive steps had a non-finite loss' in done.stderr
+
+
+def test_runner_collects_the_exit_statuses_workers_print():
+  runner = common.Runner(out=io.StringIO())
+  code = f'print("{common.EXIT_MARKER}65"); print("{common.EXIT_MARKER}0 {common.SUCCESS_MARKER}")'
+  (result,) = runner.stream([[sys.executable, '-c', code]])
+  assert result == common.StreamResult(0, 1, (65, 0))
+
+
+# TPU: the trainer's start on the workers.
+
+
+@pytest.mark.parametrize('flags, expected', [
+    ({'accelerator_type': 'v4-8'}, False),
+    ({'accelerator_type': 'v4-32'}, True),  # 4 hosts
+    ({'accelerator_type': 'v5litepod-8', 'num_slices': 2}, True),  # 2 single-host slices
+])
+def test_multi_host_trainers_get_distributed_on(flags, expected):
+  runner = dry_run_tpu('--steps=run', '--', '--config.seed=1', **flags)
+  for run in filter(is_run, runner.commands):
+    words = trainer_words(run)
+    assert ('--distributed=on' in words) == expected
+    assert words[-1] == '--config.seed=1'  # Flags after `--` come last, so they can override it.
+
+
+def test_dry_run_shows_the_stale_trainer_is_waited_for():
+  (run,) = dry_run_tpu('--steps=run', stale_trainer_timeout=120).commands
+  script = remote_command(run)
+  assert 'kill -TERM "$old"' in script and '-lt 120' in script and 'kill -KILL "$old"' in script
+  assert 'sleep 10' not in script
+  assert script.index('kill -KILL') < script.index(' -m mae_jax.main ')
+
+
+def _stale_trainer(tmp_path, ignore_sigterm):
+  """A process that looks like an old trainer (mae_jax.main in its argv); on SIGTERM it 'saves' for 1 s."""
+  code = ('import os, signal, sys, time\n'
+          'def stop(*_):\n'
+          '  time.sleep(1); open(sys.argv[2], "w").close(); sys.exit(75)\n'
+          f'signal.signal(signal.SIGTERM, {"signal.SIG_IGN" if ignore_sigterm else "stop"})\n'
+          'open(sys.argv[3], "w").close()\n'
+          'time.sleep(60)\n')
+  saved, ready = tmp_path / 'old_saved', tmp_path / 'old_ready'
+  old = subprocess.Popen([sys.executable, '-c', code, 'mae_jax.main', str(saved), str(ready)])
+  deadline = time.time() + 30
+  while not ready.exists():
+    assert time.time() < deadline and old.poll() is None
+    time.sleep(0.05)
+  (tmp_path / 'mae-jax').mkdir()
+  (tmp_path / 'mae-jax' / '.mae_jax_job.pid').write_text(f'{old.pid}\n')
+  return old, saved
+
+
+def _new_trainer(tmp_path):
+  """Stands in for python: reports whether the old trainer had saved when it started."""
+  path = tmp_path / 'new_python'
+  path.write_text(f'#!{sys.executable}\nimport json, os\n'
+                  f'print(json.dumps({{"old_saved": os.path.exists({str(tmp_path / "old_saved")!r})}}))\n')
+  path.chmod(0o755)
+  return str(path)
+
+
+def test_rerun_waits_until_the_stale_trainer_has_exited(tmp_path):
+  old, _ = _stale_trainer(tmp_path, ignore_sigterm=False)
+  job = tpu.TpuJob(tpu_name='mae-test', zone=ZONE, accelerator_type='v4-8', config='c.py', workdir='/tmp/w',
+                   python=_new_trainer(tmp_path))
+  try:
+    done = subprocess.run(['bash', '-c', tpu.run_script(job)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, check=False)
+  finally:
+    old.kill()
+  assert done.returncode == 0, done.stderr
+  assert old.wait() == 75  # It got SIGTERM and finished its save ...
+  assert '{"old_saved": true}' in done.stdout  # ... before the new trainer started.
+  assert f'{common.EXIT_MARKER}0' in done.stdout and common.SUCCESS_MARKER in done.stdout
+
+
+def test_stale_trainer_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path):
+  old, _ = _stale_trainer(tmp_path, ignore_sigterm=True)
+  job = tpu.TpuJob(tpu_name='mae-test', zone=ZONE, accelerator_type='v4-8', config='c.py', workdir='/tmp/w',
+                   python=_new_trainer(tmp_path), stale_trainer_timeout=1)
+  try:
+    done = subprocess.run(['bash', '-c', tpu.run_script(job)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, check=False)
+  finally:
+    old.kill()
+  assert done.returncode == 0, done.stderr
+  assert old.wait() == -9
+  assert 'killing it' in done.stdout and '{"old_saved": false}' in done.stdout
+
+
 # Quoting: a config value survives gcloud's argv and the remote shell.
 
 
@@ -309,6 +488,8 @@ def test_remote_run_script_executes_under_bash(tmp_path, exit_status):
     ({'workdir': 'runs/x'}, (), '--workdir'),
     ({'config': ''}, (), '--config'),
     ({'max_retries': -1}, (), '--max_retries'),
+    ({'retry_backoff_seconds': -1}, (), '--retry_backoff_seconds'),
+    ({'stale_trainer_timeout': -5}, (), '--stale_trainer_timeout'),
     ({'remote_dir': '/opt/code'}, (), '--remote_dir'),
     ({'steps': 'create,boot'}, (), '--steps'),
     ({}, ('--override=bad key=1',), '--override'),

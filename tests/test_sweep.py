@@ -244,3 +244,85 @@ def test_tpu_mode_rejects_per_run_flags(tmp_path):
     run_sweep(f'--sweep={TINY}', '--root=gs://b/s', *TPU_FLAGS, '--config=configs/test.py', '--dry_run')
   with pytest.raises(SystemExit):
     run_sweep(f'--sweep={TINY}', f'--root={tmp_path}', '--tpu_name=x')  # A TPU flag in local mode.
+
+
+# ----------------------------------------------------------------------------
+# Trainer exit statuses: 75 (preempted) stops the sweep, 65 (non-finite halt) fails the run, no retry.
+
+class ExitingRunner(sweep_lib.TrainerRunner):
+  """Answers each trainer run with the next exit status instead of running it."""
+
+  def __init__(self, statuses):
+    super().__init__(out=io.StringIO())
+    self.statuses = list(statuses)
+
+  def _call(self, command):
+    return self.statuses.pop(0)
+
+
+def test_trainer_exit_75_is_preempted_and_stops_the_sweep(tmp_path):
+  runner = ExitingRunner([common.PREEMPTED_EXIT_CODE])
+  status, _ = run_sweep(f'--sweep={TINY}', f'--root={tmp_path}', runner=runner)
+  text = runner.out.getvalue()
+  assert status == sweep_lib.EXIT_INTERRUPTED == 75, text
+  assert len(runner.commands) == 1  # The other three runs were not started.
+  assert '| mask0.5_dec1 | 0.5 | 1 | preempted |' in text and '| mask0.5_dec2 | 0.5 | 2 | pending |' in text
+  assert '# preempted: rerun the same command to resume' in text
+
+
+def test_trainer_nonfinite_halt_fails_the_run_without_retry_and_the_sweep_goes_on(tmp_path):
+  runner = ExitingRunner([common.NONFINITE_EXIT_CODE] * 4)
+  status, _ = run_sweep(f'--sweep={TINY}', f'--root={tmp_path}', runner=runner)
+  text = runner.out.getvalue()
+  assert status == sweep_lib.EXIT_FAILED, text
+  assert len(runner.commands) == 4  # Each run once.
+  assert text.count(' | failed |') == 4
+
+
+class ScriptedGcloud(common.Runner):
+  """Real-mode gcloud stand-in: every command succeeds; runs answer from `runs` (one StreamResult list each)."""
+
+  def __init__(self, runs, states=()):
+    super().__init__(out=io.StringIO())
+    self.runs, self.states = list(runs), list(states)
+
+  def sleep(self, seconds):
+    pass
+
+  def _call(self, command):
+    return 0
+
+  def _call_capture(self, command):
+    return 0, self.states.pop(0) if self.states else 'READY'
+
+  def _call_stream(self, commands, labels, marker):
+    if any('mae_jax.main' in part for part in commands[0]):
+      return self.runs.pop(0)
+    return [common.StreamResult(0, 0) for _ in commands]
+
+
+def _run_commands(runner):
+  return [c for c in runner.commands if any('mae_jax.main' in part for part in c)]
+
+
+def test_tpu_mode_nonfinite_halt_is_failed_not_retried(tmp_path):
+  ok = [common.StreamResult(0, 4, (0,) * 4)]
+  runner = ScriptedGcloud([[common.StreamResult(1, 0, (65,) * 4)], ok, ok, ok])
+  status, _ = run_sweep(f'--sweep={TINY}', f'--root={tmp_path}', *TPU_FLAGS, '--max_retries=3', runner=runner)
+  text = runner.out.getvalue()
+  assert status == sweep_lib.EXIT_FAILED, text
+  assert len(_run_commands(runner)) == 4  # The halted run ran once; the others went on.
+  assert not any(c[4] == 'describe' for c in runner.commands)
+  assert '| mask0.5_dec1 | 0.5 | 1 | failed |' in text
+  assert [os.path.exists(os.path.join(tmp_path, n, 'DONE')) for n in TINY_RUNS] == [False, True, True, True]
+
+
+def test_tpu_mode_preempted_past_max_retries_stops_the_sweep(tmp_path):
+  lost = [common.StreamResult(255, 0)]
+  runner = ScriptedGcloud([lost, lost], states=['PREEMPTED', 'PREEMPTED'])
+  status, _ = run_sweep(f'--sweep={TINY}', f'--root={tmp_path}', *TPU_FLAGS, '--max_retries=1', runner=runner)
+  text = runner.out.getvalue()
+  assert status == sweep_lib.EXIT_INTERRUPTED, text
+  assert len(_run_commands(runner)) == 2  # One run, one retry; the next runs were not started.
+  assert '| mask0.5_dec1 | 0.5 | 1 | preempted |' in text and '| mask0.5_dec2 | 0.5 | 2 | pending |' in text
+  assert runner.commands[-1][4] == 'delete'

@@ -6,14 +6,25 @@ process per node driving all its GPUs (--process_mode=per_node). Either way
 `jax.distributed.initialize()` in the trainer reads the coordinator address,
 process count and id from the SLURM_* variables that srun sets.
 
-Preemption and time limits:
-  * `#SBATCH --requeue` puts a preempted job back in the queue; the trainer
-    resumes from the newest checkpoint in --workdir.
-  * With --signal_seconds=N (default 120) the batch shell gets SIGUSR1 N seconds
-    before the time limit, sends SIGTERM to the trainer through srun (so it can
-    save a checkpoint), waits for it and requeues the job with `scontrol requeue`.
-    With --norequeue the trainer gets SIGTERM N seconds early and the job ends.
-  * `--open-mode=append` keeps every run of a requeued job in one log file.
+Preemption and time limits (the trainer saves a checkpoint on SIGTERM and exits
+75; the next run resumes from the newest checkpoint in --workdir):
+  * `#SBATCH --requeue`: a preemption (PreemptMode=REQUEUE) or `scontrol requeue`
+    sends SIGTERM to every process of the job, SIGKILL after KillWait, and Slurm
+    queues the job again by itself. The batch shell traps SIGTERM and waits for
+    the trainer's save instead of dying with it.
+  * With --signal_seconds=N (default 120; below --time) the batch shell gets
+    SIGUSR1 N seconds before the time limit (Slurm may send it up to 60 s
+    earlier: it checks time limits periodically), sends SIGTERM to the
+    trainer's tasks with `scancel --signal=TERM JOBID` (srun itself answers
+    SIGTERM by killing its tasks at once), waits for them and requeues the job
+    with `scontrol requeue`.
+  * Whenever the trainer exits 75 while the job is still RUNNING (also after
+    `scancel --signal=TERM JOBID`, which signals the tasks only), the shell
+    requeues the job. A plain `scancel`, reaching the time limit itself, or
+    --norequeue end the job; it then exits with the trainer's status.
+  * On success the shell prints MAE_JAX_JOB_SUCCEEDED and exits 0.
+  * `--open-mode=append` keeps every run of a requeued job in one log file,
+    whose folder is created at submission.
 
 --dry_run (or --dry-run) prints the script and the sbatch command and writes or
 runs nothing; otherwise the script is written to --script and `sbatch SCRIPT` is
@@ -68,6 +79,20 @@ _TIME = re.compile(r'[0-9]+(:[0-9]{1,2}){0,2}|[0-9]+-[0-9]{1,2}(:[0-9]{1,2}){0,2
 # An #SBATCH value: no whitespace or quotes, which sbatch would not read as one value.
 _DIRECTIVE_VALUE = re.compile(r'[^\s\'"\\]+')
 _MAX_SIGNAL_SECONDS = 65535  # Slurm's upper bound for --signal=...@TIME.
+PREEMPTED_EXIT_CODE = 75  # mae_jax.main's exit status after saving on SIGTERM (EX_TEMPFAIL).
+
+
+def time_limit_seconds(value: str) -> int:
+  """Seconds in a Slurm time limit: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+  days, _, clock = value.rpartition('-')
+  parts = [int(p) for p in clock.split(':')]
+  if days:
+    hours, minutes, seconds = (parts + [0, 0])[:3]
+  elif len(parts) == 3:
+    hours, minutes, seconds = parts
+  else:
+    hours, (minutes, seconds) = 0, (parts + [0])[:2]
+  return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +144,10 @@ class SlurmJob:
     if not 0 <= self.signal_seconds <= _MAX_SIGNAL_SECONDS:
       raise ValueError(f'--signal_seconds={self.signal_seconds}: must be in '
                        f'[0, {_MAX_SIGNAL_SECONDS}] (0 disables the early signal)')
+    if self.time and self.signal_seconds and self.signal_seconds >= time_limit_seconds(self.time):
+      raise ValueError(f'--signal_seconds={self.signal_seconds}: must be below --time={self.time} '
+                       f'({time_limit_seconds(self.time)}s), or the signal comes as the job starts; '
+                       'e.g. --time=0:02:00 --signal_seconds=60')
     for flag, value in (('--mem', self.mem), ('--partition', self.partition),
                         ('--account', self.account), ('--qos', self.qos),
                         ('--output', self.output)):
@@ -207,20 +236,30 @@ def sbatch_script(job: SlurmJob) -> str:
       ('echo "job ${SLURM_JOB_ID}: ${SLURM_JOB_NUM_NODES} nodes, '
        f'{job.tasks_per_node} tasks per node, restart ${{SLURM_RESTART_COUNT:-0}}"'),
   ]
+  # Slurm signals every process of the job with SIGTERM on preemption, `scontrol requeue`,
+  # `scancel --signal=TERM --full` and at the time limit, and then SIGKILL after KillWait. This
+  # shell waits for the trainer (which saves and exits 75) instead of dying with it.
+  lines += [
+      '',
+      'trapped=',
+      'signalled=',
+      'on_sigterm() {',
+      '  trapped=1',
+      '  signalled=TERM',
+      '  echo "job ${SLURM_JOB_ID}: SIGTERM; the trainer saves a checkpoint and exits" >&2',
+      '}',
+      'trap on_sigterm TERM',
+  ]
   if job.requeue and job.signal_seconds:
     lines += [
-        '',
-        '# Near the time limit: let the trainer checkpoint (SIGTERM via srun), then requeue.',
-        'srun_pid=',
+        '# SIGUSR1 (to this shell only) near the time limit: SIGTERM to the trainer\'s tasks with',
+        '# scancel (srun answers SIGTERM by killing them at once), so it saves; requeued below.',
         'requeue_before_time_limit() {',
-        (f'  echo "time limit in <= {job.signal_seconds}s: stopping the trainer and '
-         'requeueing ${SLURM_JOB_ID}"'),
-        '  if [ -n "${srun_pid}" ]; then',
-        '    kill -TERM "${srun_pid}" 2>/dev/null',
-        '    wait "${srun_pid}"',
-        '  fi',
-        '  scontrol requeue "${SLURM_JOB_ID}"',
-        '  exit 0',
+        '  trapped=1',
+        '  signalled=USR1',
+        (f'  echo "job ${{SLURM_JOB_ID}}: time limit in <= {job.signal_seconds}s: SIGTERM to the trainer, '
+         'then requeue" >&2'),
+        '  scancel --signal=TERM "${SLURM_JOB_ID}"',
         '}',
         'trap requeue_before_time_limit USR1',
     ]
@@ -229,10 +268,35 @@ def sbatch_script(job: SlurmJob) -> str:
       f'{srun_line} \\',
       f'  {shlex.join(trainer)} &',
       'srun_pid=$!',
-      'wait "${srun_pid}"',
-      'exit $?',
-      '',
+      'while :; do',
+      '  trapped=',
+      '  wait "${srun_pid}"',
+      '  status=$?',
+      '  # A trapped signal ends `wait` early (status > 128) while srun still runs: wait again.',
+      '  if [ -z "${trapped}" ] || ! kill -0 "${srun_pid}" 2>/dev/null; then break; fi',
+      'done',
+      'echo "job ${SLURM_JOB_ID}: trainer exited with status ${status}" >&2',
+      'if [ "${status}" -eq 0 ]; then',
+      f'  echo {common.SUCCESS_MARKER} >&2',
+      '  exit 0',
+      'fi',
   ]
+  if job.requeue:
+    lines += [
+        f'# {PREEMPTED_EXIT_CODE}: the trainer saved and stopped early. Requeue unless Slurm is already',
+        '# ending the job: a preemption or `scontrol requeue` requeues it by itself, and a',
+        '# plain `scancel` or the time limit must stay final.',
+        f'if [ "${{status}}" -eq {PREEMPTED_EXIT_CODE} ] || [ -n "${{signalled}}" ]; then',
+        '  state=$(squeue -h -j "${SLURM_JOB_ID}" -o %T)',
+        '  if [ "${state}" = RUNNING ]; then',
+        '    echo "job ${SLURM_JOB_ID}: requeueing; the next run resumes from the newest checkpoint" >&2',
+        '    scontrol requeue "${SLURM_JOB_ID}"',
+        '  else',
+        '    echo "job ${SLURM_JOB_ID}: ${state:-gone}, left to Slurm" >&2',
+        '  fi',
+        'fi',
+    ]
+  lines += ['exit "${status}"', '']
   return '\n'.join(lines)
 
 
@@ -245,6 +309,10 @@ def submit(job: SlurmJob, runner: common.Runner) -> None:
     runner.echo(script)
   else:
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    # Slurm does not create the log's folder: a job whose folder is missing fails without a log.
+    log_dir = os.path.dirname(job.output)
+    if log_dir and '%' not in log_dir:
+      os.makedirs(log_dir, exist_ok=True)
     with open(path, 'w', encoding='utf-8') as f:
       f.write(script)
     os.chmod(path, 0o755)

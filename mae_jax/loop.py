@@ -331,16 +331,16 @@ def check_resume(config, workdir: str) -> None:
         '--config.resume_allow_changes=True to resume with them on purpose')
 
 
-def restore_or_init(checkpointer, init_fn: Callable, init_rng, shardings, mesh, *,
+def restore_or_init(checkpointer, init_fn: Callable, init_rng, abstract_state, shardings, mesh, *,
                     saved_tree: Callable = lambda s: s.params,
                     from_saved: Callable = lambda saved: (saved, None)) -> tuple[TrainState, bool]:
   """(state, resumed): the newest checkpoint onto `shardings`, else init_fn(init_rng) computed into them.
 
-  `saved_tree(state)` is what a checkpoint's 'params' item holds (the params,
-  or params and batch_stats); `from_saved` splits it back into (params,
-  batch_stats or None).
+  `abstract_state` is jax.eval_shape(init_fn, init_rng), which the caller has
+  already traced to get `shardings`. `saved_tree(state)` is what a
+  checkpoint's 'params' item holds (the params, or params and batch_stats);
+  `from_saved` splits it back into (params, batch_stats or None).
   """
-  abstract_state = jax.eval_shape(init_fn, init_rng)
   latest = checkpointer.latest_step()
   if latest is None:
     with mesh_context(mesh):

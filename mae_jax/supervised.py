@@ -129,10 +129,11 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
   """Initialises or resumes, trains to total_steps with evals and checkpoints; returns the metrics."""
   loop.check_resume(config, workdir)
   init_rng = jax.random.key(config.seed)
-  shardings = parallel.config_shardings(jax.eval_shape(task.init_fn, init_rng), config, mesh)
+  abstract_state = jax.eval_shape(task.init_fn, init_rng)
+  shardings = parallel.config_shardings(abstract_state, config, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        every_steps=config.checkpoint_every_steps)
-  state, resumed = loop.restore_or_init(checkpointer, task.init_fn, init_rng, shardings, mesh,
+  state, resumed = loop.restore_or_init(checkpointer, task.init_fn, init_rng, abstract_state, shardings, mesh,
                                         saved_tree=task.saved_tree, from_saved=task.from_saved)
   if not resumed and task.pretrained is not None:
     # Leaf by leaf: the pretrained encoder's host arrays go into their shardings, the rest stays

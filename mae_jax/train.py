@@ -156,8 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        every_steps=config.checkpoint_every_steps)
-  state, resumed = loop.restore_or_init(checkpointer, step.init_fn, step.init_rng, step.state_shardings,
-                                        mesh)
+  state, resumed = loop.restore_or_init(checkpointer, step.init_fn, step.init_rng, step.abstract_state,
+                                        step.state_shardings, mesh)
   start_step = int(jax.device_get(state.step))
   loop.write_config(config, workdir)
   writer = metrics.create_writer(workdir)

@@ -398,32 +398,31 @@ def _new_trainer(tmp_path):
   return str(path)
 
 
-def test_rerun_waits_until_the_stale_trainer_has_exited(tmp_path):
-  old, _ = _stale_trainer(tmp_path, ignore_sigterm=False)
+def _rerun_beside_a_stale_trainer(tmp_path, ignore_sigterm: bool, **job_fields):
+  """Runs the worker script while an old trainer still runs; returns (script result, the old one's status)."""
+  old, _ = _stale_trainer(tmp_path, ignore_sigterm=ignore_sigterm)
   job = tpu.TpuJob(tpu_name='mae-test', zone=ZONE, accelerator_type='v4-8', config='c.py', workdir='/tmp/w',
-                   python=_new_trainer(tmp_path))
+                   python=_new_trainer(tmp_path), **job_fields)
   try:
     done = subprocess.run(['bash', '-c', tpu.run_script(job)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, check=False)
   finally:
     old.kill()
+  return done, old.wait()
+
+
+def test_rerun_waits_until_the_stale_trainer_has_exited(tmp_path):
+  done, old_status = _rerun_beside_a_stale_trainer(tmp_path, ignore_sigterm=False)
   assert done.returncode == 0, done.stderr
-  assert old.wait() == 75  # It got SIGTERM and finished its save ...
+  assert old_status == 75  # It got SIGTERM and finished its save ...
   assert '{"old_saved": true}' in done.stdout  # ... before the new trainer started.
   assert f'{common.EXIT_MARKER}0' in done.stdout and common.SUCCESS_MARKER in done.stdout
 
 
 def test_stale_trainer_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path):
-  old, _ = _stale_trainer(tmp_path, ignore_sigterm=True)
-  job = tpu.TpuJob(tpu_name='mae-test', zone=ZONE, accelerator_type='v4-8', config='c.py', workdir='/tmp/w',
-                   python=_new_trainer(tmp_path), stale_trainer_timeout=1)
-  try:
-    done = subprocess.run(['bash', '-c', tpu.run_script(job)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60, check=False)
-  finally:
-    old.kill()
+  done, old_status = _rerun_beside_a_stale_trainer(tmp_path, ignore_sigterm=True, stale_trainer_timeout=1)
   assert done.returncode == 0, done.stderr
-  assert old.wait() == -9
+  assert old_status == -9
   assert 'killing it' in done.stdout and '{"old_saved": false}' in done.stdout
 
 

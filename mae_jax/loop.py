@@ -378,18 +378,20 @@ def config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def write_config(config, workdir: str) -> None:
+def _write_workdir_file(workdir: str, name: str, text: str) -> None:
+  """Process 0 writes workdir/name (the one place the loop writes a workdir file)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, name), 'w', encoding='utf-8') as f:
+      f.write(text)
+
+
+def write_config(config, workdir: str) -> None:
+  _write_workdir_file(workdir, 'config.json', config.to_json_best_effort(indent=2))
 
 
 def write_results(workdir: str, results: dict) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, RESULTS_FILE), 'w', encoding='utf-8') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+  _write_workdir_file(workdir, RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------

@@ -156,6 +156,25 @@ def test_encode_returns_all_tokens_cls_first():
   assert tokens.shape == (2, 17, 32)
 
 
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_encode_return_layers_are_the_block_outputs(scan_layers):
+  model = models.get_model('mae_vit_test', scan_layers=scan_layers)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init({'params': jax.random.key(0), 'mask': jax.random.key(1)}, images)
+  first, last, again = model.apply(variables, images, return_layers=(0, 1, -1), method=model.encode)
+  assert first.shape == last.shape == (2, 17, 32)
+  np.testing.assert_array_equal(last, again)
+  assert not np.allclose(first, last)
+  # The last block's output, normed by the encoder's final LayerNorm, is what encode returns.
+  tokens = model.apply(variables, images, method=model.encode)
+  norm = variables['params']['encoder']['norm']
+  mean, var = last.mean(-1, keepdims=True), last.var(-1, keepdims=True)
+  normed = (last - mean) / np.sqrt(var + 1e-6) * norm['scale'] + norm['bias']
+  np.testing.assert_allclose(tokens, normed, atol=1e-5)
+  with pytest.raises(ValueError, match=r'return_layers=\(2,\).*depth 2'):
+    model.apply(variables, images, return_layers=(2,), method=model.encode)
+
+
 def test_scan_and_unrolled_agree():
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   rngs = {'params': jax.random.key(0), 'mask': jax.random.key(1)}

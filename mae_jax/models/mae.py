@@ -206,9 +206,17 @@ class MaskedAutoencoder(nn.Module):
     loss = mae_loss(images, pred, mask, self.patch_size, self.norm_pix_loss)
     return loss, pred, mask
 
-  def encode(self, images, train: bool = False):
-    """All tokens of the unmasked image, cls first: [N, 1 + L, D]."""
-    return self.encoder(images, train=train)[0]
+  def encode(self, images, train: bool = False, return_layers=None):
+    """All tokens of the unmasked image, cls first: [N, 1 + L, D] after the final norm.
+
+    With `return_layers=(i, ...)` (0-based block indices, negative from the
+    end), returns a list with each listed block's output tokens [N, 1 + L, D]
+    instead: the intermediate features of dense-task heads (ViTDet, UperNet),
+    equal to Hugging Face ViTMAEModel's `hidden_states[i + 1]`.
+    """
+    if return_layers is None:
+      return self.encoder(images, train=train)[0]
+    return self.encoder(images, train=train, return_layers=return_layers)[2]
 
 
 # Reference sizes, plus small ones for tests and demos.

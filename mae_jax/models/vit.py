@@ -158,9 +158,24 @@ class Block(nn.Module):
     return constrain_batch(x + drop_path(y, drop_path_rate, self.deterministic, rng_fn))
 
 
+def check_return_layers(return_layers, depth: int) -> tuple[int, ...]:
+  """Block indices (0-based, negative from the end) as non-negative ints; a clear error if out of range."""
+  layers = tuple(int(i) for i in return_layers)
+  bad = [i for i in layers if not -depth <= i < depth]
+  if bad:
+    raise ValueError(f'return_layers={layers}: block indices must be in [{-depth}, {depth - 1}] for an '
+                     f'encoder of depth {depth} (0 is the first block\'s output, -1 the last)')
+  return tuple(i % depth for i in layers)
+
+
 def apply_blocks(x, *, depth, num_heads, mlp_ratio, dtype, attention_impl, deterministic,
-                 drop_path_rate=0.0, remat_policy='none', scan_layers=False, name='blocks'):
-  """Runs `depth` blocks on x; must be called inside a compact module."""
+                 drop_path_rate=0.0, remat_policy='none', scan_layers=False, name='blocks',
+                 return_layers=None):
+  """Runs `depth` blocks on x; must be called inside a compact module.
+
+  With `return_layers` (0-based block indices), returns (x, [the output of each
+  listed block]) instead of x.
+  """
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f'model.remat_policy={remat_policy!r}: must be one of {sorted(REMAT_POLICIES)}')
   block_cls = Block
@@ -171,15 +186,26 @@ def apply_blocks(x, *, depth, num_heads, mlp_ratio, dtype, attention_impl, deter
                 attention_impl=attention_impl, deterministic=not use_drop_path)
   rates = np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)  # Stochastic depth grows with depth.
   if scan_layers:
-    body = lambda module, carry, rate: (module(carry, rate), None)
+    keep = return_layers is not None
+
+    def body(module, carry, rate):
+      out = module(carry, rate)
+      return out, (out if keep else None)
+
     scanned = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': use_drop_path},
                       in_axes=0, length=depth)
-    x, _ = scanned(block_cls(**kwargs, name=name), x, jnp.asarray(rates))
-    return x
+    x, every = scanned(block_cls(**kwargs, name=name), x, jnp.asarray(rates))
+    if return_layers is None:
+      return x
+    return x, [every[i] for i in return_layers]
+  outputs = []
   for i in range(depth):
     rate = float(rates[i]) if drop_path_rate else 0.0
     x = block_cls(**kwargs, name=f'{name}_{i}')(x, rate)
-  return x
+    outputs.append(x)
+  if return_layers is None:
+    return x
+  return x, [outputs[i] for i in return_layers]
 
 
 class VisionTransformer(nn.Module):
@@ -188,7 +214,9 @@ class VisionTransformer(nn.Module):
   `__call__(images, train, mask_fn)` returns (tokens, aux). `mask_fn(x, pos)`,
   if given, receives the patch tokens with positions added [N, L, D] and the
   [1 + L, D] table, and returns (kept tokens, aux); the cls token is prepended
-  after it, as in the reference.
+  after it, as in the reference. With `return_layers` (0-based block indices),
+  it returns (tokens, aux, [each listed block's output tokens, cls first]):
+  block outputs before the final norm, as Hugging Face's `hidden_states[i + 1]`.
   """
   patch_size: int = 16
   embed_dim: int = 768
@@ -211,8 +239,10 @@ class VisionTransformer(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, mask_fn=None):
+  def __call__(self, images, *, train: bool = False, mask_fn=None, return_layers=None):
     dtype = canonical_dtype(self.dtype)
+    if return_layers is not None:
+      return_layers = check_return_layers(return_layers, self.depth)
     if images.ndim != 4 or images.shape[-1] != self.in_channels:
       raise ValueError(f'images of shape {images.shape}: expected [N, H, W, {self.in_channels}] (NHWC)')
     if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
@@ -232,10 +262,13 @@ class VisionTransformer(nn.Module):
     x = apply_blocks(x, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                      dtype=dtype, attention_impl=self.attention_impl, deterministic=not train,
                      drop_path_rate=self.drop_path_rate, remat_policy=self.remat_policy,
-                     scan_layers=self.scan_layers)
+                     scan_layers=self.scan_layers, return_layers=return_layers)
+    layers = None
+    if return_layers is not None:
+      x, layers = x
     if self.final_norm:
       x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name='norm')(x)
-    return x, aux
+    return (x, aux) if layers is None else (x, aux, layers)
 
 
 class ViTClassifier(nn.Module):

@@ -42,6 +42,20 @@ def get_config(arg=None):
   config.resume_allow_changes = False
   config.mask_ratio = 0.75
   config.norm_pix_loss = True
+  # Warm start: pretraining starts (step 0, fresh optimizer) from these weights: a reference .pth, a
+  # safetensors file, a Hugging Face folder, a mae_jax export or a workdir. '' = random init. A
+  # checkpoint in the run's own workdir always wins (resume).
+  config.init_from = ''
+
+  # Optional Weights & Biases tracking (pip install 'mae_jax[wandb]'); process 0 only.
+  config.wandb = ml_collections.ConfigDict()
+  config.wandb.enabled = False
+  config.wandb.project = 'mae-jax'
+  config.wandb.entity = ''  # '' = your default entity.
+  config.wandb.name = ''  # '' = the workdir's name.
+  config.wandb.group = ''
+  config.wandb.tags = ()
+  config.wandb.mode = ''  # '' = wandb's default (WANDB_MODE); online | offline | disabled.
 
   # Model: a name from mae_jax.models.MODELS plus overrides of its fields.
   config.model = ml_collections.ConfigDict()

@@ -199,6 +199,9 @@ def downstream_base(kind: str, variant: str) -> ml_collections.ConfigDict:
   config.num_classes = 1000  # ImageNet-1k.
   config.drop_path_rate = 0.0  # Stochastic depth, linear in depth up to this rate.
   config.global_pool = False  # True: mean of patch tokens then LayerNorm (fc_norm); False: cls token.
+  # Position table: 'learned' (timm's ViT, as the reference fine-tunes: a parameter initialised from the
+  # checkpoint's table, bicubically interpolated to dataset.image_size) or 'sincos' (the fixed MAE table).
+  config.pos_embed = 'sincos'
   config.head_init_std = 0.01  # Head kernel trunc-normal std; bias zero.
   config.head_batchnorm = False  # BatchNorm without affine (eps below) before the head.
   config.head_batchnorm_eps = 1e-6

@@ -67,15 +67,19 @@ def get_config(arg=None):
   config.model.encoder_mask_tokens = False  # Ablation: mask tokens in the encoder.
 
   # Data.
-  config.dataset = ml_collections.ConfigDict()
+  # Not type-locked: image_size takes a side (28) or (height, width) in config files.
+  config.dataset = ml_collections.ConfigDict(type_safe=False)
   config.dataset.name = 'fashion_mnist'  # A tfds name, prepared with mae_jax.data.prepare if local.
   config.dataset.data_dir = ''  # '' = ~/tensorflow_datasets; local path or gs://.
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'test'
-  config.dataset.image_size = 28
-  config.dataset.channels = 1
-  config.dataset.mean = (0.2860,)  # Per-channel normalisation, in [0, 1] pixel units.
+  config.dataset.image_size = 28  # Model input: a square side, or (height, width) e.g. (48, 32).
+  config.dataset.channels = 1  # 1 grey, 3 RGB, or an array data set's channel count.
+  # Per-channel normalisation: [0, 1] units for integer pixels (value / 255 or / 65535), stored units for
+  # float pixels. () = the statistics mae_jax.data.prepare stored in the data set's metadata.
+  config.dataset.mean = (0.2860,)
   config.dataset.std = (0.3530,)
+  config.dataset.display_bands = ()  # Channels shown as RGB in reconstruction grids; () = first three.
   config.dataset.crop_scale = (0.2, 1.0)  # RandomResizedCrop area range.
   config.dataset.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop aspect range.
   config.dataset.eval_resize = 256  # Eval: resize shorter side (scaled by image_size / 224).

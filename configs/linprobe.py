@@ -33,6 +33,9 @@ def get_config(arg=None):
   config.head_batchnorm_eps = 1e-6
   config.head_init_std = 0.01
   config.drop_path_rate = 0.0
+  # The reference's linprobe loads the checkpoint's table and freezes it: for a MAE checkpoint at its own
+  # resolution that is the fixed sin-cos table. ('learned' would load a trained table, frozen too.)
+  config.pos_embed = 'sincos'
 
   config.optim.name = 'lars'
   config.optim.base_lr = 0.1

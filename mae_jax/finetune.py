@@ -76,8 +76,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_classes = inputs.resolve_num_classes(config)
   model = from_config.build_classifier(config, num_classes)
   steps_per_epoch, total_steps = loop.train_steps(config, inputs.num_train_examples(config))
-  size, channels = config.dataset.image_size, config.dataset.channels
-  image_shape = (1, size, size, channels)
+  image_shape = (1, *inputs.image_shape(config))
   abstract_params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image_shape)))['params']
   tx, lr_fn = supervised.make_optimizer(config, abstract_params, model.encoder['depth'], steps_per_epoch,
                                         total_steps)

@@ -1,10 +1,17 @@
 """Reconstruction grids: original | masked | reconstruction | reconstruction + visible.
 
-`python -m mae_jax.visualize --workdir=DIR [--step=N] [--out=PATH] [--images=FILE,...]`
+`python -m mae_jax.visualize --workdir=DIR [--step=N] [--out=PATH] [--images=FILE,...] [--bands=3,2,1]`
 takes a pretraining checkpoint and either images from the run's eval split or
-the given image files, writes a PNG (and a TensorBoard image under the
-workdir) and prints the PNG's path. `--weights=PATH --images=FILE,...` does the
-same for exported or imported weights that include the decoder.
+the given image (or .npy / .npz / TIFF array) files, writes a PNG (local or
+gs://; and a TensorBoard image under the workdir) and prints the PNG's path.
+`--weights=PATH --images=FILE,...` does the same for exported or imported
+weights that include the decoder.
+
+Images of any channel count are shown through three of their channels: the
+first three (one channel: grey), or the channels `--bands` (or the run's
+config.dataset.display_bands) names, counted from 0, shown as red, green,
+blue. Integer pixels are shown over their full range; float pixels (whose
+range the grid cannot know) over mean +- 2 std of each band.
 
 With norm_pix_loss the model predicts each patch in its own normalised space;
 predictions are mapped back to pixels with statistics the model saw: a visible
@@ -13,6 +20,7 @@ visible neighbours (never the hidden patch's own, which would let the picture
 look better than the model is).
 """
 
+import io
 import os
 from typing import Sequence
 
@@ -22,8 +30,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from mae_jax import checkpoint, weights
-from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, input_pipeline, synthetic
+from mae_jax import checkpoint, fileio, weights
+from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, arrays, input_pipeline, preprocess, sources, synthetic
 from mae_jax.models import from_config
 from mae_jax.models import mae as mae_lib
 
@@ -70,56 +78,124 @@ def reconstruct(model, params, images, mask_ratio: float, rng):
   return recon, pasted, mask_image
 
 
-def _to_uint8(images, mean, std):
-  images = np.asarray(images) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-  images = np.clip(images, 0.0, 1.0)
+def parse_bands(bands, channels: int) -> tuple[int, ...]:
+  """The channels shown as RGB: `bands` ('3,2,1', a sequence, or empty = the first three; one channel: grey).
+
+  Raises ValueError naming the setting when a band is not a channel of the images.
+  """
+  if isinstance(bands, str):
+    try:
+      bands = [int(b) for b in bands.split(',') if b.strip()]
+    except ValueError:
+      raise ValueError(f'--bands={bands}: give three channel indices counted from 0, e.g. 3,2,1') from None
+  bands = tuple(int(b) for b in (bands or ()))
+  if not bands:
+    return (0, 1, 2) if channels >= 3 else (0,)
+  if len(bands) not in (1, 3) or not all(0 <= b < channels for b in bands):
+    raise ValueError(f'--bands / dataset.display_bands={bands}: give three (or one, shown grey) channel '
+                     f'indices in [0, {channels}) (counted from 0) for images of {channels} channels')
+  return bands
+
+
+def _to_uint8(images, mean, std, bands=None, value_range=None):
+  """Normalised [N, H, W, C] -> uint8 [N, H, W, 3] of `bands`, de-normalised; value_range: per band (low, high)."""
+  images = np.asarray(images)
+  bands = parse_bands(bands, images.shape[-1])
+  mean = np.broadcast_to(np.asarray(mean, np.float32), images.shape[-1:])[list(bands)]
+  std = np.broadcast_to(np.asarray(std, np.float32), images.shape[-1:])[list(bands)]
+  images = images[..., list(bands)] * std + mean
+  low, high = (0.0, 1.0) if value_range is None else value_range
+  images = np.clip((images - low) / np.maximum(np.asarray(high) - low, 1e-12), 0.0, 1.0)
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
   return (images * 255 + 0.5).astype(np.uint8)
 
 
-def reconstruction_grid(model, params, images, mask_ratio: float, rng, *, mean, std, min_tile: int = 112):
+def reconstruction_grid(model, params, images, mask_ratio: float, rng, *, mean, std, min_tile: int = 112,
+                        bands=None, value_range=None):
   """uint8 [rows*H, 4*W, 3] grid, one row per image; masked patches shown grey."""
   recon, pasted, mask_image = reconstruct(model, params, images, mask_ratio, rng)
-  return grid_of(images, recon, pasted, mask_image, mean=mean, std=std, min_tile=min_tile)
+  return grid_of(images, recon, pasted, mask_image, mean=mean, std=std, min_tile=min_tile, bands=bands,
+                 value_range=value_range)
 
 
-def grid_of(images, recon, pasted, mask_image, *, mean, std, min_tile: int = 112):
-  """The grid of `reconstruct`'s outputs (host arrays): original | masked | reconstruction | pasted."""
-  originals = _to_uint8(images, mean, std)
-  masked = np.where(np.asarray(mask_image) > 0, np.uint8(128), originals)
-  columns = [originals, masked, _to_uint8(recon, mean, std), _to_uint8(pasted, mean, std)]
+def grid_of(images, recon, pasted, mask_image, *, mean, std, min_tile: int = 112, bands=None, value_range=None):
+  """The grid of `reconstruct`'s outputs (host arrays): original | masked | reconstruction | pasted.
+
+  bands: the channels shown as RGB (`parse_bands`); value_range: (low, high)
+  de-normalised values shown black and white, per band (default (0, 1)).
+  """
+  show = lambda x: _to_uint8(x, mean, std, bands, value_range)
+  originals = show(images)
+  masked = np.where(np.asarray(mask_image)[..., :1] > 0, np.uint8(128), originals)
+  columns = [originals, masked, show(recon), show(pasted)]
   rows = [np.concatenate([c[i] for c in columns], axis=1) for i in range(len(originals))]
   grid = np.concatenate(rows, axis=0)
-  scale = max(1, min_tile // originals.shape[1])
+  scale = max(1, min_tile // min(originals.shape[1:3]))
   return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
 
 
+def float_value_range(mean, std):
+  """(low, high) per band for float pixels, whose range is unknown: mean -+ 2 std."""
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return mean - 2 * std, mean + 2 * std
+
+
 def save_png(grid: np.ndarray, path: str) -> str:
+  """Writes the grid as a PNG (local or gs://); returns the path."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(grid).save(buffer, format='PNG')
+  if not fileio.is_remote(path):
+    path = os.path.abspath(path)
+  fileio.write_bytes(path, buffer.getvalue())
   return path
 
 
-def load_image_files(paths: Sequence[str], image_size: int, channels: int, mean, std) -> np.ndarray:
-  """Reads image files, resizes the shorter side, center-crops, normalises: [N, S, S, C]."""
+def load_image_files(paths: Sequence[str], image_size, channels: int, mean, std) -> np.ndarray:
+  """Reads image or array files, resizes to cover, center-crops, normalises: [N, H, W, C].
+
+  image_size is a side or (height, width). Array files (.npy, .npz, TIFF)
+  take the data pipeline's eval transform (any channels, uint8 / uint16 /
+  float32, mean / std in its units); other images are read with PIL.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  height, width = preprocess.hw(image_size)
   out = []
   for path in paths:
+    if path.lower().endswith(arrays.ARRAY_EXTENSIONS):
+      out.append(_load_array_file(path, (height, width), channels, mean, std))
+      continue
     try:
-      with Image.open(path) as image:
+      with fileio.path(path).open('rb') as f, Image.open(f) as image:
         image = image.convert('L' if channels == 1 else 'RGB')
-        scale = image_size / min(image.size)
-        size = (max(image_size, round(image.size[0] * scale)), max(image_size, round(image.size[1] * scale)))
+        scale = max(height / image.size[1], width / image.size[0])
+        size = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
         image = image.resize(size, Image.BICUBIC)
-        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        image = image.crop((left, top, left + width, top + height))
     except OSError as e:
       raise ValueError(f'--images: cannot read {path}: {e}') from e
-    array = np.asarray(image, np.float32).reshape(image_size, image_size, channels) / 255.0
+    if channels not in (1, 3):
+      raise ValueError(f'--images: {path} is an image file, read as 1 or 3 channels, but the model takes '
+                       f'{channels} (dataset.channels): pass .npy / .npz / TIFF arrays of {channels} channels')
+    array = np.asarray(image, np.float32).reshape(height, width, channels) / 255.0
     out.append((array - np.asarray(mean)) / np.asarray(std))
-  return np.stack(out)
+  return np.stack(out).astype(np.float32)
+
+
+def _load_array_file(path, size, channels, mean, std) -> np.ndarray:
+  try:
+    array = arrays.read_array(fileio.read_bytes(path), path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'--images: cannot read {path}: {e}') from e
+  if array.shape[-1] != channels:
+    raise ValueError(f'--images: {path} has {array.shape[-1]} channels but the model takes {channels} '
+                     '(dataset.channels)')
+  resize = tuple(round(s * 256 / 224) for s in size)
+  image = preprocess.eval_preprocess(array, image_size=size, resize_size=resize, channels=channels,
+                                     mean=mean, std=std)
+  return np.asarray(image)
 
 
 def eval_images(config: ml_collections.ConfigDict, num_images: int, split: str | None = None) -> np.ndarray:
@@ -133,8 +209,12 @@ def eval_images(config: ml_collections.ConfigDict, num_images: int, split: str |
 
 def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | None = None,
                          image_files: Sequence[str] = (), num_images: int = 8, seed: int = 0,
-                         mask_ratio: float | None = None) -> str:
-  """Writes the reconstruction grid of a pretraining checkpoint; returns the PNG path."""
+                         mask_ratio: float | None = None, bands=None) -> str:
+  """Writes the reconstruction grid of a pretraining checkpoint; returns the PNG path.
+
+  bands: channels shown as RGB (see `parse_bands`); default the run's
+  config.dataset.display_bands, else the first three.
+  """
   params, config_dict = checkpoint.load_params(workdir, step)
   if 'decoder' not in params or 'downstream' in config_dict:
     raise ValueError(
@@ -142,18 +222,30 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
         f'nothing can be reconstructed: use the workdir of a pretraining run.')
   config = ml_collections.ConfigDict(config_dict)
   model = from_config.build_mae(config)
+  synthetic_data = config.dataset.name == 'synthetic'
+  mean, std, value_range = config.dataset.mean, config.dataset.std, None
+  if not synthetic_data:
+    data = sources.DatasetConfig.from_config(config.dataset)
+    builder = None
+    if not data.has_stats or not image_files:
+      builder = sources.get_builder(data)
+      data = sources.resolve_stats(data, builder)
+      if sources.stored_image(builder)[1] == np.float32:
+        value_range = float_value_range(data.mean, data.std)
+    mean, std = data.mean, data.std
   if image_files:
-    images = load_image_files(image_files, config.dataset.image_size, config.dataset.channels,
-                              config.dataset.mean, config.dataset.std)
-  elif config.dataset.name == 'synthetic':  # a run on generated data: show generated images
+    images = load_image_files(image_files, config.dataset.image_size, config.dataset.channels, mean, std)
+  elif synthetic_data:  # a run on generated data: show generated images
     images = synthetic.global_batch(seed, 0, num_images, config.dataset.image_size, config.dataset.channels)
   else:
     images = eval_images(config, num_images)
   ratio = config.mask_ratio if mask_ratio is None else mask_ratio
-  grid = reconstruction_grid(model, params, images, ratio, jax.random.key(seed),
-                             mean=config.dataset.mean, std=config.dataset.std)
-  out = out or os.path.join(workdir, 'reconstructions.png')
-  save_png(grid, out)
+  if not bands and 'display_bands' in config.dataset:  # runs saved before the key existed lack it
+    bands = config.dataset.display_bands
+  grid = reconstruction_grid(model, params, images, ratio, jax.random.key(seed), mean=mean, std=std,
+                             bands=bands, value_range=value_range)
+  out = out or fileio.join(workdir, 'reconstructions.png')
+  out = save_png(grid, out)
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     writer = metric_writers.create_default_writer(workdir, asynchronous=False)
@@ -166,7 +258,8 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
 
 
 def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_name: str | None = None,
-                      seed: int = 0, mask_ratio: float = 0.75, norm_pix_loss: bool | None = None) -> str:
+                      seed: int = 0, mask_ratio: float = 0.75, norm_pix_loss: bool | None = None,
+                      bands=None) -> str:
   """Writes the reconstruction grid of exported or imported weights (with a decoder); returns the PNG path.
 
   `path` is anything `weights.import_weights` reads (an export of this project, a
@@ -186,10 +279,16 @@ def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_
     raise ValueError(f'--weights={path}: the weights have no MAE decoder, so nothing can be reconstructed; '
                      f'export or import them with --full')
   model = mae_lib.get_model(model_name, **{**overrides, 'norm_pix_loss': norm_pix_loss})
-  mean, std = dataset.get('mean', IMAGENET_MEAN), dataset.get('std', IMAGENET_STD)
-  size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
-  images = load_image_files(image_files, size, model.in_channels, mean, std)
-  grid = reconstruction_grid(model, params, images, mask_ratio, jax.random.key(seed), mean=mean, std=std)
+  mean, std = tuple(dataset.get('mean') or ()), tuple(dataset.get('std') or ())
+  if not mean or not std:
+    if model.in_channels != 3:
+      raise ValueError(f'--weights={path}: its metadata carries no dataset.mean / std for its '
+                       f'{model.in_channels} channels; export from a run whose config.json has them')
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+  images = load_image_files(image_files, model.image_size, model.in_channels, mean, std)
+  bands = bands if bands else dataset.get('display_bands', ())
+  grid = reconstruction_grid(model, params, images, mask_ratio, jax.random.key(seed), mean=mean, std=std,
+                             bands=bands)
   return save_png(grid, out)
 
 
@@ -209,6 +308,8 @@ def _define_flags():
   flags.DEFINE_integer('num_images', 8, 'Images from the eval split.')
   flags.DEFINE_integer('seed', 0, 'Seed of the masks.')
   flags.DEFINE_float('mask_ratio', None, "Mask ratio (default: the run's; 0.75 with --weights).")
+  flags.DEFINE_string('bands', None, 'Channels shown as red, green, blue, counted from 0 (e.g. 3,2,1); '
+                      "default: the run's dataset.display_bands, else the first three (one channel: grey).")
 
 
 def main(argv):
@@ -219,11 +320,12 @@ def main(argv):
     out = FLAGS.out or 'reconstructions.png'
     path = visualize_weights(FLAGS.weights, FLAGS.images, out, model_name=FLAGS.model, seed=FLAGS.seed,
                              mask_ratio=0.75 if FLAGS.mask_ratio is None else FLAGS.mask_ratio,
-                             norm_pix_loss=FLAGS.norm_pix_loss)
+                             norm_pix_loss=FLAGS.norm_pix_loss, bands=FLAGS.bands)
     print(f'Reconstructions written to {path}')
     return
   path = visualize_checkpoint(FLAGS.workdir, FLAGS.out, step=FLAGS.step, image_files=FLAGS.images,
-                              num_images=FLAGS.num_images, seed=FLAGS.seed, mask_ratio=FLAGS.mask_ratio)
+                              num_images=FLAGS.num_images, seed=FLAGS.seed, mask_ratio=FLAGS.mask_ratio,
+                              bands=FLAGS.bands)
   print(f'Reconstructions written to {path}')
 
 

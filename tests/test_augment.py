@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
 from configs import finetune as finetune_recipe
-from mae_jax.data import augment, inputs
+from mae_jax.data import augment, inputs, preprocess, sources
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -162,3 +162,41 @@ def test_train_transform_is_deterministic_per_seed():
   assert a.shape == (32, 32, 3)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
+
+
+# ----------------------------------------------------------------------------
+# The evaluation resize of the reference's fine-tuning.
+
+EVAL_SIZES = (160, 224, 384, 448, 28)
+
+
+def _reference_eval_resize(input_size: int) -> int:
+  """build_transform in the reference's util/datasets.py (eval branch)."""
+  crop_pct = 224 / 256 if input_size <= 224 else 1.0
+  return int(input_size / crop_pct)
+
+
+@pytest.mark.parametrize('image_size', EVAL_SIZES)
+def test_eval_transform_sizes_follow_the_references_rule(image_size):
+  """Shorter side to int(size / crop_pct) (crop_pct 224/256 up to 224, else 1), then the center crop."""
+  want = _reference_eval_resize(image_size)
+  assert augment.eval_resize_size(image_size) == want
+  assert want == {160: 182, 224: 256, 384: 384, 448: 448, 28: 32}[image_size]
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (600, 450, 3)), tf.uint8)  # Portrait 4:3.
+  resized = preprocess.resize_shorter_side(image, augment.eval_resize_size(image_size))
+  assert tuple(resized.shape) == (int(600 * want / 450), want, 3)  # The longer side as torchvision's Resize.
+  assert tuple(preprocess.center_crop(resized, image_size).shape) == (image_size, image_size, 3)
+
+
+def test_eval_resize_of_other_settings():
+  assert augment.eval_resize_size(28, 224) == 28  # eval_resize=224: no zoom (the Fashion-MNIST study).
+  assert augment.eval_resize_size((48, 32)) == (54, 36)  # (height, width): each side by the same crop_pct.
+  assert augment.eval_resize_size((448, 160)) == (448, 160)  # Above 224 on a side: no zoom.
+  assert augment.eval_crop_pct(224) == 224 / 256 and augment.eval_crop_pct(225) == 1.0
+
+
+@pytest.mark.parametrize('image_size', EVAL_SIZES)
+def test_the_input_pipelines_eval_resize_is_the_references(image_size):
+  """What the data pipeline resizes to with the default eval_resize=256."""
+  config = sources.DatasetConfig(name='imagenet2012', image_size=image_size, channels=3)
+  assert config.eval_resize_size == _reference_eval_resize(image_size)

@@ -252,3 +252,41 @@ def test_tiny_model_learns_fixed_batch():
     losses.append(float(loss))
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert last < 0.5 * first, (first, last)
+
+
+def _tiny_classifier(pos, image_size=32):
+  return models.get_classifier('mae_vit_test', num_classes=5, pos_embed=pos, image_size=image_size)
+
+
+def test_learned_position_table_is_a_parameter_the_classifier_adds():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  learned = _tiny_classifier('learned')
+  params = learned.init(jax.random.key(1), images)['params']
+  table = params['encoder']['pos_embed']
+  assert table.shape == (1, 1 + 16, 32) and table.dtype == jnp.float32  # [1, 1 + L, D], cls first.
+  assert 0.01 < float(jnp.std(table)) < 0.03  # timm's init, normal(0.02).
+  fixed = _tiny_classifier('sincos')
+  fixed_params = fixed.init(jax.random.key(1), images)['params']
+  assert 'pos_embed' not in fixed_params['encoder']
+  assert 'pos_embed' not in _abstract_params(models.get_model('mae_vit_test'), 32)['params']['encoder']
+  # With the sin-cos table as its value, the learned model computes what the fixed-table model does ...
+  sincos = jnp.asarray(pos_embed.get_2d_sincos_pos_embed(32, 4, cls_token=True))[None]
+  same = {**fixed_params, 'encoder': {**fixed_params['encoder'], 'pos_embed': sincos}}
+  np.testing.assert_allclose(learned.apply({'params': same}, images), fixed.apply({'params': fixed_params}, images),
+                             atol=1e-6)
+  # ... and the table changes the output and gets a gradient, its cls entry too.
+  moved = {**same, 'encoder': {**same['encoder'], 'pos_embed': sincos.at[0, 1].add(jnp.linspace(-1, 1, 32))}}
+  features = lambda p: learned.apply({'params': p}, images, return_features=True)[1]
+  assert np.abs(features(moved) - features(same)).max() > 1e-3
+  grad = jax.grad(lambda p: jnp.square(features(p)[:, :4]).sum())(same)['encoder']['pos_embed']
+  assert float(jnp.abs(grad[0, 0]).min()) > 0 and float(jnp.abs(grad[0, 1:]).sum()) > 0
+
+
+def test_learned_table_refuses_images_of_another_grid():
+  model = _tiny_classifier('learned', image_size=(32, 24))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 24, 3))))['params']
+  assert params['encoder']['pos_embed'].shape == (1, 1 + 4 * 3, 32)  # A rectangular grid.
+  with pytest.raises(ValueError, match=r'learned position table is for image_size=\(32, 24\).*dataset.image_size'):
+    jax.eval_shape(lambda p: model.apply({'params': p}, jnp.zeros((1, 32, 32, 3))), params)
+  with pytest.raises(ValueError, match="pos_embed='fixed': must be one of"):
+    jax.eval_shape(lambda: _tiny_classifier('fixed').init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))

@@ -1,4 +1,4 @@
-"""Augmentation: RandAugment and random erasing (TensorFlow), mixup / CutMix (JAX).
+"""Augmentation: RandAugment and random erasing (TensorFlow), mixup / CutMix (JAX), the eval resize rule.
 
 Pure functions of their arguments and seeds; the config-level transform that
 uses them is `mae_jax.data.inputs.make_train_preprocess_fn`.
@@ -230,6 +230,38 @@ def random_erasing(image, seed, *, probability: float, mode: str = 'pixel', coun
     erased = tf.where(inside, fill, erased)
   apply = tf.random.stateless_uniform([], apply_seed) < probability
   return tf.where(apply, erased, image)
+
+
+# ----------------------------------------------------------------------------
+# The evaluation resize of the reference's fine-tuning.
+
+REFERENCE_SIZE = 224  # The size the reference's crop_pct 224 / 256 is defined at.
+
+
+def eval_crop_pct(image_size, eval_resize: int = 256) -> float:
+  """The reference's eval crop_pct: 224 / eval_resize (224 / 256) up to 224, else 1.0 (no zoom).
+
+  From build_transform in the reference's util/datasets.py; image_size is a
+  side or (height, width), and counts as above 224 when either side is.
+  """
+  return REFERENCE_SIZE / eval_resize if max(_pair(image_size)) <= REFERENCE_SIZE else 1.0
+
+
+def eval_resize_size(image_size, eval_resize: int = 256):
+  """The shorter side (per side for (height, width)) the eval image is resized to before the center crop.
+
+  The reference's int(image_size / crop_pct), in exact integer arithmetic:
+  160 -> 182, 224 -> 256, 28 -> 32; 384 -> 384 and 448 -> 448 (crop_pct 1.0
+  above 224). `eval_resize` is the shorter side at 224 (256 in the reference).
+  """
+  if eval_crop_pct(image_size, eval_resize) == 1.0:
+    return image_size if isinstance(image_size, int) else _pair(image_size)
+  sizes = tuple(side * eval_resize // REFERENCE_SIZE for side in _pair(image_size))
+  return sizes[0] if isinstance(image_size, int) else sizes
+
+
+def _pair(image_size) -> tuple[int, int]:
+  return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
 
 
 # ----------------------------------------------------------------------------

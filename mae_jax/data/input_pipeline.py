@@ -81,8 +81,10 @@ def create_pretrain_iterator(dataset_config: Any, *, global_batch_size: int,
     process_index: this process, default `jax.process_index()`.
     process_count: number of processes, default `jax.process_count()`.
     preprocess_fn: fn(image, seed) -> float32 [H, W, C] of a static shape,
-      given an encoded image string or a uint8 [H, W, C] image and a [2] int
-      seed; default the MAE pretraining transform of `dataset_config`.
+      given an encoded image string or a stored [H, W, C] array (uint8,
+      uint16 or float32) and a [2] int seed; default the MAE pretraining
+      transform of `dataset_config` (mean / std () are taken from the data
+      set's metadata).
 
   Yields:
     {'image': float32 [local_batch, H, W, C] normalised,
@@ -113,10 +115,12 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
                                   'global_batch_size')
   if start_step < 0:
     raise ValueError(f'start_step={start_step}: must be >= 0.')
-  if preprocess_fn is None:
-    preprocess_fn = preprocess.make_pretrain_preprocess_fn(config)
 
   builder = sources.get_builder(config)
+  sources.check_channels(builder, config)
+  if preprocess_fn is None:
+    preprocess_fn = preprocess.make_pretrain_preprocess_fn(
+        sources.resolve_stats(config, builder))
   split = sources.process_split(config.train_split, process_index,
                                 process_count)
   num_local = sources.split_num_examples(builder, split,
@@ -224,9 +228,11 @@ def create_eval_iterator(dataset_config: Any, *, split: str, batch_size: int,
   process_index, process_count = _resolve_processes(process_index,
                                                     process_count)
   local_batch = _local_batch_size(batch_size, process_count, 'batch_size')
-  if preprocess_fn is None:
-    preprocess_fn = preprocess.make_eval_preprocess_fn(config)
   builder = sources.get_builder(config)
+  sources.check_channels(builder, config)
+  if preprocess_fn is None:
+    preprocess_fn = preprocess.make_eval_preprocess_fn(
+        sources.resolve_stats(config, builder))
   splits = [sources.process_split(split, i, process_count)
             for i in range(process_count)]
   sizes = [sources.split_num_examples(builder, s, 'split') for s in splits]
@@ -245,7 +251,7 @@ def create_eval_iterator(dataset_config: Any, *, split: str, batch_size: int,
     ds = ds.map(preprocess_chunk, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.unbatch().batch(local_batch).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options())
-  image_shape = (config.image_size, config.image_size, config.channels)
+  image_shape = (*config.image_hw, config.channels)
   if ds is not None and ds.element_spec['image'].shape[1:].is_fully_defined():
     image_shape = tuple(ds.element_spec['image'].shape[1:])  # preprocess_fn's.
   return _padded_batches(ds, local_batch, num_batches,
@@ -291,8 +297,9 @@ def dataset_info(dataset_config: Any) -> dict[str, Any]:
   Returns:
     name, version, splits ({name: num_examples}), num_train_examples,
     num_eval_examples (None if eval_split is not a split), image_shape (as
-    stored; None for varying sizes), has_labels, num_classes and class_names
-    (None for unlabeled data).
+    stored; None for varying sizes), image_dtype (as stored: uint8 for
+    encoded images), channel_stats (what prepare stored, or None),
+    has_labels, num_classes and class_names (None for unlabeled data).
   """
   config = sources.DatasetConfig.from_config(dataset_config)
   builder = sources.get_builder(config)
@@ -311,6 +318,8 @@ def dataset_info(dataset_config: Any) -> dict[str, Any]:
           builder, config.train_split, 'config.dataset.train_split'),
       'num_eval_examples': num_eval,
       'image_shape': tuple(builder.info.features['image'].shape),
+      'image_dtype': str(np.dtype(builder.info.features['image'].np_dtype)),
+      'channel_stats': sources.channel_stats(builder),
       'has_labels': labeled,
       'num_classes': label.num_classes if labeled else None,
       'class_names': list(label.names) if labeled else None,

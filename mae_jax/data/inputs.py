@@ -60,8 +60,32 @@ def dataset_config(config) -> sources.DatasetConfig:
   if _is_synthetic(config):
     for key in ('mean', 'std'):
       if len(values[key]) != values['channels']:
-        values[key] = (values[key][0],) * values['channels']
-  return sources.DatasetConfig.from_config(values)
+        values[key] = ((values[key] or (0.0 if key == 'mean' else 1.0))[0],) * values['channels']
+    return sources.DatasetConfig.from_config(values)
+  return sources.resolve_stats(sources.DatasetConfig.from_config(values))
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  """(height, width, channels) of the model's input: dataset.image_size is a side or (height, width)."""
+  size = config.dataset.image_size
+  height, width = (size, size) if isinstance(size, int) else tuple(size)
+  return int(height), int(width), int(config.dataset.channels)
+
+
+def resolve_dataset_stats(config):
+  """A copy of `config` whose dataset.mean / std, when () ('from the data set'), hold the stored statistics.
+
+  Trainers call it first, so the saved config.json, exports and reconstruction
+  grids carry the numbers the run normalised with. Configs with explicit
+  values and the synthetic source come back unchanged (as a copy).
+  """
+  config = config.copy_and_resolve_references()
+  if _is_synthetic(config) or (len(config.dataset.mean) and len(config.dataset.std)):
+    return config
+  resolved = dataset_config(config)
+  config.dataset.mean = resolved.mean  # Existing keys: allowed on a locked config too.
+  config.dataset.std = resolved.std
+  return config
 
 
 def make_train_preprocess_fn(config) -> Callable:
@@ -87,12 +111,17 @@ def make_train_preprocess_fn(config) -> Callable:
       return preprocess.sample_crop_window(height, width, crop_seed, scale=data.crop_scale,
                                            ratio=data.crop_ratio)
 
-    image = preprocess.resize(preprocess.decode_and_crop(image, window_fn, data.channels), data.image_size)
+    max_value = preprocess.pixel_max(image)
+    if num_layers > 0 and (max_value != 255.0 or data.channels not in (1, 3)):
+      raise ValueError(f'randaug.num_layers={num_layers}: RandAugment works on 8-bit grey or RGB images, '
+                       f'not {data.channels} channels of {image.dtype.name}; set --config.randaug.num_layers=0')
+    image = preprocess.resize(preprocess.decode_and_crop(image, window_fn, data.channels), data.image_size,
+                              max_value)
     image = preprocess.random_flip(image, flip_seed)
     if num_layers > 0:
       image = augment.rand_augment(image, aug_seed, num_layers=num_layers, magnitude=magnitude,
                                    magnitude_std=magnitude_std, fill=fill)
-    image = preprocess.normalize(image, data.mean, data.std)
+    image = preprocess.normalize(image, data.mean, data.std, max_value)
     if reprob > 0:
       image = augment.random_erasing(image, erase_seed, probability=reprob, mode=remode, count=recount)
     return image
@@ -151,7 +180,7 @@ def create_eval_iterator(config, num_classes: int, split: str, batch_size: int) 
   ds = synthetic.labelled_examples(config.dataset, num_classes, tf.data.Dataset.range(start, stop), seed)
   ds = ds.map(lambda ex: {'image': eval_fn(ex['image']), 'label': ex['label']})
   return pad_batches(ds.batch(local).as_numpy_iterator(), local, -(-per_process // local),
-                     (local, config.dataset.image_size, config.dataset.image_size, config.dataset.channels))
+                     (local, *image_shape(config)))
 
 
 def pad_batches(batches: Iterator[dict], local: int, num_batches: int, image_shape) -> Iterator[dict]:

@@ -3,6 +3,14 @@ r"""Prepares a data set once, as a TFDS data set of sharded TFRecord files.
   python -m mae_jax.data.prepare --source=fashion_mnist --data_dir=DIR
   python -m mae_jax.data.prepare --source=folder:/path/to/images \
       [--name=my_images] [--channels=3] --data_dir=DIR
+  python -m mae_jax.data.prepare --source=arrays:/path/to/arrays \
+      [--name=my_bands] [--channels=N] [--image_size=H,W] --data_dir=DIR
+
+Array sources (N channels, 16-bit or float pixels, stored without loss)
+are described in `mae_jax.data.arrays`. Per-channel mean and std over the
+training split are stored in the data set's metadata.json (integer pixels in
+[0, 1] units, float pixels in their own), where config.dataset.mean = () and
+std = () find them.
 
 Fashion-MNIST is read from the original IDX .gz files (Debian package
 dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist;
@@ -22,18 +30,14 @@ nothing. Unreadable images are skipped and reported by name and count.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import gzip
 import io
 import math
 import os
-import re
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -41,7 +45,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mae_jax.data import sources
+from mae_jax.data import arrays, dataset_writer, sources
 
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
@@ -56,8 +60,7 @@ _LOSSY_FORMATS = ('JPEG', 'MPO', 'WEBP')  # Re-encoded as JPEG, others as PNG.
 _JPEG_QUALITY = 95
 
 
-class PrepareError(ValueError):
-  """The source cannot be prepared as asked (the message says why)."""
+PrepareError = dataset_writer.PrepareError
 
 
 def prepare_fashion_mnist(data_dir: str, *,
@@ -77,14 +80,14 @@ def prepare_fashion_mnist(data_dir: str, *,
     The prepared version directory, e.g. DIR/fashion_mnist/3.0.1.
   """
   catalog = tfds.builder('fashion_mnist', data_dir=data_dir)
-  _check_name(name, allow_catalog='fashion_mnist')
+  dataset_writer.check_name(name, allow_catalog='fashion_mnist')
   out_dir = os.path.join(data_dir, name, str(catalog.version))
-  if _is_prepared(out_dir) and not overwrite:
+  if dataset_writer.is_prepared(out_dir) and not overwrite:
     print(f'{name} is already prepared in {out_dir}; nothing to do '
           '(pass --overwrite to rebuild it).')
     return out_dir
 
-  arrays = {}
+  split_arrays = {}
   for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
     images = read_idx(_source_file(source_dir, images_file))
     labels = read_idx(_source_file(source_dir, labels_file))
@@ -95,15 +98,17 @@ def prepare_fashion_mnist(data_dir: str, *,
           'and N labels.')
     if labels.size and labels.max() >= 10:
       raise PrepareError(f'{source_dir}/{labels_file}: labels must be < 10.')
-    arrays[split] = (images, labels)
+    split_arrays[split] = (images, labels)
 
   features = catalog.info.features
-  total = sum(len(labels) for _, labels in arrays.values())
+  total = sum(len(labels) for _, labels in split_arrays.values())
+  stats = arrays.ChannelStats(1, np.uint8)
+  stats.add(split_arrays['train'][0][..., None])
   start = time.time()
-  with _incomplete_dir(out_dir) as tmp_dir, _progress(
+  with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       total, f'Preparing {name}', progress) as bar:
     split_infos = []
-    for split, (images, labels) in arrays.items():
+    for split, (images, labels) in split_arrays.items():
 
       def examples(images=images, labels=labels):
         for image, label in zip(images, labels):
@@ -111,9 +116,10 @@ def prepare_fashion_mnist(data_dir: str, *,
           yield 0, features.serialize_example(
               {'image': _encode_png(image), 'label': int(label)})
 
-      split_infos.append(_write_shards(tmp_dir, name, split, examples(), 1))
-    _write_metadata(
+      split_infos.append(dataset_writer.write_shards(tmp_dir, name, split, examples(), 1))
+    dataset_writer.write_metadata(
         tmp_dir, features, split_infos, str(catalog.version),
+        channel_stats=stats.as_metadata('train'),
         description=catalog.info.description, homepage=catalog.info.homepage,
         citation=catalog.info.citation,
         supervised_keys=catalog.info.supervised_keys)
@@ -176,12 +182,10 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
         f'--source=folder:{folder}: the folder does not exist.')
   if channels not in (1, 3):
     raise PrepareError(f'--channels={channels}: must be 1 or 3.')
-  if labels not in ('auto', 'subdir', 'none'):
-    raise PrepareError(f'--labels={labels}: must be auto, subdir or none.')
-  name = name or _name_from_folder(folder)
-  _check_name(name)
+  name = name or dataset_writer.name_from_folder(folder)
+  dataset_writer.check_name(name)
   out_dir = os.path.join(data_dir, name, FOLDER_VERSION)
-  if _is_prepared(out_dir) and not overwrite:
+  if dataset_writer.is_prepared(out_dir) and not overwrite:
     print(f'{name} is already prepared in {out_dir}; nothing to do '
           '(pass --overwrite to rebuild it).')
     return out_dir
@@ -192,15 +196,8 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
         f'--source=folder:{folder}: no images ({", ".join(IMAGE_EXTENSIONS)}) '
         'found in the folder or its sub-folders. Put your images there, '
         'optionally one sub-folder per class, and run this command again.')
-  at_root = [f for f in files if '/' not in f]
-  if labels == 'subdir' and at_root:
-    raise PrepareError(
-        f'--labels=subdir: {len(at_root)} images lie directly in {folder} '
-        f'(e.g. {at_root[0]}); move them into class sub-folders or use '
-        '--labels=none.')
-  labeled = labels == 'subdir' or (labels == 'auto' and not at_root)
-  class_names = sorted({f.split('/')[0] for f in files}) if labeled else []
-  class_index = {name: index for index, name in enumerate(class_names)}
+  class_names, label_of = dataset_writer.class_labels(files, labels, folder)
+  labeled = bool(class_names)
 
   feature_dict = {'image': tfds.features.Image(shape=(None, None, channels)),
                   'file_name': tfds.features.Text()}
@@ -211,7 +208,7 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
   order = np.random.default_rng(seed).permutation(len(files))
   files = [files[i] for i in order]
   num_shards = int(min(len(files), max(1, math.ceil(
-      _estimate_bytes(folder, files) / _TARGET_SHARD_BYTES))))
+      dataset_writer.estimate_bytes(folder, files) / _TARGET_SHARD_BYTES))))
   label_text = (f'{len(class_names)} classes from sub-folder names'
                 if labeled else 'no labels')
   print(f'Preparing {name} from {len(files)} image files under {folder} '
@@ -220,11 +217,11 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
   skipped = []
   start = time.time()
   convert = _make_converter(folder, channels, max_size)
-  with _incomplete_dir(out_dir) as tmp_dir, _progress(
+  with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       len(files), f'Preparing {name}', progress) as bar:
 
     def examples():
-      results = _ordered_map(convert, files, num_workers or os.cpu_count())
+      results = dataset_writer.ordered_map(convert, files, num_workers or os.cpu_count())
       for index, (relpath, (data, error)) in enumerate(zip(files, results)):
         bar.update(1)
         if error is not None:
@@ -232,16 +229,16 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
           continue
         example = {'image': data, 'file_name': relpath}
         if labeled:
-          example['label'] = class_index[relpath.split('/')[0]]
+          example['label'] = label_of(relpath)
         yield index * num_shards // len(files), features.serialize_example(
             example)
 
-    split_info = _write_shards(tmp_dir, name, 'train', examples(), num_shards)
+    split_info = dataset_writer.write_shards(tmp_dir, name, 'train', examples(), num_shards)
     if split_info.num_examples == 0:
       raise PrepareError(
           f'--source=folder:{folder}: none of the {len(files)} image files '
-          'could be read:\n' + _format_skipped(skipped))
-    _write_metadata(
+          'could be read:\n' + dataset_writer.format_skipped(skipped))
+    dataset_writer.write_metadata(
         tmp_dir, features, [split_info], FOLDER_VERSION,
         description=f'Images from {folder}, prepared by mae_jax.data.prepare.',
         supervised_keys=('image', 'label') if labeled else None)
@@ -256,7 +253,7 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
   if skipped:
     print(f'Skipped {len(skipped)} unreadable image files (listed in '
           f'{os.path.join(out_dir, SKIPPED_FILES_NAME)}):\n'
-          + _format_skipped(skipped))
+          + dataset_writer.format_skipped(skipped))
   return out_dir
 
 
@@ -265,26 +262,7 @@ def list_images(folder: str) -> list[str]:
 
   Hidden files and folders (names starting with '.') are ignored.
   """
-  files = []
-  for dirpath, dirnames, filenames in tf.io.gfile.walk(folder):
-    dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-    rel_dir = os.path.relpath(dirpath, folder)
-    for filename in filenames:
-      if filename.startswith('.') or not filename.lower().endswith(
-          IMAGE_EXTENSIONS):
-        continue
-      relpath = filename if rel_dir == '.' else os.path.join(rel_dir, filename)
-      files.append(relpath.replace(os.sep, '/'))
-  return sorted(files)
-
-
-def _estimate_bytes(folder: str, files: Sequence[str], samples: int = 1000
-                    ) -> int:
-  """Total size of files, extrapolated from at most `samples` of them."""
-  step = max(1, len(files) // samples)
-  sizes = [tf.io.gfile.stat(os.path.join(folder, f)).length
-           for f in files[::step]]
-  return int(np.mean(sizes) * len(files))
+  return dataset_writer.list_files(folder, IMAGE_EXTENSIONS)
 
 
 def convert_image(data: bytes, *, channels: int, max_size: int = 0) -> bytes:
@@ -346,123 +324,6 @@ def _make_converter(folder: str, channels: int, max_size: int
   return convert
 
 
-def _ordered_map(fn: Callable[[Any], Any], items: Sequence[Any],
-                 num_workers: int) -> Iterator[Any]:
-  """fn over items on a thread pool, in order, with bounded look-ahead."""
-  window = 8 * num_workers
-  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-    pending = collections.deque()
-    for item in items:
-      pending.append(pool.submit(fn, item))
-      if len(pending) >= window:
-        yield pending.popleft().result()
-    for future in pending:
-      yield future.result()
-
-
-def _format_skipped(skipped: Sequence[tuple[str, str]], limit: int = 50
-                    ) -> str:
-  lines = [f'  {path}: {error}' for path, error in skipped[:limit]]
-  if len(skipped) > limit:
-    lines.append(f'  ... and {len(skipped) - limit} more')
-  return '\n'.join(lines)
-
-
-def _write_shards(directory: str, name: str, split: str,
-                  examples: Iterable[tuple[int, bytes]],
-                  num_shards: int) -> tfds.core.SplitInfo:
-  """Writes (shard index, serialized example) pairs, shard indices ascending.
-
-  Empty shards are dropped; files are named as TFDS expects:
-  NAME-SPLIT.tfrecord-00000-of-00004.
-  """
-  counts = [0] * num_shards
-  writer, current = None, None
-
-  def temp_path(shard):
-    return os.path.join(directory, f'.{split}-{shard:05d}.tmp')
-
-  try:
-    for shard, serialized in examples:
-      if shard != current:
-        if writer is not None:
-          writer.close()
-        writer, current = tf.io.TFRecordWriter(temp_path(shard)), shard
-      writer.write(serialized)
-      counts[shard] += 1
-  finally:
-    if writer is not None:
-      writer.close()
-  written = [i for i in range(num_shards) if counts[i]]
-  num_bytes = 0
-  for new_index, shard in enumerate(written):
-    path = os.path.join(
-        directory,
-        f'{name}-{split}.tfrecord-{new_index:05d}-of-{len(written):05d}')
-    tf.io.gfile.rename(temp_path(shard), path)
-    num_bytes += tf.io.gfile.stat(path).length
-  return tfds.core.SplitInfo(name=split,
-                             shard_lengths=[counts[i] for i in written],
-                             num_bytes=num_bytes)
-
-
-def _write_metadata(directory, features, split_infos, version, **info_kwargs):
-  split_infos = [s for s in split_infos if s.num_examples]
-  tfds.folder_dataset.write_metadata(
-      data_dir=directory, features=features, split_infos=split_infos,
-      version=version, check_data=True, **info_kwargs)
-
-
-class _incomplete_dir:  # pylint: disable=invalid-name
-  """Writes into OUT.incomplete, renamed to OUT only when all went well."""
-
-  def __init__(self, out_dir: str):
-    self.out_dir = out_dir
-    self.tmp_dir = out_dir + '.incomplete'
-
-  def __enter__(self) -> str:
-    if tf.io.gfile.exists(self.tmp_dir):  # Left by an interrupted run.
-      tf.io.gfile.rmtree(self.tmp_dir)
-    tf.io.gfile.makedirs(self.tmp_dir)
-    return self.tmp_dir
-
-  def __exit__(self, exc_type, exc, traceback):
-    if exc_type is not None:
-      tf.io.gfile.rmtree(self.tmp_dir)
-      return False
-    if tf.io.gfile.exists(self.out_dir):  # --overwrite
-      tf.io.gfile.rmtree(self.out_dir)
-    tf.io.gfile.rename(self.tmp_dir, self.out_dir)
-    return False
-
-
-class _progress:  # pylint: disable=invalid-name
-  """A tqdm bar on stderr, or a no-op."""
-
-  def __init__(self, total: int, desc: str, enabled: bool):
-    self.bar = None
-    if enabled:
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr,
-                           mininterval=1.0)
-
-  def __enter__(self):
-    return self
-
-  def update(self, n: int):
-    if self.bar is not None:
-      self.bar.update(n)
-
-  def __exit__(self, *exc):
-    if self.bar is not None:
-      self.bar.close()
-    return False
-
-
-def _is_prepared(out_dir: str) -> bool:
-  return tf.io.gfile.exists(os.path.join(out_dir, 'dataset_info.json'))
-
-
 def _source_file(source_dir: str, filename: str) -> str:
   path = os.path.join(source_dir, filename)
   if not tf.io.gfile.exists(path):
@@ -481,30 +342,6 @@ def _encode_png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def _name_from_folder(folder: str) -> str:
-  base = os.path.basename(folder.rstrip('/')) or 'images'
-  name = re.sub(r'[^a-z0-9]+', '_', base.lower()).strip('_')
-  if not name or not name[0].isalpha():
-    name = f'images_{name}'.rstrip('_')
-  return name
-
-
-def _check_name(name: str, allow_catalog: str | None = None):
-  if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
-    raise PrepareError(
-        f'--name={name!r}: use lower-case letters, digits and "_", starting '
-        'with a letter.')
-  if name == allow_catalog:
-    return
-  try:
-    tfds.builder_cls(name)
-  except tfds.core.DatasetNotFoundError:
-    return
-  raise PrepareError(
-      f'--name={name!r} is a TFDS catalog data set, whose code would be used '
-      'to read it; choose another --name.')
-
-
 # Command line.
 
 
@@ -513,8 +350,10 @@ def _define_flags():
     return
   flags.DEFINE_string(
       'source', None,
-      'fashion_mnist (IDX files, see --source_dir) or folder:PATH (a tree of '
-      'images; labels from first-level sub-folder names).')
+      'fashion_mnist (IDX files, see --source_dir), folder:PATH (a tree of '
+      'images; labels from first-level sub-folder names) or arrays:PATH (a '
+      'tree of .npy / .npz / multi-page TIFF files, any channels, uint8, '
+      'uint16 or float32, stored without loss).')
   flags.DEFINE_string('data_dir', '',
                       'TFDS data directory to write into (local or gs://); '
                       "'' = $TFDS_DATA_DIR or ~/tensorflow_datasets.")
@@ -523,7 +362,11 @@ def _define_flags():
                       'name for folder sources.')
   flags.DEFINE_string('source_dir', sources.DEFAULT_FASHION_MNIST_DIR,
                       'Folder with the Fashion-MNIST IDX .gz files.')
-  flags.DEFINE_integer('channels', 3, 'Folder sources: 1 (grayscale) or 3.')
+  flags.DEFINE_integer('channels', 0, 'Folder sources: 1 (grayscale) or 3 '
+                       '(0 = 3). Array sources: every file\'s channel count '
+                       '(0 = the first file\'s).')
+  flags.DEFINE_string('image_size', '', 'Array sources: H,W (or one side) '
+                      'that every array must have; \'\' = any size.')
   flags.DEFINE_enum('labels', 'auto', ['auto', 'subdir', 'none'],
                     'Folder sources: labels from sub-folder names.')
   flags.DEFINE_integer('max_size', 0,
@@ -550,13 +393,20 @@ def main(argv: Sequence[str]):
                             progress=FLAGS.progress)
     elif source.startswith('folder:'):
       prepare_folder(source[len('folder:'):], data_dir, name=FLAGS.name,
-                     channels=FLAGS.channels, labels=FLAGS.labels,
+                     channels=FLAGS.channels or 3, labels=FLAGS.labels,
                      max_size=FLAGS.max_size,
                      num_workers=FLAGS.num_workers or None,
                      overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+    elif source.startswith('arrays:'):
+      arrays.prepare_arrays(source[len('arrays:'):], data_dir, name=FLAGS.name,
+                            channels=FLAGS.channels,
+                            image_size=FLAGS.image_size, labels=FLAGS.labels,
+                            num_workers=FLAGS.num_workers or None,
+                            overwrite=FLAGS.overwrite, progress=FLAGS.progress)
     else:
       raise app.UsageError(
-          f'--source={source!r}: use fashion_mnist or folder:PATH.')
+          f'--source={source!r}: use fashion_mnist, folder:PATH or '
+          'arrays:PATH.')
   except (sources.DatasetNotFoundError, PrepareError) as e:
     sys.exit(f'Error: {e}')
 

@@ -8,7 +8,10 @@ Resizing is antialiased, like PIL's, which the reference uses.
 Randomness comes only from stateless ops driven by an explicit per-example
 `seed` ([2] int tensor), so an output is a pure function of (image, seed).
 Images may be encoded (a JPEG/PNG string: JPEGs are decoded only inside the
-crop window) or already decoded (uint8 [H, W, C]).
+crop window) or already decoded arrays [H, W, C] of any channel count: uint8
+and uint16 (resized values clipped to the dtype's range; mean / std in [0, 1]
+units, the value divided by 255 or 65535) or float32 (not clipped; mean / std
+in the stored units). `image_size` is a square side or (height, width).
 """
 
 from __future__ import annotations
@@ -21,17 +24,30 @@ import tensorflow as tf
 
 from mae_jax.data import sources
 
-# fn(image, seed) -> float32 [size, size, channels]: the train-time transform.
+# fn(image, seed) -> float32 [height, width, channels]: the train-time transform.
 PreprocessFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 _JPEG_DCT = 'INTEGER_ACCURATE'  # libjpeg's default (ISLOW), as PIL decodes.
 
 
+def hw(size: int | Sequence[int]) -> tuple[int, int]:
+  """A square side or (height, width) -> (height, width)."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """Converts a decoded uint8 [H, W, C] image to `channels` (1 or 3)."""
+  """Converts a decoded [H, W, C] image to `channels`.
+
+  uint8 images convert between 1, 3 and 4 (alpha dropped) channels; other
+  arrays must already have `channels`.
+  """
   have = image.shape[-1]
   if have == channels:
     return image
+  if image.dtype != tf.uint8 or channels not in (1, 3):
+    raise ValueError(
+        f'An image has {have} channels of {image.dtype.name} but '
+        f'config.dataset.channels={channels}: set it to {have}.')
   if have == 1 and channels == 3:
     return tf.tile(image, [1, 1, 3])
   if have in (3, 4) and channels == 1:
@@ -44,7 +60,7 @@ def match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def decode_image(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """JPEG/PNG bytes or a uint8 image -> uint8 [H, W, channels]."""
+  """JPEG/PNG bytes -> uint8 [H, W, channels]; an array keeps its dtype."""
   if image.dtype != tf.string:
     return match_channels(image, channels)
   decoded = tf.cond(
@@ -136,7 +152,8 @@ def sample_crop_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
   return tf.stack([y, x, h, w])
 
 
-def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
+def resize_shorter_side(image: tf.Tensor, size: int,
+                        max_value: float | None = 255.0) -> tf.Tensor:
   """Bicubic, antialiased resize so the shorter side is `size`: float32.
 
   The longer side is size * long / short rounded down, as torchvision does.
@@ -148,29 +165,49 @@ def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.cast(tf.cast(side, tf.float32) * size / shorter, tf.int32)
   new_height = tf.where(height <= width, size, scaled(height))
   new_width = tf.where(width < height, size, scaled(width))
-  return _bicubic(image, new_height, new_width)
+  return _bicubic(image, new_height, new_width, max_value)
 
 
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central [size, size] crop; offsets rounded as torchvision does."""
+def resize_to_cover(image: tf.Tensor, size: Sequence[int],
+                    max_value: float | None = 255.0) -> tf.Tensor:
+  """Bicubic resize keeping the aspect ratio, to the smallest size covering
+  (height, width) = `size` (the shorter-side rule for non-square targets)."""
   shape = tf.shape(image)
-  top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2), tf.int32)
-  cropped = image[top:top + size, left:left + size]
-  cropped.set_shape([size, size, image.shape[-1]])
+  height = tf.cast(shape[0], tf.float32)
+  width = tf.cast(shape[1], tf.float32)
+  scale = tf.maximum(size[0] / height, size[1] / width)
+  new_height = tf.maximum(size[0], tf.cast(height * scale, tf.int32))
+  new_width = tf.maximum(size[1], tf.cast(width * scale, tf.int32))
+  return _bicubic(image, new_height, new_width, max_value)
+
+
+def center_crop(image: tf.Tensor, size: int | Sequence[int]) -> tf.Tensor:
+  """The central [height, width] crop; offsets rounded as torchvision does."""
+  height, width = hw(size)
+  shape = tf.shape(image)
+  top = tf.cast(tf.round(tf.cast(shape[0] - height, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(shape[1] - width, tf.float32) / 2), tf.int32)
+  cropped = image[top:top + height, left:left + width]
+  cropped.set_shape([height, width, image.shape[-1]])
   return cropped
 
 
-def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bicubic, antialiased resize to [size, size]: float32 in [0, 255]."""
+def resize(image: tf.Tensor, size: int | Sequence[int],
+           max_value: float | None = 255.0) -> tf.Tensor:
+  """Bicubic, antialiased resize to `size` (side or (height, width)): float32.
+
+  Values are clipped to [0, max_value] (None: not clipped, float pixels).
+  """
+  height, width = hw(size)
   channels = image.shape[-1]
-  resized = _bicubic(image, size, size)
-  resized.set_shape([size, size, channels])
+  resized = _bicubic(image, height, width, max_value)
+  resized.set_shape([height, width, channels])
   return resized
 
 
-def _bicubic(image: tf.Tensor, height, width) -> tf.Tensor:
-  """Bicubic resize, antialiased when shrinking (as PIL), clipped to [0, 255].
+def _bicubic(image: tf.Tensor, height, width,
+             max_value: float | None = 255.0) -> tf.Tensor:
+  """Bicubic resize, antialiased when shrinking (as PIL), clipped to [0, max_value].
 
   Antialiasing only changes a shrinking axis, and TF's antialiased kernel is
   about 3x slower, so images enlarged on both axes take the plain kernel
@@ -183,14 +220,18 @@ def _bicubic(image: tf.Tensor, height, width) -> tf.Tensor:
       enlarging,
       lambda: tf.image.resize(image, size, method='bicubic'),
       lambda: tf.image.resize(image, size, method='bicubic', antialias=True))
-  return tf.clip_by_value(resized, 0.0, 255.0)
+  if max_value is None:
+    return resized
+  return tf.clip_by_value(resized, 0.0, max_value)
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float],
-              std: Sequence[float]) -> tf.Tensor:
-  """[0, 255] pixels -> (x / 255 - mean) / std, float32."""
-  mean = tf.constant([255.0 * m for m in mean], tf.float32)
-  std = tf.constant([255.0 * s for s in std], tf.float32)
+              std: Sequence[float], max_value: float | None = 255.0
+              ) -> tf.Tensor:
+  """Pixels -> (x / max_value - mean) / std, float32 (x: float pixels if None)."""
+  scale = 1.0 if max_value is None else max_value
+  mean = tf.constant([scale * m for m in mean], tf.float32)
+  std = tf.constant([scale * s for s in std], tf.float32)
   return (tf.cast(image, tf.float32) - mean) / std
 
 
@@ -200,13 +241,19 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
-def pretrain_preprocess(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
+def pixel_max(image: tf.Tensor) -> float | None:
+  """The largest pixel value of an image's dtype (None for float pixels)."""
+  return sources.pixel_scale(image.dtype)
+
+
+def pretrain_preprocess(image: tf.Tensor, seed: tf.Tensor, *,
+                        image_size: int | Sequence[int],
                         channels: int, mean: Sequence[float],
                         std: Sequence[float],
                         crop_scale: Sequence[float] = (0.2, 1.0),
                         crop_ratio: Sequence[float] = (3 / 4, 4 / 3)
                         ) -> tf.Tensor:
-  """MAE pretraining transform -> float32 [image_size, image_size, channels]."""
+  """MAE pretraining transform -> float32 [height, width, channels]."""
   crop_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
 
@@ -214,26 +261,36 @@ def pretrain_preprocess(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
     return sample_crop_window(height, width, crop_seed, scale=crop_scale,
                               ratio=crop_ratio)
 
-  image = resize(decode_and_crop(image, window_fn, channels), image_size)
+  max_value = pixel_max(image)
+  image = resize(decode_and_crop(image, window_fn, channels), image_size,
+                 max_value)
   image = random_flip(image, flip_seed)
-  return normalize(image, mean, std)
+  return normalize(image, mean, std, max_value)
 
 
-def eval_preprocess(image: tf.Tensor, *, image_size: int, resize_size: int,
+def eval_preprocess(image: tf.Tensor, *, image_size: int | Sequence[int],
+                    resize_size: int | Sequence[int],
                     channels: int, mean: Sequence[float],
                     std: Sequence[float]) -> tf.Tensor:
   """Resize shorter side to resize_size, center crop image_size, normalise.
 
-  Returns float32 [image_size, image_size, channels]. resize_size must be
-  >= image_size.
+  Returns float32 [height, width, channels]. resize_size must be >=
+  image_size. A (height, width) resize_size resizes the image (keeping its
+  aspect ratio) to the smallest size that covers it.
   """
-  image = resize_shorter_side(decode_image(image, channels), resize_size)
-  return normalize(center_crop(image, image_size), mean, std)
+  max_value = pixel_max(image)
+  image = decode_image(image, channels)
+  if isinstance(resize_size, int):
+    image = resize_shorter_side(image, resize_size, max_value)
+  else:
+    image = resize_to_cover(image, resize_size, max_value)
+  return normalize(center_crop(image, image_size), mean, std, max_value)
 
 
 def make_pretrain_preprocess_fn(dataset_config: Any) -> PreprocessFn:
   """fn(image, seed) with the MAE pretraining transform of config.dataset."""
   config = sources.DatasetConfig.from_config(dataset_config)
+  _check_stats(config)
 
   def preprocess_fn(image, seed):
     return pretrain_preprocess(
@@ -248,11 +305,21 @@ def make_eval_preprocess_fn(dataset_config: Any
                             ) -> Callable[[tf.Tensor], tf.Tensor]:
   """fn(image) with the eval transform of config.dataset."""
   config = sources.DatasetConfig.from_config(dataset_config)
+  _check_stats(config)
+  square = isinstance(config.image_size, int)
 
   def preprocess_fn(image):
     return eval_preprocess(
         image, image_size=config.image_size,
-        resize_size=config.eval_resize_size, channels=config.channels,
-        mean=config.mean, std=config.std)
+        resize_size=config.eval_resize_size if square else config.eval_resize_hw,
+        channels=config.channels, mean=config.mean, std=config.std)
 
   return preprocess_fn
+
+
+def _check_stats(config: sources.DatasetConfig):
+  if not config.has_stats:
+    raise ValueError(
+        'config.dataset.mean / std are () ("from the data set\'s metadata") '
+        'and were not resolved: pass the config through '
+        'sources.resolve_stats (the input pipeline does) or set them.')

@@ -10,6 +10,7 @@ how to prepare it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from mae_jax.data import augment
 
 DEFAULT_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
@@ -36,7 +39,7 @@ class DatasetConfig:
   data_dir: str = ''
   train_split: str = 'train'
   eval_split: str = 'test'
-  image_size: int = 224
+  image_size: int | tuple[int, int] = 224  # Square side, or (height, width).
   channels: int = 3
   mean: tuple[float, ...] = (0.485, 0.456, 0.406)
   std: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -63,6 +66,8 @@ class DatasetConfig:
     for key in ('mean', 'std', 'crop_scale', 'crop_ratio'):
       if key in kwargs:
         kwargs[key] = tuple(float(v) for v in kwargs[key])
+    if isinstance(kwargs.get('image_size'), (list, tuple)):
+      kwargs['image_size'] = tuple(kwargs['image_size'])
     if 'name' not in kwargs or not kwargs['name']:
       raise ValueError(
           'config.dataset.name is empty: set it to a TFDS data set name, e.g. '
@@ -73,20 +78,32 @@ class DatasetConfig:
 
   def validate(self):
     """Raises ValueError naming the first invalid field."""
-    if self.image_size <= 0:
+    size = self.image_size
+    if isinstance(size, tuple):
+      if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(
+            f'config.dataset.image_size={size}: must be one int > 0 (square) '
+            'or (height, width) with two ints > 0.')
+    elif not isinstance(size, int) or size <= 0:
       raise ValueError(
-          f'config.dataset.image_size={self.image_size}: must be > 0.')
-    if self.channels not in (1, 3):
+          f'config.dataset.image_size={size}: must be > 0 (square), or '
+          '(height, width).')
+    if not isinstance(self.channels, int) or self.channels < 1:
       raise ValueError(
-          f'config.dataset.channels={self.channels}: must be 1 (grayscale) '
-          'or 3 (RGB).')
+          f'config.dataset.channels={self.channels}: must be >= 1 (1 grey, 3 '
+          'RGB, or the channel count of an array data set).')
+    if bool(self.mean) != bool(self.std):
+      raise ValueError(
+          f'config.dataset.mean={self.mean}, std={self.std}: set both, or '
+          'both to () to take them from the data set\'s metadata.')
     for key in ('mean', 'std'):
       value = getattr(self, key)
-      if len(value) != self.channels:
+      if value and len(value) != self.channels:
         raise ValueError(
             f'config.dataset.{key}={value}: needs one value per channel '
-            f'(config.dataset.channels={self.channels}).')
-    if min(self.std) <= 0:
+            f'(config.dataset.channels={self.channels}), or () for the data '
+            "set's stored statistics.")
+    if self.std and min(self.std) <= 0:
       raise ValueError(f'config.dataset.std={self.std}: must be > 0.')
     low, high = self.crop_scale
     if not 0 < low <= high <= 1:
@@ -101,18 +118,33 @@ class DatasetConfig:
     if self.eval_resize < 224:
       raise ValueError(
           f'config.dataset.eval_resize={self.eval_resize}: must be >= 224 '
-          '(the shorter side is resized to image_size * eval_resize / 224, '
-          'then center-cropped to image_size; 256 is the reference).')
+          '(up to image_size 224 the shorter side is resized to image_size * eval_resize / 224, above it '
+          'to image_size, then center-cropped to image_size; 256 is the reference).')
     if self.shuffle_buffer < 1:
       raise ValueError(
           f'config.dataset.shuffle_buffer={self.shuffle_buffer}: must be '
           '>= 1 (1 disables shuffling).')
 
   @property
+  def image_hw(self) -> tuple[int, int]:
+    """(height, width) of the model's input."""
+    size = self.image_size
+    return tuple(size) if isinstance(size, tuple) else (size, size)
+
+  @property
   def eval_resize_size(self) -> int:
     """Shorter side before the eval center crop, e.g. 256 at image_size 224."""
-    return max(self.image_size,
-               round(self.image_size * self.eval_resize / 224))
+    return min(augment.eval_resize_size(self.image_hw, self.eval_resize))
+
+  @property
+  def eval_resize_hw(self) -> tuple[int, int]:
+    """(height, width) the eval image is resized to cover before the crop."""
+    return augment.eval_resize_size(self.image_hw, self.eval_resize)
+
+  @property
+  def has_stats(self) -> bool:
+    """Whether mean and std are set (else they come from the data set)."""
+    return bool(self.mean) and bool(self.std)
 
 
 def default_data_dir() -> str:
@@ -195,6 +227,107 @@ def _check_features(builder: tfds.core.DatasetBuilder, name: str):
     raise ValueError(
         f'Data set {name!r}: image dtype {dtype} is not supported; '
         'the input pipeline reads uint8 images.')
+  if dtype not in PIXEL_DTYPES:
+    raise ValueError(
+        f'Data set {name!r}: image dtype {dtype} is not supported; the input '
+        f'pipeline reads {", ".join(str(np.dtype(d)) for d in PIXEL_DTYPES)}.')
+
+
+# Pixel dtypes of stored arrays, and the value that is 1.0 in mean/std units
+# (None: float pixels, whose mean and std are in the stored units).
+PIXEL_DTYPES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
+                np.dtype(np.float32): None}
+# The data set's metadata.json key under which prepare stores channel stats.
+STATS_KEY = 'mae_jax_channel_stats'
+METADATA_FILENAME = 'metadata.json'
+
+
+def pixel_scale(dtype: Any) -> float | None:
+  """The stored value that is 1.0 in mean/std units (None for float pixels)."""
+  dtype = np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
+  if dtype == np.dtype(object):  # Encoded JPEG/PNG bytes decode to uint8.
+    return 255.0
+  if dtype not in PIXEL_DTYPES:
+    raise ValueError(f'image dtype {dtype}: the input pipeline reads '
+                     f'{", ".join(str(d) for d in PIXEL_DTYPES)}.')
+  return PIXEL_DTYPES[dtype]
+
+
+def stored_image(builder: tfds.core.DatasetBuilder) -> tuple[tuple, np.dtype]:
+  """(shape, dtype) of the stored 'image' feature; None for varying sizes."""
+  image = builder.info.features['image']
+  return tuple(image.shape), np.dtype(image.np_dtype)
+
+
+def check_channels(builder: tfds.core.DatasetBuilder, config: DatasetConfig):
+  """Raises ValueError when config.dataset.channels cannot read the data set.
+
+  Encoded images (JPEG/PNG) convert between 1 and 3 channels; stored arrays
+  must have exactly config.dataset.channels.
+  """
+  shape, dtype = stored_image(builder)
+  stored = shape[-1]
+  if image_is_encoded(builder):
+    if config.channels not in (1, 3):
+      raise ValueError(
+          f'config.dataset.channels={config.channels}: data set '
+          f'{builder.name!r} stores encoded images (JPEG/PNG), which decode '
+          'to 1 or 3 channels.')
+  elif stored is not None and stored != config.channels:
+    raise ValueError(
+        f'config.dataset.channels={config.channels} but data set '
+        f'{builder.name!r} stores {stored}-channel {dtype} arrays: set '
+        f'--config.dataset.channels={stored}.')
+
+
+def channel_stats(builder: tfds.core.DatasetBuilder) -> dict | None:
+  """Per-channel statistics that mae_jax.data.prepare stored, or None.
+
+  Returns {'mean': [...], 'std': [...], 'units': str, 'dtype': str,
+  'split': str, 'num_pixels': int} as written by `prepare`.
+  """
+  path = os.path.join(builder.data_dir, METADATA_FILENAME)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    metadata = json.load(f)
+  return metadata.get(STATS_KEY)
+
+
+def resolve_stats(config: DatasetConfig,
+                  builder: tfds.core.DatasetBuilder | None = None
+                  ) -> DatasetConfig:
+  """config with mean / std taken from the data set's metadata when ().
+
+  Raises:
+    ValueError: mean / std are () and the data set stores no statistics, or
+      stores them for another channel count.
+  """
+  if config.has_stats:
+    return config
+  builder = builder or get_builder(config)
+  stats = channel_stats(builder)
+  if stats is None:
+    raise ValueError(
+        f'config.dataset.mean=() and std=() mean "from the data set\'s '
+        f'metadata", but data set {config.name!r} stores no channel '
+        f'statistics (no {STATS_KEY!r} in {builder.data_dir}/'
+        f'{METADATA_FILENAME}). Set --config.dataset.mean and '
+        '--config.dataset.std (one value per channel, in [0, 1] pixel units '
+        'for integer pixels), or prepare the data set again with '
+        'python -m mae_jax.data.prepare, which stores them.')
+  mean = tuple(float(v) for v in stats['mean'])
+  std = tuple(float(v) for v in stats['std'])
+  if len(mean) != config.channels:
+    raise ValueError(
+        f'config.dataset.channels={config.channels} but data set '
+        f'{config.name!r} stores statistics of {len(mean)} channels; set '
+        f'--config.dataset.channels={len(mean)} or set config.dataset.mean '
+        'and std explicitly.')
+  resolved = dataclasses.replace(config, mean=mean,
+                                 std=tuple(s if s > 0 else 1.0 for s in std))
+  resolved.validate()
+  return resolved
 
 
 def has_labels(builder: tfds.core.DatasetBuilder) -> bool:

@@ -15,12 +15,19 @@ _PATTERN_SEED = 1234  # The classes' patterns, the same for every run.
 _AUGMENT_SEED_OFFSET = 7  # Augmentation keys: (seed + 7, position).
 
 
-def global_batch(seed: int, step: int, batch_size: int, image_size: int, channels: int) -> np.ndarray:
-  """[batch_size, H, W, C] float32 images with smooth structure, from (seed, step) alone."""
+def _hw(image_size) -> tuple[int, int]:
+  return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def global_batch(seed: int, step: int, batch_size: int, image_size, channels: int) -> np.ndarray:
+  """[batch_size, H, W, C] float32 images with smooth structure, from (seed, step) alone.
+
+  image_size is a square side or (height, width).
+  """
+  height, width = _hw(image_size)
   rng = np.random.default_rng([seed, step])
   coarse = rng.standard_normal((batch_size, 4, 4, channels)).astype(np.float32)
-  reps = -(-image_size // 4)
-  images = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)[:, :image_size, :image_size]
+  images = np.repeat(np.repeat(coarse, -(-height // 4), axis=1), -(-width // 4), axis=2)[:, :height, :width]
   return images + 0.1 * rng.standard_normal(images.shape).astype(np.float32)
 
 
@@ -55,7 +62,7 @@ def labelled_examples(dataset_config, num_classes: int, positions: tf.data.Datas
   Returns:
     A dataset of {'image', 'label': int32}.
   """
-  size, channels = dataset_config.image_size, dataset_config.channels
+  size, channels = _hw(dataset_config.image_size), dataset_config.channels
   num_examples = int(dataset_config.num_examples)
   patterns = tf.constant(np.random.default_rng(_PATTERN_SEED).uniform(
       0, 255, (num_classes, 4, 4, channels)).astype(np.float32))
@@ -64,8 +71,8 @@ def labelled_examples(dataset_config, num_classes: int, positions: tf.data.Datas
     index = position % num_examples
     key = tf.stack([tf.cast(seed, tf.int64), index])
     label = tf.random.stateless_uniform([], key, 0, num_classes, dtype=tf.int32)
-    base = tf.image.resize(tf.gather(patterns, label), [size, size], method='nearest')
-    noise = 30.0 * tf.random.stateless_normal([size, size, channels], key + 1)
+    base = tf.image.resize(tf.gather(patterns, label), size, method='nearest')
+    noise = 30.0 * tf.random.stateless_normal([*size, channels], key + 1)
     image = tf.cast(tf.clip_by_value(tf.round(base + noise), 0, 255), tf.uint8)
     if preprocess_fn is None:
       return {'image': image, 'label': label}

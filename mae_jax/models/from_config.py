@@ -10,7 +10,7 @@ data shape comes from `dataset.image_size` / `dataset.channels`.
 from collections.abc import Mapping
 from typing import Any
 
-from mae_jax.models import mae, vit
+from mae_jax.models import mae, pos_embed, vit
 
 # config.model keys that are not MaskedAutoencoder fields.
 NOT_MODEL_FIELDS = ('name',)
@@ -69,12 +69,28 @@ def encoder_overrides(config) -> dict:
 
 
 def encoder_kwargs(config) -> dict:
-  """VisionTransformer fields of the config's encoder, drop path (config.drop_path_rate) included."""
+  """VisionTransformer fields of the config's encoder, drop path and position table included.
+
+  Downstream configs declare `drop_path_rate` and `pos_embed` ('learned' for
+  fine-tuning, 'sincos' for linear probing); a pretraining config has neither
+  (no drop path, the fixed sin-cos table).
+  """
   overrides = encoder_overrides(config)
   drop_path = _get(config, 'drop_path_rate')
   if drop_path is not None:
     overrides['drop_path_rate'] = float(drop_path)
-  return mae.encoder_kwargs(model_name(config), **overrides)
+  kwargs = mae.encoder_kwargs(model_name(config), **overrides)
+  kwargs['pos_embed'] = pos_embed_kind(config)
+  return kwargs
+
+
+def pos_embed_kind(config) -> str:
+  """config.pos_embed of a downstream config ('sincos' when absent), checked."""
+  kind = _get(config, 'pos_embed') or 'sincos'
+  if kind not in pos_embed.POS_EMBED_KINDS:
+    raise ValueError(f'pos_embed={kind!r}: must be one of {pos_embed.POS_EMBED_KINDS} (learned: a trained table '
+                     f'initialised from the checkpoint, as the reference fine-tunes; sincos: the fixed table)')
+  return kind
 
 
 def build_encoder(config, final_norm: bool = True) -> vit.VisionTransformer:

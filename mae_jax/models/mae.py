@@ -274,7 +274,13 @@ def encoder_kwargs(name: str, **overrides) -> dict:
   return out
 
 
-def get_classifier(name: str, num_classes: int, global_pool: bool = True, **overrides):
-  """ViT classifier with the encoder of a named MAE (e.g. 'mae_vit_base_patch16')."""
-  return vit.ViTClassifier(num_classes=num_classes, encoder=encoder_kwargs(name, **overrides),
+def get_classifier(name: str, num_classes: int, global_pool: bool = True, pos_embed: str = 'sincos',
+                   **overrides):
+  """ViT classifier with the encoder of a named MAE (e.g. 'mae_vit_base_patch16').
+
+  pos_embed='learned' gives timm's trained position table (the reference's
+  fine-tuning); 'sincos' the MAE's fixed one.
+  """
+  return vit.ViTClassifier(num_classes=num_classes, encoder={**encoder_kwargs(name, **overrides),
+                                                             'pos_embed': pos_embed},
                            global_pool=global_pool)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.models import pos_embed, tpu_attention
+from mae_jax.models import pos_embed as pos_tables
+from mae_jax.models import tpu_attention
 from mae_jax.parallel import BATCH_AXES
 
 Dtype = Any
@@ -38,6 +39,9 @@ qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
 patch_embed_init = nn.initializers.variance_scaling(
     1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
 token_init = nn.initializers.normal(stddev=0.02)
+# A learned position table without a checkpoint (fine-tuning from scratch): timm's
+# trunc_normal_(std=.02), whose bounds are +-2 absolute (100 std), i.e. a plain normal(0.02).
+learned_pos_init = nn.initializers.normal(stddev=0.02)
 
 
 def canonical_dtype(dtype) -> jnp.dtype:
@@ -209,7 +213,13 @@ def apply_blocks(x, *, depth, num_heads, mlp_ratio, dtype, attention_impl, deter
 
 
 class VisionTransformer(nn.Module):
-  """ViT encoder: patch embedding, fixed sin-cos positions, cls token, blocks, norm.
+  """ViT encoder: patch embedding, positions, cls token, blocks, norm.
+
+  `pos_embed='sincos'` (the MAE encoder, linear probing) adds the fixed 2D
+  sin-cos table, a constant; `pos_embed='learned'` (fine-tuning, as timm's ViT)
+  adds the parameter `pos_embed` [1, 1 + L, D] (cls entry first) for the grid
+  of `image_size`, initialised normal(0.02) as timm's, and replaced by the
+  checkpoint's table when one is loaded (`weights.load_pretrained_encoder`).
 
   `__call__(images, train, mask_fn)` returns (tokens, aux). `mask_fn(x, pos)`,
   if given, receives the patch tokens with positions added [N, L, D] and the
@@ -231,12 +241,20 @@ class VisionTransformer(nn.Module):
   scan_layers: bool = False
   attention_impl: str = 'xla'
   final_norm: bool = True
+  pos_embed: str = 'sincos'  # sincos (fixed) | learned (a parameter)
 
   def __post_init__(self):
     check_vit_settings(self.image_size, self.patch_size, self.embed_dim, self.num_heads)
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention_impl={self.attention_impl!r}: must be one of {ATTENTION_IMPLS}')
+    if self.pos_embed not in pos_tables.POS_EMBED_KINDS:
+      raise ValueError(f'pos_embed={self.pos_embed!r}: must be one of {pos_tables.POS_EMBED_KINDS}')
     super().__post_init__()
+
+  @property
+  def grid_size(self) -> tuple[int, int]:
+    h, w = pos_tables.as_grid(self.image_size)
+    return h // self.patch_size, w // self.patch_size
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, mask_fn=None, return_layers=None):
@@ -252,7 +270,14 @@ class VisionTransformer(nn.Module):
                 name='patch_embed')(images.astype(dtype))
     n, grid_h, grid_w, width = x.shape
     x = x.reshape(n, grid_h * grid_w, width)  # [N, L, D]
-    pos = jnp.asarray(pos_embed.get_2d_sincos_pos_embed(width, (grid_h, grid_w), cls_token=True))
+    if self.pos_embed == 'learned':
+      if (grid_h, grid_w) != self.grid_size:
+        raise ValueError(f'images of size {images.shape[1:3]} make a {grid_h}x{grid_w} patch grid, but the learned '
+                         f'position table is for image_size={self.image_size} ({self.grid_size[0]}x'
+                         f'{self.grid_size[1]}): set dataset.image_size to the size of the images')
+      pos = self.param('pos_embed', learned_pos_init, (1, 1 + grid_h * grid_w, width), jnp.float32)[0]
+    else:
+      pos = jnp.asarray(pos_tables.get_2d_sincos_pos_embed(width, (grid_h, grid_w), cls_token=True))
     x = x + pos[1:].astype(x.dtype)
     aux = None
     if mask_fn is not None:

@@ -2,7 +2,8 @@
 
 A params tree is a full MAE ({'encoder', 'decoder'}), an encoder alone
 ({'encoder'}) or a classifier from `models.get_classifier` ({'encoder',
-'fc_norm' with global pooling, 'head'}). The scanned layout (scan_layers=True)
+'fc_norm' with global pooling, 'head'}). A fine-tuned encoder may hold its
+trained position table `encoder/pos_embed` [1, 1 + L, D]. The scanned layout (scan_layers=True)
 holds a `blocks` subtree whose leaves have a leading [depth] axis; the unscanned
 one holds `blocks_0`, `blocks_1`, ... Conversions work on the unscanned layout.
 """
@@ -131,12 +132,17 @@ def grid_size(model_name: str, overrides: dict) -> tuple[int, int]:
 
 
 def abstract_params(model_name: str, layout: str, overrides: dict, num_classes: int = 0,
-                    global_pool: bool = True) -> Tree:
-  """ShapeDtypeStructs of the unscanned params a layout of a named model has."""
+                    global_pool: bool = True, pos_embed: str = 'sincos') -> Tree:
+  """ShapeDtypeStructs of the unscanned params a layout of a named model has.
+
+  pos_embed='learned' adds the encoder's trained position table
+  `encoder/pos_embed` [1, 1 + L, D] (a fine-tuned classifier, or an encoder
+  taken from one); 'sincos' models have none.
+  """
   overrides = {**overrides, 'scan_layers': False}
   settings = model_settings(model_name, overrides)
   if layout == 'classifier':
-    model = models.get_classifier(model_name, num_classes, global_pool, **overrides)
+    model = models.get_classifier(model_name, num_classes, global_pool, pos_embed, **overrides)
     init = lambda x: model.init({'params': jax.random.key(0)}, x)
   else:
     model = settings
@@ -147,7 +153,16 @@ def abstract_params(model_name: str, layout: str, overrides: dict, num_classes: 
   params = dict(params)
   if layout == 'encoder':
     params = {'encoder': params['encoder']}
+  if pos_embed == 'learned' and 'pos_embed' not in params['encoder']:
+    grid = settings.grid_size
+    params['encoder'] = {**params['encoder'], 'pos_embed': jax.ShapeDtypeStruct(
+        (1, 1 + grid[0] * grid[1], settings.embed_dim), jnp.float32)}
   return params
+
+
+def pos_embed_kind(params: Tree) -> str:
+  """'learned' when params hold the encoder's trained position table, else 'sincos'."""
+  return 'learned' if 'pos_embed' in params.get('encoder', {}) else 'sincos'
 
 
 def check_shapes(found: dict, expected: dict, source: str, what: str, hint: str = ''):
@@ -178,7 +193,8 @@ def canonical_params(params, model_name: str, overrides: dict, source: str = 'pa
   params = unstack_blocks(numpy_tree(unwrap(params)))  # Host copies first, then slice.
   layout = params_layout(params)
   num_classes = params['head']['kernel'].shape[-1] if layout == 'classifier' else 0
-  expected = abstract_params(model_name, layout, overrides, num_classes, 'fc_norm' in params)
+  expected = abstract_params(model_name, layout, overrides, num_classes, 'fc_norm' in params,
+                             pos_embed_kind(params))
   check_shapes(flat_shapes(params), flat_shapes(expected), source,
                f'{model_name} ({layout} params, overrides {overrides or "none"})',
                'pass the model name (and overrides such as image_size / in_channels) it was trained with')

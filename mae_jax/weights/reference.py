@@ -2,10 +2,17 @@
 
 torch Linear weights are [out, in] (Flax kernels [in, out]), the patch Conv2d is
 OIHW (Flax HWIO), attention is one fused `attn.qkv` [3D, D] (Flax: separate
-query / key / value). Position tables are fixed sin-cos tables in mae_jax, not
-parameters: the reference state dict carries them (`pos_embed`,
-`decoder_pos_embed`); an import compares them with the fixed table and ignores
-them, logging a warning if they differ (a learned or resized table).
+query / key / value).
+
+Position tables: the MAE's are fixed sin-cos tables, not parameters, but the
+reference state dict carries them (`pos_embed`, `decoder_pos_embed`). A
+fine-tuned model (timm's ViT) trains its `pos_embed`. An import keeps the
+file's encoder table as `encoder/pos_embed` [1, 1 + L_file, D] (float32, as
+stored, cls first) whenever it is not mae_jax's fixed table at the requested
+grid (a learned table, or one at another resolution); the loader of a
+fine-tuning run interpolates it to the run's grid. An export writes the
+params' own table when they hold one, else the fixed table. The decoder table
+is always the fixed one (a different stored one is logged and ignored).
 """
 
 import jax
@@ -61,7 +68,10 @@ def to_reference(params: Tree, grid, xp=np) -> dict:
   enc = params['encoder']
   width = enc['cls_token'].shape[-1]
   state['cls_token'] = enc['cls_token']
-  state['pos_embed'] = pos_embed.get_2d_sincos_pos_embed(width, grid, cls_token=True)[None]
+  if 'pos_embed' in enc:  # A trained table (fine-tuning).
+    state['pos_embed'] = enc['pos_embed']
+  else:
+    state['pos_embed'] = pos_embed.get_2d_sincos_pos_embed(width, grid, cls_token=True)[None]
   state['patch_embed.proj.weight'] = enc['patch_embed']['kernel'].transpose(3, 2, 0, 1)  # HWIO -> OIHW
   state['patch_embed.proj.bias'] = enc['patch_embed']['bias']
   for i in layout.block_indices(enc):
@@ -188,17 +198,31 @@ def _layout_of_state(keys, source: str, hf: bool = False) -> tuple[str, bool]:
   return ('mae' if has_decoder else 'encoder'), True
 
 
-def _check_pos_table(table: np.ndarray, width: int, grid, key: str, source: str):
-  """Logs (never fails) when a stored position table is not mae_jax's fixed one."""
+def is_fixed_table(table: np.ndarray, width: int, grid) -> bool:
+  """Whether a stored [1, 1 + L, D] table is mae_jax's fixed sin-cos table at `grid` (within 1e-4)."""
   fixed = pos_embed.get_2d_sincos_pos_embed(width, grid, cls_token=True)[None]  # [1, 1 + L, D]
-  if table.shape != fixed.shape:
-    logging.warning(
-        '%s: %s has shape %s but the model (grid %s) expects %s; mae_jax uses fixed sin-cos '
-        'tables, so it is ignored (a learned or resized table is not used)',
-        source, key, table.shape, tuple(grid), fixed.shape)
-  elif not np.allclose(table.astype(np.float32), fixed, atol=1e-4):
-    logging.warning('%s: %s differs from the fixed sin-cos table (a learned table?); mae_jax uses '
-                    'fixed tables, so it is ignored', source, key)
+  return table.shape == fixed.shape and np.allclose(table.astype(np.float32), fixed, atol=1e-4)
+
+
+def _check_pos_table(table: np.ndarray, width: int, grid, key: str, source: str):
+  """Logs (never fails) when a stored decoder position table is not mae_jax's fixed one."""
+  if not is_fixed_table(table, width, grid):
+    logging.warning('%s: %s (shape %s) is not the fixed sin-cos table of the model (grid %s); the MAE decoder '
+                    'uses the fixed table, so it is ignored', source, key, table.shape, tuple(grid))
+
+
+def _encoder_table(table: np.ndarray, width: int, grid, key: str, source: str) -> np.ndarray | None:
+  """The file's encoder position table as float32 [1, 1 + L, D], or None when it is the fixed one."""
+  if is_fixed_table(table, width, grid):
+    return None
+  if table.ndim == 2:
+    table = table[None]
+  if table.ndim != 3 or table.shape[0] != 1 or table.shape[-1] != width or table.shape[1] < 2:
+    raise ValueError(f'{source}: {key} has shape {tuple(table.shape)}; a position table is [1, 1 + L, {width}] '
+                     f'(cls first) for this model')
+  logging.info('%s: %s %s is a learned table or one at another grid (the model\'s is %s): kept as '
+               'encoder/pos_embed', source, key, tuple(table.shape), tuple(grid))
+  return np.ascontiguousarray(table, dtype=np.float32)
 
 
 def import_state(state: dict, model_name: str, overrides: dict, source: str,
@@ -226,8 +250,13 @@ def import_state(state: dict, model_name: str, overrides: dict, source: str,
       else:
         expected[file_key] = part
   state = dict(state)
-  for file_key, (_, shape) in pos_file_keys.items():
-    if file_key in state:
+  table = None
+  for file_key, (ref_key, shape) in pos_file_keys.items():
+    if file_key not in state:
+      continue
+    if ref_key == 'pos_embed':
+      table = _encoder_table(np.asarray(state.pop(file_key)), shape[-1], grid, file_key, source)
+    else:
       _check_pos_table(np.asarray(state.pop(file_key)), shape[-1], grid, file_key, source)
   layout.check_shapes({k: np.shape(v) for k, v in state.items()}, expected, source,
                       f'{model_name} ({kind}, overrides {overrides or "none"})',
@@ -240,6 +269,8 @@ def import_state(state: dict, model_name: str, overrides: dict, source: str,
     parts = [np.asarray(state[k]) for k in names_fn(ref_key)]
     ref_state[ref_key] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
   params = _from_reference(ref_state, template)
+  if table is not None:
+    params['encoder']['pos_embed'] = table
   if kind == 'encoder':
     logging.info('%s has no decoder: the imported params hold only the encoder', source)
   return params
@@ -252,7 +283,8 @@ def from_reference_state_dict(state: dict, model_name: str, *, source: str = 'st
   The layout follows the keys: with `decoder_*` the full MAE params, without
   them only {'encoder': ...}, with `head.*` the `get_classifier` params
   (`fc_norm` means global pooling). Blocks are stacked when
-  `scan_layers=True` is among the overrides.
+  `scan_layers=True` is among the overrides. A `pos_embed` that is not the
+  fixed sin-cos table at the model's grid is kept as `encoder/pos_embed`.
   """
   state = {k: layout.to_numpy_array(v) for k, v in state.items()}
   return layout.restack(import_state(state, model_name, model_overrides, source), model_overrides)

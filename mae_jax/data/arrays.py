@@ -1,0 +1,286 @@
+r"""Array data sets: N-channel, 16-bit and float pixels, stored without loss.
+
+  python -m mae_jax.data.prepare --source=arrays:/path/to/arrays \
+      [--name=my_bands] [--channels=N] [--image_size=H,W] --data_dir=DIR
+
+Every .npy / .npz file (read with allow_pickle=False) or multi-page TIFF
+under the folder is one image:
+
+  * .npy: an array [H, W, C] (or [H, W] for one channel);
+  * .npz: the same, under the key 'image' or as the file's only array;
+  * .tif / .tiff: the pages are the channels (each page [H, W]; pages with
+    several samples, e.g. RGB, add theirs in order), read with PIL, or with
+    tifffile when it is installed.
+
+Pixels are uint8, uint16 or float32 (float16 is widened, exactly); other
+dtypes fail, naming the file. All images share the first one's channel count
+(or --channels) and dtype; with --image_size every image must have that size,
+otherwise sizes may vary (training crops and resizes to
+config.dataset.image_size). Images are stored as zlib-compressed tensors of
+their own dtype, so reading returns exactly the values written.
+
+Labels come from first-level sub-folder names, as for folders of images.
+Per-channel mean and std over the split are stored in the data set's
+metadata.json (see `ChannelStats`); configs with config.dataset.mean = ()
+and std = () use them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image, ImageSequence
+
+from mae_jax.data import dataset_writer, sources
+from mae_jax.data.dataset_writer import PrepareError
+
+try:  # Optional: reads TIFF layouts PIL does not (e.g. planar multi-sample pages).
+  import tifffile  # pytype: disable=import-error
+except ImportError:  # pragma: no cover - depends on the environment
+  tifffile = None
+
+ARRAY_EXTENSIONS = ('.npy', '.npz', '.tif', '.tiff')
+VERSION = '1.0.0'
+_TARGET_SHARD_BYTES = 128 << 20  # Source bytes per shard.
+
+
+class ChannelStats:
+  """Per-channel mean and standard deviation, accumulated image by image.
+
+  Integer pixels are counted in [0, 1] units (the value divided by the
+  dtype's maximum, 255 or 65535), as config.dataset.mean / std are; float
+  pixels in their stored units. Each image's mean and sum of squared
+  deviations (float64) are merged with Chan et al.'s parallel formula, so
+  the result equals numpy's mean and std (ddof=0) over all pixels of the
+  split, without its rounding on long sums.
+  """
+
+  def __init__(self, channels: int, dtype: np.dtype):
+    self.channels = channels
+    self.dtype = np.dtype(dtype)
+    self.scale = sources.PIXEL_DTYPES[self.dtype] or 1.0
+    self.count = 0
+    self.num_images = 0
+    self.mean = np.zeros(channels, np.float64)
+    self.m2 = np.zeros(channels, np.float64)
+
+  def add(self, image: np.ndarray):
+    """Adds one [H, W, C] image."""
+    pixels = image.reshape(-1, self.channels).astype(np.float64) / self.scale
+    count = pixels.shape[0]
+    if not count:
+      return
+    mean = pixels.mean(0)
+    m2 = ((pixels - mean) ** 2).sum(0)
+    total = self.count + count
+    delta = mean - self.mean
+    self.mean = self.mean + delta * count / total
+    self.m2 = self.m2 + m2 + delta ** 2 * self.count * count / total
+    self.count = total
+    self.num_images += 1
+
+  @property
+  def std(self) -> np.ndarray:
+    return np.sqrt(self.m2 / max(self.count, 1))
+
+  def as_metadata(self, split: str = 'train') -> dict:
+    """The dict stored under sources.STATS_KEY in the data set's metadata.json."""
+    units = ('stored float units' if sources.PIXEL_DTYPES[self.dtype] is None
+             else f'[0, 1]: value / {self.scale:g}')
+    return {'mean': [float(v) for v in self.mean], 'std': [float(v) for v in self.std],
+            'units': units, 'dtype': str(self.dtype), 'split': split,
+            'num_pixels': int(self.count), 'num_images': int(self.num_images)}
+
+
+def read_array(data: bytes, filename: str) -> np.ndarray:
+  """The [H, W, C] array of one .npy, .npz or TIFF file's bytes.
+
+  Raises PrepareError naming the file for layouts and dtypes that are not
+  images; decoding errors of corrupt files propagate.
+  """
+  lower = filename.lower()
+  if lower.endswith('.npy'):
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+  elif lower.endswith('.npz'):
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+      keys = list(arrays.files)
+      if 'image' in keys:
+        array = arrays['image']
+      elif len(keys) == 1:
+        array = arrays[keys[0]]
+      else:
+        raise PrepareError(f'{filename}: holds arrays {keys}; put the image under the key "image" '
+                           '(np.savez(path, image=array)) or save one array per file.')
+  elif lower.endswith(('.tif', '.tiff')):
+    array = _read_tiff(data, filename)
+  else:
+    raise PrepareError(f'{filename}: not a .npy, .npz or TIFF file.')
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3:
+    raise PrepareError(f'{filename}: array of shape {array.shape}; an image is [H, W, C] (channels last) '
+                       'or [H, W].')
+  if array.dtype == np.float16:
+    array = array.astype(np.float32)  # Exact.
+  if array.dtype.newbyteorder('=') in sources.PIXEL_DTYPES:
+    array = array.astype(array.dtype.newbyteorder('='), copy=False)
+  if array.dtype not in sources.PIXEL_DTYPES:
+    raise PrepareError(f'{filename}: pixels of dtype {array.dtype}; the data set stores uint8, uint16 or '
+                       'float32 without loss: convert the file to one of them (float64 to float32, int16 to '
+                       'float32 or shifted to uint16).')
+  return array
+
+
+def _read_tiff(data: bytes, filename: str) -> np.ndarray:
+  if tifffile is not None:
+    with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+      pages = [page.asarray() for page in tiff.pages]
+    pages = [p if p.ndim == 3 else p[..., None] for p in pages]
+  else:
+    pages = []
+    with Image.open(io.BytesIO(data)) as image:
+      for frame in ImageSequence.Iterator(image):
+        page = np.asarray(frame)
+        pages.append(page if page.ndim == 3 else page[..., None])
+  sizes = {p.shape[:2] for p in pages}
+  if len(sizes) != 1:
+    raise PrepareError(f'{filename}: its pages have different sizes {sorted(sizes)}; the pages of one '
+                       'image are its channels and must share a size.')
+  return np.concatenate(pages, axis=-1)
+
+
+def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int] | None:
+  """'48,32' or 48 or (48, 32) -> (48, 32) / (48, 48); None or '' -> None."""
+  if value is None or value == '' or value == 0:
+    return None
+  if isinstance(value, str):
+    try:
+      parts = [int(v) for v in value.replace('x', ',').split(',')]
+    except ValueError:
+      raise PrepareError(f'--image_size={value}: use H,W (e.g. 48,32) or one side.') from None
+  else:
+    parts = [value] if isinstance(value, int) else list(value)
+  if len(parts) == 1:
+    parts = parts * 2
+  if len(parts) != 2 or min(parts) <= 0:
+    raise PrepareError(f'--image_size={value}: use H,W (e.g. 48,32) or one side, all > 0.')
+  return int(parts[0]), int(parts[1])
+
+
+def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, channels: int = 0,
+                   image_size: str | int | Sequence[int] | None = None, labels: str = 'auto',
+                   num_workers: int | None = None, overwrite: bool = False, progress: bool = True,
+                   seed: int = 0) -> str:
+  """Writes every array file under `folder` as TFDS data set `name`, split 'train'.
+
+  Args:
+    folder: root of the tree of .npy / .npz / TIFF files (local or gs://).
+    data_dir: TFDS data directory (local or gs://).
+    name: data set name; default from the folder's name.
+    channels: channels of every image; 0 = the first file's.
+    image_size: if set ((H, W), 'H,W' or a side), every image must have it.
+    labels: 'auto', 'subdir' or 'none', as for folders of images.
+    num_workers: reading threads; default the number of CPUs.
+    overwrite: rebuild even if already prepared.
+    progress: show a progress bar.
+    seed: seed of the fixed shuffle of examples before they are sharded.
+
+  Returns:
+    The prepared version directory, DIR/NAME/1.0.0.
+
+  Raises:
+    PrepareError: a file's channel count, dtype or size differs from the
+      data set's (the message names the file and the setting).
+  """
+  folder = folder.rstrip('/') or '/'
+  if not tf.io.gfile.isdir(folder):
+    raise sources.DatasetNotFoundError(f'--source=arrays:{folder}: the folder does not exist.')
+  if channels < 0:
+    raise PrepareError(f'--channels={channels}: must be >= 1, or 0 for the first file\'s.')
+  size = parse_image_size(image_size)
+  name = name or dataset_writer.name_from_folder(folder)
+  dataset_writer.check_name(name)
+  out_dir = os.path.join(data_dir, name, VERSION)
+  if dataset_writer.is_prepared(out_dir) and not overwrite:
+    print(f'{name} is already prepared in {out_dir}; nothing to do (pass --overwrite to rebuild it).')
+    return out_dir
+  files = dataset_writer.list_files(folder, ARRAY_EXTENSIONS)
+  if not files:
+    raise sources.DatasetNotFoundError(
+        f'--source=arrays:{folder}: no array files ({", ".join(ARRAY_EXTENSIONS)}) found in the folder '
+        'or its sub-folders.')
+  class_names, label_of = dataset_writer.class_labels(files, labels, folder)
+
+  def read(relpath):
+    path = os.path.join(folder, relpath)
+    try:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        return read_array(f.read(), path)
+    except PrepareError:
+      raise
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+      raise PrepareError(f'{path}: cannot be read ({type(e).__name__}: {e}).') from None
+
+  first = read(files[0])
+  channels = channels or first.shape[-1]
+  dtype = first.dtype
+  shape = (*(size or (None, None)), channels)
+  feature_dict = {'image': tfds.features.Tensor(shape=shape, dtype=dtype, encoding=tfds.features.Encoding.ZLIB),
+                  'file_name': tfds.features.Text()}
+  if class_names:
+    feature_dict['label'] = tfds.features.ClassLabel(names=class_names)
+  features = tfds.features.FeaturesDict(feature_dict)
+
+  order = np.random.default_rng(seed).permutation(len(files))
+  files = [files[i] for i in order]
+  num_shards = int(min(len(files), max(1, math.ceil(
+      dataset_writer.estimate_bytes(folder, files) / _TARGET_SHARD_BYTES))))
+  print(f'Preparing {name} from {len(files)} array files under {folder} ({channels} channels of {dtype}, '
+        f'{"size %dx%d" % size if size else "any size"}) into {out_dir}.')
+
+  def checked(relpath):
+    array = read(relpath)
+    path = os.path.join(folder, relpath)
+    if array.shape[-1] != channels:
+      raise PrepareError(f'{path}: {array.shape[-1]} channels, but the data set has {channels} (--channels, '
+                         'config.dataset.channels); every image needs the same channels.')
+    if array.dtype != dtype:
+      raise PrepareError(f'{path}: pixels of dtype {array.dtype}, but the data set stores {dtype} (the first '
+                         f'file, {os.path.join(folder, files[0])}); convert the files to one dtype.')
+    if size and array.shape[:2] != size:
+      raise PrepareError(f'{path}: size {array.shape[0]}x{array.shape[1]} (HxW), but --image_size='
+                         f'{size[0]},{size[1]}; resize the file or leave --image_size unset (training '
+                         'resizes to config.dataset.image_size).')
+    return array
+
+  stats = ChannelStats(channels, dtype)
+  start = time.time()
+  with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
+      len(files), f'Preparing {name}', progress) as bar:
+
+    def examples():
+      arrays = dataset_writer.ordered_map(checked, files, num_workers or os.cpu_count())
+      for index, (relpath, array) in enumerate(zip(files, arrays)):
+        bar.update(1)
+        stats.add(array)
+        example = {'image': array, 'file_name': relpath}
+        if class_names:
+          example['label'] = label_of(relpath)
+        yield index * num_shards // len(files), features.serialize_example(example)
+
+    split_info = dataset_writer.write_shards(tmp_dir, name, 'train', examples(), num_shards)
+    dataset_writer.write_metadata(
+        tmp_dir, features, [split_info], VERSION, channel_stats=stats.as_metadata('train'),
+        description=f'Arrays from {folder}, prepared by mae_jax.data.prepare.',
+        supervised_keys=('image', 'label') if class_names else None)
+  print(f'Prepared {name}: {split_info.num_examples} examples in {len(split_info.shard_lengths)} shards in '
+        f'{out_dir} in {time.time() - start:.1f} s. Channel mean {np.round(stats.mean, 4).tolist()}, std '
+        f'{np.round(stats.std, 4).tolist()} ({stats.as_metadata()["units"]}).')
+  return out_dir

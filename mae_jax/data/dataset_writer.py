@@ -1,0 +1,225 @@
+"""Writing a TFDS data set by hand: sharded TFRecord files, metadata, an atomic rename.
+
+Shared by the sources of `mae_jax.data.prepare` (Fashion-MNIST, folders of
+images, `arrays`). A data set is written into OUT.incomplete and renamed to
+OUT only when every file is complete, so an interrupted run leaves nothing
+that TFDS would read.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mae_jax.data import sources
+
+
+class PrepareError(ValueError):
+  """The source cannot be prepared as asked (the message says why)."""
+
+
+def list_files(folder: str, extensions: Sequence[str]) -> list[str]:
+  """Sorted '/'-separated paths of the files under folder ending in `extensions`.
+
+  Hidden files and folders (names starting with '.') are ignored.
+  """
+  files = []
+  for dirpath, dirnames, filenames in tf.io.gfile.walk(folder):
+    dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+    rel_dir = os.path.relpath(dirpath, folder)
+    for filename in filenames:
+      if filename.startswith('.') or not filename.lower().endswith(tuple(extensions)):
+        continue
+      relpath = filename if rel_dir == '.' else os.path.join(rel_dir, filename)
+      files.append(relpath.replace(os.sep, '/'))
+  return sorted(files)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any],
+                 num_workers: int) -> Iterator[Any]:
+  """fn over items on a thread pool, in order, with bounded look-ahead."""
+  window = 8 * num_workers
+  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= window:
+        yield pending.popleft().result()
+    for future in pending:
+      yield future.result()
+
+
+def format_skipped(skipped: Sequence[tuple[str, str]], limit: int = 50
+                    ) -> str:
+  lines = [f'  {path}: {error}' for path, error in skipped[:limit]]
+  if len(skipped) > limit:
+    lines.append(f'  ... and {len(skipped) - limit} more')
+  return '\n'.join(lines)
+
+
+def write_shards(directory: str, name: str, split: str,
+                  examples: Iterable[tuple[int, bytes]],
+                  num_shards: int) -> tfds.core.SplitInfo:
+  """Writes (shard index, serialized example) pairs, shard indices ascending.
+
+  Empty shards are dropped; files are named as TFDS expects:
+  NAME-SPLIT.tfrecord-00000-of-00004.
+  """
+  counts = [0] * num_shards
+  writer, current = None, None
+
+  def temp_path(shard):
+    return os.path.join(directory, f'.{split}-{shard:05d}.tmp')
+
+  try:
+    for shard, serialized in examples:
+      if shard != current:
+        if writer is not None:
+          writer.close()
+        writer, current = tf.io.TFRecordWriter(temp_path(shard)), shard
+      writer.write(serialized)
+      counts[shard] += 1
+  finally:
+    if writer is not None:
+      writer.close()
+  written = [i for i in range(num_shards) if counts[i]]
+  num_bytes = 0
+  for new_index, shard in enumerate(written):
+    path = os.path.join(
+        directory,
+        f'{name}-{split}.tfrecord-{new_index:05d}-of-{len(written):05d}')
+    tf.io.gfile.rename(temp_path(shard), path)
+    num_bytes += tf.io.gfile.stat(path).length
+  return tfds.core.SplitInfo(name=split,
+                             shard_lengths=[counts[i] for i in written],
+                             num_bytes=num_bytes)
+
+
+def write_metadata(directory, features, split_infos, version, *,
+                   channel_stats: dict | None = None, **info_kwargs):
+  """Writes dataset_info.json and features.json (TFDS), and metadata.json.
+
+  channel_stats (`arrays.ChannelStats.as_metadata`) go into metadata.json
+  under sources.STATS_KEY, where `sources.channel_stats` reads them.
+  """
+  split_infos = [s for s in split_infos if s.num_examples]
+  metadata = None
+  if channel_stats is not None:
+    metadata = tfds.core.MetadataDict({sources.STATS_KEY: channel_stats})
+  tfds.folder_dataset.write_metadata(
+      data_dir=directory, features=features, split_infos=split_infos,
+      version=version, check_data=True, metadata=metadata, **info_kwargs)
+
+
+class incomplete_dir:  # pylint: disable=invalid-name
+  """Writes into OUT.incomplete, renamed to OUT only when all went well."""
+
+  def __init__(self, out_dir: str):
+    self.out_dir = out_dir
+    self.tmp_dir = out_dir + '.incomplete'
+
+  def __enter__(self) -> str:
+    if tf.io.gfile.exists(self.tmp_dir):  # Left by an interrupted run.
+      tf.io.gfile.rmtree(self.tmp_dir)
+    tf.io.gfile.makedirs(self.tmp_dir)
+    return self.tmp_dir
+
+  def __exit__(self, exc_type, exc, traceback):
+    if exc_type is not None:
+      tf.io.gfile.rmtree(self.tmp_dir)
+      return False
+    if tf.io.gfile.exists(self.out_dir):  # --overwrite
+      tf.io.gfile.rmtree(self.out_dir)
+    tf.io.gfile.rename(self.tmp_dir, self.out_dir)
+    return False
+
+
+class progress_bar:  # pylint: disable=invalid-name
+  """A tqdm bar on stderr, or a no-op."""
+
+  def __init__(self, total: int, desc: str, enabled: bool):
+    self.bar = None
+    if enabled:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr,
+                           mininterval=1.0)
+
+  def __enter__(self):
+    return self
+
+  def update(self, n: int):
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def __exit__(self, *exc):
+    if self.bar is not None:
+      self.bar.close()
+    return False
+
+
+def is_prepared(out_dir: str) -> bool:
+  return tf.io.gfile.exists(os.path.join(out_dir, 'dataset_info.json'))
+
+
+def check_name(name: str, allow_catalog: str | None = None):
+  if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
+    raise PrepareError(
+        f'--name={name!r}: use lower-case letters, digits and "_", starting '
+        'with a letter.')
+  if name == allow_catalog:
+    return
+  try:
+    tfds.builder_cls(name)
+  except tfds.core.DatasetNotFoundError:
+    return
+  raise PrepareError(
+      f'--name={name!r} is a TFDS catalog data set, whose code would be used '
+      'to read it; choose another --name.')
+
+
+
+
+def estimate_bytes(folder: str, files: Sequence[str], samples: int = 1000) -> int:
+  """Total size of files, extrapolated from at most `samples` of them."""
+  step = max(1, len(files) // samples)
+  sizes = [tf.io.gfile.stat(os.path.join(folder, f)).length for f in files[::step]]
+  return int(sum(sizes) / len(sizes) * len(files))
+
+
+def name_from_folder(folder: str) -> str:
+  """A valid data set name made from the folder's name."""
+  base = os.path.basename(folder.rstrip('/')) or 'images'
+  name = re.sub(r'[^a-z0-9]+', '_', base.lower()).strip('_')
+  if not name or not name[0].isalpha():
+    name = f'images_{name}'.rstrip('_')
+  return name
+
+
+def class_labels(files: Sequence[str], labels: str, folder: str
+                 ) -> tuple[list[str], Callable[[str], int]]:
+  """(class names, fn(relpath) -> label) from first-level sub-folder names.
+
+  labels: 'auto' (labelled when no file lies directly in `folder`), 'subdir'
+  (always; error otherwise) or 'none'. No labels: ([], None).
+  """
+  if labels not in ('auto', 'subdir', 'none'):
+    raise PrepareError(f'--labels={labels}: must be auto, subdir or none.')
+  at_root = [f for f in files if '/' not in f]
+  if labels == 'subdir' and at_root:
+    raise PrepareError(
+        f'--labels=subdir: {len(at_root)} files lie directly in {folder} '
+        f'(e.g. {at_root[0]}); move them into class sub-folders or use '
+        '--labels=none.')
+  if labels == 'none' or (labels == 'auto' and at_root):
+    return [], None
+  class_names = sorted({f.split('/')[0] for f in files})
+  class_index = {name: index for index, name in enumerate(class_names)}
+  return class_names, lambda relpath: class_index[relpath.split('/')[0]]

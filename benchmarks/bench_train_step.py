@@ -1,6 +1,6 @@
 r"""Train-step throughput of MAE ViT-Ti/B/L/H on the current backend, compile excluded.
 
-  python benchmarks/bench_train_step.py --models=tiny,B,L,H [--batch=8] [--steps=5]
+  python benchmarks/bench_train_step.py --models=tiny,B,L,H [--batch=8] [--steps=5] [--json_out=rows.json]
 
 Builds the step exactly as the trainer does (mae_jax.aot.make_train_step: mesh
 over all devices, partition rules, donated state), on synthetic 224x224x3
@@ -10,6 +10,7 @@ prints figures and never fails on time.
 """
 
 import contextlib
+import json
 import statistics
 import time
 
@@ -19,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from mae_jax import aot, flops, parallel
+from mae_jax import aot, fileio, flops, parallel
 
 MODELS = {
     'tiny': 'mae_vit_tiny_patch16',
@@ -44,10 +45,12 @@ def define_flags():
   flags.DEFINE_bool('scan', False, 'model.scan_layers.')
   flags.DEFINE_float('mask_ratio', 0.75, 'Mask ratio.')
   flags.DEFINE_bool('encoder_mask_tokens', False, 'The ablation with mask tokens in the encoder.')
+  flags.DEFINE_string('attention_impl', 'xla', 'model.attention_impl: xla | cudnn (GPU) | tpu_flash (TPU) | naive.')
+  flags.DEFINE_string('json_out', '', 'Also write the rows as JSON to this file (local or gs://).')
 
 def build_config(model: str, global_batch: int, *, dtype: str = 'float32', remat: str = 'none',
                  scan: bool = False, mask_ratio: float = 0.75, encoder_mask_tokens: bool = False,
-                 decoder_depth: int | None = None) -> ml_collections.ConfigDict:
+                 decoder_depth: int | None = None, attention_impl: str = 'xla') -> ml_collections.ConfigDict:
   """The default config on synthetic ImageNet-shaped data with one model and batch."""
   config = default.get_config()
   config.model.name = MODELS.get(model, model)
@@ -55,6 +58,7 @@ def build_config(model: str, global_batch: int, *, dtype: str = 'float32', remat
   config.model.remat_policy = remat
   config.model.scan_layers = scan
   config.model.encoder_mask_tokens = encoder_mask_tokens
+  config.model.attention_impl = attention_impl
   if decoder_depth is not None:
     config.model.decoder_depth = decoder_depth
   config.dataset.name = 'synthetic'
@@ -150,30 +154,46 @@ def main(argv):
   per_device_default = CPU_BATCH if backend == 'cpu' else ACCELERATOR_BATCH
   peak = flops.peak_flops_per_device()
   print(f'# {describe_machine()}; dtype {dtype}, remat {FLAGS.remat}, scan_layers {FLAGS.scan}, '
-        f'mask ratio {FLAGS.mask_ratio}, encoder mask tokens {FLAGS.encoder_mask_tokens}')
+        f'attention {FLAGS.attention_impl}, mask ratio {FLAGS.mask_ratio}, '
+        f'encoder mask tokens {FLAGS.encoder_mask_tokens}')
   print('| model | batch/device | devices | compile s | step ms (median) | images/s | images/s/device '
         '| TFLOP/s/device | MFU | memory GiB/device |')
   print('|---|---|---|---|---|---|---|---|---|---|')
+  rows = []
+  settings = dict(dtype=dtype, remat=FLAGS.remat, scan_layers=FLAGS.scan, attention_impl=FLAGS.attention_impl,
+                  mask_ratio=FLAGS.mask_ratio, encoder_mask_tokens=FLAGS.encoder_mask_tokens)
   for model in FLAGS.models:
     per_device = FLAGS.batch or per_device_default.get(model, 8)
     config = build_config(model, per_device * jax.device_count(), dtype=dtype, remat=FLAGS.remat,
                           scan=FLAGS.scan, mask_ratio=FLAGS.mask_ratio,
-                          encoder_mask_tokens=FLAGS.encoder_mask_tokens)
+                          encoder_mask_tokens=FLAGS.encoder_mask_tokens, attention_impl=FLAGS.attention_impl)
     runner = StepRunner(config, keep_state=False)
+    row = dict(model=config.model.name, batch_per_device=per_device, devices=runner.num_devices,
+               compile_s=runner.compile_seconds, memory_gib_per_device=runner.memory_gib(), **settings)
     available = available_host_gib() if backend == 'cpu' else None
     if available is not None and runner.memory_gib() + 1.0 > available:
-      print(f'| {config.model.name} | {per_device} | skipped: the step needs {runner.memory_gib():.1f} GiB, '
-            f'{available:.1f} GiB of host memory available | | | | | | | |', flush=True)
+      row['skipped'] = (f'the step needs {runner.memory_gib():.1f} GiB, {available:.1f} GiB of host memory '
+                        'available')
+      print(f'| {config.model.name} | {per_device} | skipped: {row["skipped"]} | | | | | | | |', flush=True)
+      rows.append(row)
       continue
     runner.load()
-    seconds = statistics.median(runner.run(FLAGS.steps))
+    times = runner.run(FLAGS.steps)
+    seconds = statistics.median(times)
     images_per_sec = config.batch_size / seconds
     tflops = images_per_sec * runner.flops_per_image / runner.num_devices / 1e12
-    mfu = f'{100 * tflops * 1e12 / peak:.1f}%' if peak else 'n/a'
+    mfu = tflops * 1e12 / peak if peak else None
+    row.update(step_ms=1e3 * seconds, step_ms_all=[1e3 * t for t in times], images_per_s=images_per_sec,
+               images_per_s_per_device=images_per_sec / runner.num_devices, tflops_per_device=tflops, mfu=mfu)
+    rows.append(row)
     print(f'| {config.model.name} | {per_device} | {runner.num_devices} | {runner.compile_seconds:.1f} '
           f'| {1e3 * seconds:.0f} | {images_per_sec:.2f} | {images_per_sec / runner.num_devices:.2f} '
-          f'| {tflops:.3f} | {mfu} | {runner.memory_gib():.2f} |', flush=True)
+          f'| {tflops:.3f} | {f"{100 * mfu:.1f}%" if mfu else "n/a"} | {runner.memory_gib():.2f} |', flush=True)
     del runner
+  if FLAGS.json_out:
+    fileio.write_text(FLAGS.json_out, json.dumps(
+        {'benchmark': 'train_step', 'machine': describe_machine(), 'backend': backend,
+         'device_kind': jax.devices()[0].device_kind, 'peak_flops_per_device': peak, 'rows': rows}, indent=1))
 
 
 if __name__ == '__main__':

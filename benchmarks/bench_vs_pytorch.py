@@ -1,0 +1,253 @@
+r"""The MAE pretraining step in mae_jax and in PyTorch, timed side by side in one run.
+
+  python benchmarks/bench_vs_pytorch.py [--model=b16] [--batch=8] [--rounds=5] [--skip_compile] \
+      [--json_out=vs_pytorch.json]
+
+mae_jax: the step exactly as the trainer runs it (`train.build_train_step` via
+`aot.make_train_step`: the config's optimizer and schedule, the non-finite
+guard, the step's metrics, donated state), on one device.
+
+PyTorch: Hugging Face `transformers.ViTMAEForPreTraining` with the same sizes
+(read from `mae_jax.models.MODELS`), SDPA attention, mask ratio, norm_pix_loss
+and `torch.optim.AdamW(lr, betas=(0.9, 0.95), weight_decay=0.05)` (no decay on
+biases and 1-D tensors, as the reference), run eagerly and under
+`torch.compile` (a compile failure is reported, not fatal). Both use float32
+parameters; with --dtype=bfloat16 mae_jax computes in bfloat16
+(model.dtype) and PyTorch under `torch.autocast`.
+
+Both sides see the same images. Each side is compiled and warmed up first
+(not timed); then every round times `--steps_per_round` steps of each
+implementation in turn, the order rotated from round to round, so that a
+change in the machine's load touches all of them alike. Prints each
+implementation's median step time and spread, and the ratio: the faster
+PyTorch median over mae_jax's (above 1 means mae_jax is faster). A benchmark:
+it prints figures and never fails on time.
+"""
+
+import os
+
+# JAX must not take most of the GPU's memory up front: PyTorch shares the device in this process.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import bench_train_step as common  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from mae_jax import fileio, models  # noqa: E402
+
+MODELS = {
+    'tiny': 'mae_vit_tiny_patch16',
+    'b16': 'mae_vit_base_patch16',
+    'l16': 'mae_vit_large_patch16',
+    'h14': 'mae_vit_huge_patch14',
+}
+IMPLS = ('mae_jax', 'torch_eager', 'torch_compile')
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('model', 'b16', list(MODELS), 'Model size (tiny for a quick check).')
+flags.DEFINE_integer('batch', 8, 'Batch size (both sides, one device).')
+flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds.')
+flags.DEFINE_integer('steps_per_round', 1, 'Timed steps of each implementation per round.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps of each implementation after its compile.')
+flags.DEFINE_string('dtype', None, 'float32 or bfloat16 (default float32 on CPU, bfloat16 on a GPU).')
+flags.DEFINE_string('attention_impl', None,
+                    'mae_jax model.attention_impl (default cudnn on a GPU in bfloat16, else xla).')
+flags.DEFINE_float('mask_ratio', 0.75, 'Mask ratio (both sides).')
+flags.DEFINE_bool('skip_compile', False, 'Do not run torch.compile.')
+flags.DEFINE_bool('skip_eager', False, 'Do not time eager PyTorch.')
+flags.DEFINE_integer('threads', None, 'PyTorch intra-op threads (default: the CPU cores this process may use).')
+flags.DEFINE_string('json_out', '', 'Also write the figures as JSON to this file (local or gs://).')
+
+
+def cpu_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def hf_config(model_name: str, mask_ratio: float, norm_pix_loss: bool = True):
+  """The transformers.ViTMAEConfig of a mae_jax model (same sizes, eps, GELU, qkv bias), SDPA attention."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  kw = models.model_kwargs(model_name)
+  size = kw.get('image_size', 224)
+  config = transformers.ViTMAEConfig(
+      hidden_size=kw['embed_dim'], num_hidden_layers=kw['depth'], num_attention_heads=kw['num_heads'],
+      intermediate_size=int(kw['embed_dim'] * kw['mlp_ratio']), hidden_act='gelu', layer_norm_eps=1e-6,
+      image_size=size, patch_size=kw['patch_size'], num_channels=kw.get('in_channels', 3), qkv_bias=True,
+      decoder_hidden_size=kw['decoder_embed_dim'], decoder_num_hidden_layers=kw['decoder_depth'],
+      decoder_num_attention_heads=kw['decoder_num_heads'],
+      decoder_intermediate_size=int(kw['decoder_embed_dim'] * kw['mlp_ratio']), mask_ratio=mask_ratio,
+      norm_pix_loss=norm_pix_loss, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  config._attn_implementation = 'sdpa'  # pylint: disable=protected-access
+  return config
+
+
+class JaxStep:
+  """mae_jax's train step as the trainer builds it, on one device, with its state and the batch."""
+
+  def __init__(self, model_name: str, batch: int, dtype: str, attention_impl: str, mask_ratio: float,
+               images_nhwc: np.ndarray):
+    self.config = common.build_config(model_name, batch, dtype=dtype, mask_ratio=mask_ratio,
+                                      attention_impl=attention_impl)
+    self.config.norm_pix_loss = True
+    self.runner = common.StepRunner(self.config, devices=jax.devices()[:1], keep_state=False)
+    self.compile_seconds = self.runner.compile_seconds
+    step = self.runner.step
+    self.runner.state = step.init_state()
+    host = {'image': images_nhwc, 'corrupt': np.zeros((batch,), bool)}
+    self.runner.batch = {key: jax.device_put(host[key], step.batch_shardings[key]) for key in step.abstract_batch}
+    self.num_params = sum(x.size for x in jax.tree.leaves(self.runner.state.params))
+
+  def __call__(self) -> None:
+    self.runner.run(1)
+
+
+class TorchStep:
+  """transformers' ViTMAEForPreTraining + torch.optim.AdamW: zero_grad, forward, backward, step."""
+
+  def __init__(self, model, optimizer, pixel_values, autocast_dtype, compiled: bool):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.model, self.optimizer, self.pixel_values = model, optimizer, pixel_values
+    self.forward = torch.compile(model) if compiled else model
+    self.device_type = pixel_values.device.type
+    self.autocast_dtype = autocast_dtype
+
+  def __call__(self) -> None:
+    torch = self.torch
+    self.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+      loss = self.forward(pixel_values=self.pixel_values).loss
+    loss.backward()
+    self.optimizer.step()
+    if self.device_type == 'cuda':
+      torch.cuda.synchronize()
+
+
+def build_torch(model_name: str, mask_ratio: float, lr: float, images_nchw: np.ndarray, device: str):
+  """The PyTorch model, its AdamW (param groups as the reference) and the batch on `device`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = transformers.ViTMAEForPreTraining(hf_config(model_name, mask_ratio)).to(device)
+  model.train()
+  decay, no_decay = [], []
+  for name, param in model.named_parameters():
+    if param.requires_grad:
+      (no_decay if param.ndim <= 1 or name.endswith('.bias') else decay).append(param)
+  optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.05}, {'params': no_decay, 'weight_decay': 0.0}],
+                                lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+  num_params = sum(p.numel() for p in decay + no_decay)
+  return model, optimizer, torch.from_numpy(images_nchw).to(device), num_params
+
+
+def timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def summarize(times: list[float]) -> dict:
+  median = statistics.median(times)
+  return dict(median_ms=1e3 * median, min_ms=1e3 * min(times), max_ms=1e3 * max(times),
+              spread=(max(times) - min(times)) / median, times_ms=[1e3 * t for t in times])
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  dtype = FLAGS.dtype or ('float32' if backend == 'cpu' else 'bfloat16')
+  if dtype not in ('float32', 'bfloat16'):
+    raise app.UsageError(f'--dtype={dtype!r}: must be float32 or bfloat16')
+  attention = FLAGS.attention_impl or ('cudnn' if backend == 'gpu' and dtype == 'bfloat16' else 'xla')
+  if backend == 'gpu':
+    if not torch.cuda.is_available():
+      raise SystemExit(f'JAX runs on the GPU but this torch ({torch.__version__}) has no CUDA: install a CUDA '
+                       'build of torch into this environment, or run with JAX_PLATFORMS=cpu')
+    device = 'cuda'
+    torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default precision for float32 matmuls on GPUs
+    torch.backends.cudnn.allow_tf32 = True
+  elif backend == 'cpu':
+    device = 'cpu'
+  else:
+    raise SystemExit(f'backend {backend!r}: PyTorch has no counterpart here; run on a CPU or an NVIDIA GPU')
+  threads = FLAGS.threads or cpu_cores()
+  torch.set_num_threads(threads)
+  model_name = MODELS[FLAGS.model]
+  autocast_dtype = torch.bfloat16 if dtype == 'bfloat16' else None
+
+  size = models.model_kwargs(model_name).get('image_size', 224)
+  images = np.random.default_rng(0).standard_normal((FLAGS.batch, size, size, 3), dtype=np.float32)
+
+  machine = (f'{jax.devices()[0].device_kind} ({backend}), {cpu_cores()} CPU cores, {platform.machine()}; '
+             f'jax {jax.__version__}, torch {torch.__version__}')
+  print(f'# {machine}; {model_name}, batch {FLAGS.batch}, {dtype}, mask ratio {FLAGS.mask_ratio}, '
+        f'norm_pix_loss, mae_jax attention {attention}, torch threads {threads}, '
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+
+  steps, compile_s, errors = {}, {}, {}
+  jax_step = JaxStep(model_name, FLAGS.batch, dtype, attention, FLAGS.mask_ratio, images)
+  compile_s['mae_jax'] = jax_step.compile_seconds
+  steps['mae_jax'] = jax_step
+  lr = float(jax_step.config.optim.base_lr * FLAGS.batch / 256)
+  model, optimizer, pixels, torch_params = build_torch(model_name, FLAGS.mask_ratio, lr,
+                                                       np.ascontiguousarray(images.transpose(0, 3, 1, 2)), device)
+  print(f'trainable parameters: mae_jax {jax_step.num_params:,}, PyTorch {torch_params:,}', flush=True)
+  if not FLAGS.skip_eager:
+    steps['torch_eager'] = TorchStep(model, optimizer, pixels, autocast_dtype, compiled=False)
+  if not FLAGS.skip_compile:
+    steps['torch_compile'] = TorchStep(model, optimizer, pixels, autocast_dtype, compiled=True)
+
+  # Compile (the first call) and warm up, untimed.
+  for name in list(steps):
+    try:
+      first = timed(steps[name])
+      for _ in range(FLAGS.warmup - 1):
+        steps[name]()
+    except Exception as e:  # pylint: disable=broad-except  # torch.compile may fail on a platform; report it.
+      errors[name] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+      print(f'{name} failed, left out: {errors[name]}', flush=True)
+      del steps[name]
+      continue
+    compile_s.setdefault(name, first)
+    print(f'{name}: ready (compile / first step {compile_s[name]:.1f} s)', flush=True)
+
+  times = {name: [] for name in steps}
+  names = list(steps)
+  for r in range(FLAGS.rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      times[name] += [timed(steps[name]) for _ in range(FLAGS.steps_per_round)]
+  stats = {name: summarize(t) for name, t in times.items()}
+
+  print('| implementation | median step ms | min-max ms | spread | compile s | images/s |')
+  print('|---|---|---|---|---|---|')
+  for name, s in stats.items():
+    print(f"| {name} | {s['median_ms']:.1f} | {s['min_ms']:.1f}-{s['max_ms']:.1f} | {100 * s['spread']:.0f}% "
+          f"| {compile_s[name]:.1f} | {1e3 * FLAGS.batch / s['median_ms']:.2f} |")
+  for name, error in errors.items():
+    print(f'| {name} | failed: {error} | | | | |')
+  torch_best = min((n for n in stats if n != 'mae_jax'), key=lambda n: stats[n]['median_ms'], default=None)
+  ratio = stats[torch_best]['median_ms'] / stats['mae_jax']['median_ms'] if torch_best else None
+  if ratio is not None:
+    print(f'ratio: {torch_best} / mae_jax = {ratio:.2f}x ({"mae_jax" if ratio > 1 else torch_best} is faster)')
+  if FLAGS.json_out:
+    fileio.write_text(FLAGS.json_out, json.dumps(
+        {'benchmark': 'vs_pytorch', 'machine': machine, 'backend': backend, 'model': model_name,
+         'batch': FLAGS.batch, 'dtype': dtype, 'attention_impl': attention, 'mask_ratio': FLAGS.mask_ratio,
+         'rounds': FLAGS.rounds, 'steps_per_round': FLAGS.steps_per_round, 'torch_threads': threads,
+         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'params': {'mae_jax': jax_step.num_params,
+                                                                  'torch': torch_params},
+         'compile_s': compile_s, 'stats': stats, 'errors': errors, 'faster_torch': torch_best,
+         'ratio': ratio}, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -29,13 +29,17 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "absl-py>=2.0",
     "safetensors>=0.4",
+    "tqdm>=4.60",
 ]
 
 EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]>=0.7.0,<0.11"],
     "gpu": ["jax[cuda12]>=0.7.0,<0.11"],
     "cuda13": ["jax[cuda13]>=0.7.0,<0.11"],
-    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.5"],
+    # Tests; gcsfs and gcp-storage-emulator serve the gs:// workdir tests on 127.0.0.1.
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.5", "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8"],
+    # Optional experiment tracking (config.wandb.enabled=True).
+    "wandb": ["wandb>=0.17"],
     # Weight conversion tests against PyTorch / Hugging Face models.
     "torch": ["torch>=2.4", "safetensors>=0.4", "transformers>=4.40"],
 }
@@ -59,6 +63,7 @@ setuptools.setup(
             "mae-jax-aot=mae_jax.aot:run",
             "mae-jax-downstream=mae_jax.downstream:run",
             "mae-jax-demo=mae_jax.demo:run",
+            "mae-jax-features=mae_jax.features:run",
         ],
     },
 )

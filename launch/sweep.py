@@ -30,7 +30,7 @@ non-finite losses (exit status 65) is 'failed' and not retried; the sweep goes
 on with the next run. --max_runs=N stops after N runs, leaving the rest for a
 later invocation.
 
-At the end the last value of every metric in each run's metrics.jsonl goes into
+At the end the last value of every metric each run logged (its metrics/ part files) goes into
 one table, printed as markdown and written to ROOT/summary.md and
 ROOT/summary.csv. ROOT/sweep.json records the expanded runs. --dry_run prints
 the plan and every command and runs or writes nothing.
@@ -78,11 +78,11 @@ if __package__ in (None, ''):
 
 from configs import common as config_common  # pylint: disable=g-import-not-at-top
 from launch import common  # pylint: disable=g-import-not-at-top
+from mae_jax import fileio  # pylint: disable=g-import-not-at-top
 
 MODES = ('local', 'tpu')
 LOCAL_RUNNERS = ('subprocess', 'inprocess')
 DONE_MARKER = 'DONE'
-METRICS_FILE = 'metrics.jsonl'
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = common.PREEMPTED_EXIT_CODE  # EX_TEMPFAIL: rerun the same command to resume.
 # Statuses after which the sweep stops (exit EXIT_INTERRUPTED).
@@ -92,42 +92,10 @@ LEADING_METRICS = ('train/loss',)
 
 
 # ----------------------------------------------------------------------------
-# Paths: local files or gs:// (through TensorFlow's gfile, imported only then).
+# Paths: local files or gs://, through mae_jax's one file layer.
 
-def _is_remote(path: str) -> bool:
-  return '://' in path
-
-
-def _join(root: str, name: str) -> str:
-  return root.rstrip('/') + '/' + name if _is_remote(root) else os.path.join(root, name)
-
-
-def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
-
-
-def _exists(path: str) -> bool:
-  return _gfile().exists(path) if _is_remote(path) else os.path.exists(path)
-
-
-def _read_text(path: str) -> str:
-  if _is_remote(path):
-    with _gfile().GFile(path, 'r') as f:
-      return f.read()
-  with open(path, encoding='utf-8') as f:
-    return f.read()
-
-
-def _write_text(path: str, text: str) -> None:
-  if _is_remote(path):
-    _gfile().makedirs(path.rsplit('/', 1)[0])
-    with _gfile().GFile(path, 'w') as f:
-      f.write(text)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(text)
+_is_remote, _join, _exists, _read_text, _write_text = (
+    fileio.is_remote, fileio.join, fileio.exists, fileio.read_text, fileio.write_text)
 
 
 # ----------------------------------------------------------------------------
@@ -210,16 +178,11 @@ def mark_done(run: Run, result: dict) -> None:
 
 
 def read_metrics(run: Run) -> dict:
-  """The last value of every metric in the run's metrics.jsonl ({} when there is none)."""
-  path = _join(run.workdir, METRICS_FILE)
-  if not _exists(path):
-    return {}
+  """The last value of every metric the run logged ({} when there is none)."""
+  from mae_jax import metrics  # pylint: disable=g-import-not-at-top
   final = {}
-  for line in _read_text(path).splitlines():
-    try:
-      final.update(json.loads(line))
-    except json.JSONDecodeError:
-      pass  # A blank line, or the end of a line cut short by a kill.
+  for record in metrics.read_metrics(run.workdir):
+    final.update(record)
   return final
 
 

@@ -11,8 +11,11 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from mae_jax import fileio
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -27,7 +30,7 @@ def _open(directory, options):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir, CHECKPOINT_DIR)
+  return os.fspath(fileio.path(fileio.join(workdir, CHECKPOINT_DIR)))
 
 
 class Checkpointer:
@@ -35,6 +38,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 0, async_save: bool = True):
     self.every_steps = every_steps
+    self._last_saved = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         create=True,
@@ -47,6 +51,10 @@ class Checkpointer:
 
   def all_steps(self):
     return self.manager.all_steps()
+
+  def save_in_flight(self) -> int | None:
+    """The step whose async save is still being written on this process, else None."""
+    return self._last_saved if self.manager.is_saving_in_progress() else None
 
   def should_save(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
@@ -63,6 +71,7 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)),
         force=force)
     if saved:
+      self._last_saved = step
       logging.info('Saving checkpoint at step %d to %s', step, self.manager.directory)
     return saved
 
@@ -106,10 +115,23 @@ def load_meta(workdir: str, step: int | None = None) -> dict:
   return _load(workdir, step, None, with_params=False)[1]
 
 
+def _isdir_everywhere(directory: str) -> bool:
+  """Whether `directory` exists, as process 0 sees it: every process then takes the same path.
+
+  Opening a CheckpointManager runs collective barriers, so processes must agree on
+  whether to open one: another process may create the folder between their checks.
+  """
+  found = fileio.isdir(directory)
+  if jax.process_count() == 1:
+    return found
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+
+
 def latest_step(workdir: str) -> int | None:
-  """Newest complete checkpoint step in a workdir, or None."""
+  """Newest complete checkpoint step in a workdir, or None (all processes of a job must call it together)."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory) and '://' not in directory:
+  if not _isdir_everywhere(directory):
     return None
   manager = _open(directory, ocp.CheckpointManagerOptions(create=False, read_only=True))
   try:
@@ -120,7 +142,7 @@ def latest_step(workdir: str) -> int | None:
 
 def _load(workdir, step, abstract_params, with_params=True):
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory) and '://' not in directory:
+  if not _isdir_everywhere(directory):
     raise FileNotFoundError(
         f'{directory} does not exist: --workdir must be the workdir of a pretraining or '
         f'fine-tuning run (python -m mae_jax.main --workdir=...)')

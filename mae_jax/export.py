@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from mae_jax import checkpoint
+from mae_jax import checkpoint, fileio
 from mae_jax.models import from_config
 from mae_jax.weights import FORMATS, export_weights, import_weights, metadata_path, read_metadata, resolve_model
 
@@ -33,7 +33,7 @@ def export_from_workdir(workdir: str, fmt: str, out: str, *, step: int | None = 
   if step is None:
     step = checkpoint.latest_step(workdir)
   name, overrides = model_from_config(run_config)
-  metadata = {'step': step, 'config': run_config, 'workdir': os.path.abspath(workdir),
+  metadata = {'step': step, 'config': run_config, 'workdir': os.fspath(fileio.path(workdir)),
               'mask_ratio': run_config.get('mask_ratio', 0.75)}
   return export_weights(params, name, fmt, out, encoder_only=not full, metadata=metadata,
                         model_overrides=overrides, overwrite=overwrite)

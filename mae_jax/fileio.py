@@ -21,6 +21,14 @@ from etils import epath
 
 PathLike = str | os.PathLike
 
+try:  # fsspec (gcsfs) caches directory listings per process; workdirs change under us (other processes
+  # write checkpoints, metrics, markers), so listings are always fresh. TF's GCS file system does not cache.
+  import fsspec  # pylint: disable=g-import-not-at-top
+  for _protocol in ('gs', 'gcs', 's3'):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault('use_listings_cache', False)
+except ImportError:
+  pass
+
 
 def is_remote(path: PathLike) -> bool:
   """True for URLs such as gs://bucket/run (anything with a scheme)."""
@@ -95,6 +103,12 @@ def write_bytes(p: PathLike, data: bytes) -> None:
 
 def write_text(p: PathLike, text: str) -> None:
   write_bytes(p, text.encode('utf-8'))
+
+
+def rmtree(p: PathLike) -> None:
+  target = path(p)
+  if target.exists():
+    target.rmtree()
 
 
 def remove(p: PathLike) -> None:

@@ -251,8 +251,7 @@ def knn_monitor(model, params, config, mesh=None, **overrides) -> dict:
 
 def frozen_encoder_params(config, encoder, mesh):
   """(params on the mesh, source) of the frozen encoder: pretrained, else random (seed) with a warning."""
-  size, channels = config.dataset.image_size, config.dataset.channels
-  images = jnp.zeros((1, size, size, channels))
+  images = jnp.zeros((1, *inputs.image_shape(config)))
   encoder_params, source = pretrained.load_pretrained_encoder(config)
   if encoder_params is None:
     logging.warning('No pretrained_workdir / pretrained_path: a randomly initialised encoder (seed %d)',
@@ -280,7 +279,7 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
   result = monitor(encoder_params)
   result['eval/knn_seconds'] = time.time() - start
-  writer = metrics.create_writer(workdir)
+  writer = metrics.create_writer(workdir, -1, config)  # Step 0 again replaces an earlier run's.
   writer.write_scalars(0, result)
   writer.flush()
   loop.write_config(config, workdir)

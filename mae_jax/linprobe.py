@@ -10,7 +10,6 @@ is re-read from the pretrained source recorded in its config.
 """
 
 import functools
-import os
 import re
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mae_jax import knn, loop, parallel, supervised
+from mae_jax import fileio, knn, loop, parallel, supervised
 from mae_jax.data import augment, inputs
 from mae_jax.models import from_config, vit
 
@@ -102,19 +101,17 @@ def linprobe_step(state: loop.TrainState, batch: dict, encoder_params, *, head, 
 def _save_features(path: str, source: str, features, labels):
   """Keeps encoded features in the workdir so a resumed probe does not encode again."""
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + '.tmp.npz', features=features, labels=labels, source=np.asarray(source))
-    os.replace(path + '.tmp.npz', path)
+    fileio.save_npz(path, features=features, labels=labels, source=np.asarray(source))
 
 
 def _load_features(path: str, source: str):
   """(features, labels) saved by _save_features from the same encoder, else None."""
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return None
-  with np.load(path) as saved:
-    if str(saved['source']) != source:
-      return None
-    return saved['features'], saved['labels']
+  saved = fileio.load_npz(path)
+  if str(saved['source']) != source:
+    return None
+  return saved['features'], saved['labels']
 
 
 def _feature_batches(features, labels, batch_size: int):
@@ -193,7 +190,7 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def cached_features(split):
     if split not in features_cache:
-      path = os.path.join(workdir, 'features', re.sub(r'[^A-Za-z0-9_.-]+', '_', split) + '.npz')
+      path = fileio.join(workdir, 'features', re.sub(r'[^A-Za-z0-9_.-]+', '_', split) + '.npz')
       saved = _load_features(path, source)
       if saved is not None:
         features_cache[split] = saved

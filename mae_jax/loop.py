@@ -16,7 +16,6 @@ build their model, optimizer, jitted step and input, then hand them to
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
@@ -32,8 +31,8 @@ from absl import logging
 from clu import periodic_actions
 
 from mae_jax import checkpoint as ckpt_lib
+from mae_jax import fileio, parallel, wandb_writer
 from mae_jax import flops as flops_lib
-from mae_jax import parallel
 from mae_jax.models import vit
 
 RESULTS_FILE = 'results.json'
@@ -150,7 +149,8 @@ LOOP_SETTINGS = (
 
 
 def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
-  """Loop settings, the batch against processes and mesh, and the attention backend."""
+  """Loop settings, the batch against processes and mesh, the attention backend, W&B (if enabled)."""
+  wandb_writer.check(config)  # An enabled W&B without the package fails here, on every process.
   for key, meaning in LOOP_SETTINGS:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -276,21 +276,44 @@ def jax_preemption_service() -> bool:
   return distributed.global_state.preemption_sync_manager is not None
 
 
-def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted, save_fn) -> bool:
-  """Saves on schedule, at the end and on preemption; True when the loop must stop now.
+def _save_in_flight(checkpointer) -> int | None:
+  """The step of a save still being written on any process (the same answer on every process)."""
+  step = checkpointer.save_in_flight()
+  if jax.process_count() == 1:
+    return step
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  steps = multihost_utils.process_allgather(np.int64(-1 if step is None else step))
+  return None if int(np.max(steps)) < 0 else int(np.max(steps))
 
-  A run halted on non-finite steps is not saved, so the last good checkpoint stays the newest.
+
+def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted,
+                 save_fn) -> tuple[bool, int | None]:
+  """Saves on schedule, at the end and on preemption; (whether the loop must stop now, the newest save).
+
+  A run halted on non-finite steps is not saved, so the last good checkpoint
+  stays the newest. A preemption that comes while a scheduled save is still
+  being written keeps that save instead of starting a second one inside the
+  grace period (the resume redoes the steps after it).
   """
   preempted = preemption.requested(step) or checkpointer.reached_preemption(step)
-  if checkpointer.should_save(step) or step == total_steps or preempted:
+  scheduled = checkpointer.should_save(step) or step == total_steps
+  saved = step
+  if scheduled or preempted:
+    in_flight = None if scheduled else _save_in_flight(checkpointer)
     if bool(jax.device_get(halted)):
       logging.warning('Not saving step %d: the run halted on non-finite steps', step)
+      saved = checkpointer.latest_step()
+    elif in_flight is not None:
+      logging.warning('Preemption at step %d while the save of step %d is being written: keeping that save, '
+                      'not writing a second one in the grace period (a resume redoes steps %d-%d)',
+                      step, in_flight, in_flight + 1, step)
+      saved = in_flight
     else:
       save_fn()
   if preempted and step < total_steps:
-    logging.warning('Preemption requested: saved step %d and stopping', step)
-    return True
-  return False
+    logging.warning('Preemption requested: saved step %s and stopping', saved)
+    return True, saved
+  return False, saved
 
 
 # ----------------------------------------------------------------------------
@@ -381,9 +404,7 @@ def config_dict(config) -> dict:
 def _write_workdir_file(workdir: str, name: str, text: str) -> None:
   """Process 0 writes workdir/name (the one place the loop writes a workdir file)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, name), 'w', encoding='utf-8') as f:
-      f.write(text)
+    fileio.write_text(fileio.join(workdir, name), text)
 
 
 def write_config(config, workdir: str) -> None:
@@ -403,7 +424,9 @@ class LoopResult:
   metrics: dict  # The last logged train metrics and evaluations.
   evals: dict  # The last evaluation's metrics.
   status: str  # 'done' or 'preempted'.
-  step: int
+  step: int  # The steps trained.
+  saved_step: int | None = None  # The newest checkpoint: where a resume starts (below `step` when a
+  # preemption kept a save that was in flight).
 
 
 class Window:
@@ -516,7 +539,7 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
   pending, last, evals, status = [], {}, {}, 'done'
   corrupt_seen = 0
   window = Window(start_step)
-  step = start_step
+  step, saved_step = start_step, None
   try:
     with mesh_context(mesh):
       while step < total_steps:
@@ -550,7 +573,9 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
             last.update(evals)
         save = lambda: checkpointer.save(step, saved_tree(state), state.opt_state,
                                          checkpoint_meta(state, config, **extra_meta(evals)))
-        if window.excluding(save_or_stop, checkpointer, preemption, step, total_steps, state.halted, save):
+        stop, saved_step = window.excluding(save_or_stop, checkpointer, preemption, step, total_steps,
+                                            state.halted, save)
+        if stop:
           status = 'preempted'
           break
   finally:
@@ -561,4 +586,5 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
     finally:
       preemption.uninstall()
       writer.flush()
-  return LoopResult(state=state, metrics=last, evals=evals, status=status, step=step)
+  return LoopResult(state=state, metrics=last, evals=evals, status=status, step=step,
+                    saved_step=saved_step if status == 'preempted' else step)

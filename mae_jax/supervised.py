@@ -7,7 +7,6 @@ training loop itself is `mae_jax.loop`'s, as for pretraining.
 """
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -118,10 +117,7 @@ class Task:
 
 
 def _best_so_far(workdir: str, default: float) -> float:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return default
-  values = [r['eval/top1'] for r in metrics.read_jsonl(path) if 'eval/top1' in r]
+  values = [r['eval/top1'] for r in metrics.read_metrics(workdir) if 'eval/top1' in r]
   return max(values, default=default)
 
 
@@ -141,7 +137,7 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
     state = state.replace(params=parallel.place_tree(task.pretrained(state.params), shardings.params))
   start_step = int(jax.device_get(state.step))
   loop.write_config(config, workdir)
-  writer = metrics.create_writer(workdir)
+  writer = metrics.create_writer(workdir, start_step, config)
   frozen = task.frozen
   frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
   jit_step = jax.jit(task.step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
@@ -169,7 +165,8 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
   if result.status == 'done' and not evals:  # Resumed at the end: evaluate the final state again.
     with loop.mesh_context(mesh):
       evals = task.eval_fn(result.state, frozen)
-  out = {**result.metrics, **evals, 'status': result.status, 'step': result.step}
+  out = {**result.metrics, **evals, 'status': result.status, 'step': result.step,
+         'saved_step': result.saved_step}
   if result.status == 'done':
     loop.write_results(workdir, {**out, 'downstream': task.kind})
   return out

@@ -4,7 +4,8 @@ One code path from one CPU to a TPU pod: a named mesh, state initialised
 directly into its shardings, a jitted train step with donated state
 (`build_train_step`, which `mae_jax.aot` compiles too), and the shared loop
 (`mae_jax.loop`): Orbax checkpoints with automatic resume, preemption handling
-and clu metrics.
+and clu metrics. `config.init_from` starts step 0 from released or earlier
+weights (`mae_jax.warm_start`).
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ from clu import parameter_overview
 
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import flops as flops_lib
-from mae_jax import knn, loop, metrics, models, optim, parallel, visualize
+from mae_jax import knn, loop, metrics, models, optim, parallel, visualize, warm_start
 from mae_jax.data import inputs
 from mae_jax.models import from_config
 
@@ -38,13 +39,19 @@ def validate_config(config, mesh: jax.sharding.Mesh | None = None) -> None:
 # ----------------------------------------------------------------------------
 # The step.
 
-def init_state(model, tx, config, rng) -> loop.TrainState:
-  size = config.dataset.image_size
-  images = jnp.zeros((1, size, size, config.dataset.channels), jnp.float32)
+def init_state(model, tx, config, rng, loaded=None) -> loop.TrainState:
+  """Step 0: params from `rng`, the leaves of `loaded` (a warm start's) in place of theirs; a fresh optimizer.
+
+  Under jit the initialisers of the replaced leaves are dead code: only the
+  fresh parts (e.g. the decoder of an encoder-only file) are computed.
+  """
+  images = jnp.zeros((1, *inputs.image_shape(config)), jnp.float32)
   params_rng, mask_rng = jax.random.split(rng)
   params = model.init({'params': params_rng, 'mask': mask_rng}, images, mask_ratio=config.mask_ratio,
                       train=False)['params']
-  return loop.new_state(params, tx)
+  if loaded is not None:
+    params = warm_start.merge(params, loaded)
+  return loop.new_state(params, tx)  # The optimizer state is built from the params it will train.
 
 
 def train_step(state: loop.TrainState, batch: dict, *, model, tx, lr_fn, mask_ratio: float,
@@ -74,7 +81,7 @@ class TrainStep:
   batch_shardings: dict
   mesh: jax.sharding.Mesh
   model: Any
-  init_fn: Any  # rng -> TrainState (init_state with the model and optimizer bound)
+  init_fn: Any  # (rng, loaded=None) -> TrainState (init_state with the model and optimizer bound)
   init_rng: Any
   base_rng: Any  # masks of step s: fold_in(base_rng, s)
   steps_per_epoch: int
@@ -107,9 +114,8 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       train_step, model=model, tx=tx, lr_fn=lr_fn, mask_ratio=config.mask_ratio,
       accum_steps=config.grad_accum_steps, max_nonfinite=config.max_nonfinite_steps, base_rng=base_rng,
       micro_sharding=batch_sharding)
-  size, channels = config.dataset.image_size, config.dataset.channels
   abstract_batch = {
-      'image': jax.ShapeDtypeStruct((config.batch_size, size, size, channels), jnp.float32),
+      'image': jax.ShapeDtypeStruct((config.batch_size, *inputs.image_shape(config)), jnp.float32),
       'corrupt': jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_)}
   batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
@@ -147,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   mesh = parallel.create_mesh(config.mesh)
   validate_config(config, mesh)  # Before the data set is read: a bad setting is named first.
+  config = inputs.resolve_dataset_stats(config)  # dataset.mean / std = (): the data set's stored ones.
   loop.check_resume(config, workdir)
   step = build_train_step(config, mesh, inputs.num_train_examples(config))
   model = step.model
@@ -154,13 +161,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                step.steps_per_epoch, config.batch_size)
   knn_monitor = knn.KnnMonitor(model, config, mesh) if config.eval_every_steps > 0 else None
 
+  # config.init_from, read, checked and placed before anything compiles (None when resuming).
+  warm = warm_start.prepare(config, workdir, step.abstract_state.params, step.state_shardings.params)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        every_steps=config.checkpoint_every_steps)
-  state, resumed = loop.restore_or_init(checkpointer, step.init_fn, step.init_rng, step.abstract_state,
+  init_fn, init_args = step.init_fn, step.init_rng
+  if warm is not None:
+    init_fn, init_args = lambda args: step.init_fn(*args), (step.init_rng, warm.params)
+  state, resumed = loop.restore_or_init(checkpointer, init_fn, init_args, step.abstract_state,
                                         step.state_shardings, mesh)
   start_step = int(jax.device_get(state.step))
   loop.write_config(config, workdir)
-  writer = metrics.create_writer(workdir)
+  writer = metrics.create_writer(workdir, start_step, config)
   if not resumed:
     logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params), include_stats=False))
@@ -183,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, workdir, mesh, state=state, step_fn=step.jitted, batches=batches,
       total_steps=step.total_steps, checkpointer=checkpointer, writer=writer, evaluate=evaluate,
       flops_per_image=train_flops_per_image(model, config.mask_ratio))
-  return {**result.metrics, 'status': result.status, 'step': result.step}
+  return {**result.metrics, 'status': result.status, 'step': result.step, 'saved_step': result.saved_step}
 
 
 def _write_reconstructions(writer, step, model, state, batch, config, base_rng, mesh):
@@ -201,5 +213,5 @@ def _write_reconstructions(writer, step, model, state, batch, config, base_rng, 
   if jax.process_index() == 0:
     host = lambda x: np.asarray(x.addressable_data(0))
     grid = visualize.grid_of(host(images), *[host(x) for x in outputs], mean=config.dataset.mean,
-                             std=config.dataset.std)
+                             std=config.dataset.std, bands=config.dataset.display_bands)
     writer.write_images(step, {'reconstructions': grid[None]})

@@ -11,7 +11,7 @@ import pytest
 
 from configs import common, finetune, linprobe, mae_pretrain
 from launch import sweep as sweep_lib
-from mae_jax import config_tools, models, optim, parallel
+from mae_jax import config_tools, metrics, models, optim, parallel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ('B/16', 'L/16', 'H/14')
@@ -263,8 +263,7 @@ def test_pretrain_runlocal_trains(variant, tmp_path, jit_cache):
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result['status'] == 'done' and result['step'] == common.RUNLOCAL_STEPS
   assert math.isfinite(result['train/loss'])
-  with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
-    steps = [json.loads(line)['step'] for line in f]
+  steps = [r['step'] for r in metrics.read_metrics(str(tmp_path))]
   assert steps == list(range(1, common.RUNLOCAL_STEPS + 1))
 
 

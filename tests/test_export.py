@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -289,17 +288,16 @@ def test_output_path_errors(params, tmp_path):
 
 
 @needs_safetensors
-def test_other_position_table_is_logged_and_ignored(params, tmp_path, caplog):
+def test_a_trained_position_table_is_kept_as_stored(params, tmp_path):
+  """A table that is not the fixed sin-cos one (a fine-tuned model's) comes back as encoder/pos_embed, unresized."""
   state = weights.to_reference_state_dict(params, TEST_MODEL)
-  state['pos_embed'] = np.random.default_rng(0).standard_normal((1, 50, 32)).astype(np.float32)
+  table = np.random.default_rng(0).standard_normal((1, 17, 32)).astype(np.float32)
+  state['pos_embed'] = table
   path = _save_state(state, str(tmp_path / 'learned_pos.safetensors'))
-  with caplog.at_level(logging.WARNING):
-    restored = weights.import_weights(path, TEST_MODEL)
-  assert 'pos_embed has shape (1, 50, 32)' in caplog.text
-  _assert_trees_equal(params, restored)
-  # Another image size: same weights, the fixed table of the new grid is used.
-  restored = weights.import_weights(path, TEST_MODEL, image_size=64)
-  _assert_trees_equal(params, restored)
+  for image_size in (None, 64):  # At another image size too: the fine-tuning loader resizes it, not the import.
+    restored = weights.import_weights(path, TEST_MODEL, **({} if image_size is None else {'image_size': image_size}))
+    np.testing.assert_array_equal(restored['encoder'].pop('pos_embed'), table)
+    _assert_trees_equal(params, restored)
 
 
 # ----------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import pytest
 
 from configs import finetune as finetune_recipe
 from mae_jax import checkpoint, finetune, loop, metrics, optim, parallel, supervised
+from mae_jax.data import augment
 from mae_jax.models import from_config
+from mae_jax.models import pos_embed as pos_tables
 from mae_jax.weights import pretrained as pretrained_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +50,8 @@ def test_layer_decay_scales_every_vit_b_parameter_of_the_finetune_recipe():
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))['params']
   decay = config.optim.layer_decay
   scales = flat(optim.layerwise_lr_scales(params, 12, decay))
-  assert len(scales) == 3 + 12 * 16 + 4  # patch embed (2) + cls, 12 blocks, fc_norm (2) + head (2).
+  # patch embed (2) + cls + the learned position table, 12 blocks, fc_norm (2) + head (2).
+  assert len(scales) == 4 + 12 * 16 + 4 and 'encoder/pos_embed' in scales
   assert 'encoder/norm/scale' not in scales  # Global pool: fc_norm replaces the final norm.
   for path, scale in scales.items():
     np.testing.assert_allclose(scale, decay ** (13 - reference_layer_id(path, 12)), rtol=1e-6, err_msg=path)
@@ -106,16 +109,16 @@ def test_finetune_checkpoints_and_resumes_exactly(tmp_path):
   for (path, a), b in zip(flat(checkpoint.load_params(full)[0]).items(),
                           flat(checkpoint.load_params(resumed)[0]).values()):
     np.testing.assert_array_equal(a, b, err_msg=path)
-  losses = {r['step']: r['train/loss'] for r in metrics.read_jsonl(os.path.join(full, 'metrics.jsonl'))
-            if 'train/loss' in r}
-  resumed_losses = {r['step']: r['train/loss'] for r in metrics.read_jsonl(
-      os.path.join(resumed, 'metrics.jsonl')) if 'train/loss' in r}
+  losses = {r['step']: r['train/loss'] for r in metrics.read_metrics(full) if 'train/loss' in r}
+  resumed_losses = {r['step']: r['train/loss'] for r in metrics.read_metrics(resumed) if 'train/loss' in r}
   assert resumed_losses == {3: losses[3], 4: losses[4]}
   assert again['eval/top1'] == result['eval/top1']
 
 
-def test_finetune_starts_from_the_pretrained_encoder(pretrained, tmp_path):
+def test_finetune_at_another_resolution_starts_from_the_pretrained_encoder(pretrained, tmp_path):
+  """Pretrained at 32x32 (4x4 patches), fine-tuned at 48x48: the learned table starts from the resized one."""
   config = _finetune_config(steps=1)
+  config.dataset.image_size = 48
   config.pretrained_workdir = pretrained
   config.optim.base_lr = 0.0  # Nothing moves: the checkpoint holds the loaded weights.
   finetune.finetune(config, str(tmp_path))
@@ -123,9 +126,14 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, tmp_path):
   source = flat(checkpoint.load_params(pretrained)[0]['encoder'])
   encoder = {k.removeprefix('encoder/'): v for k, v in tuned.items() if k.startswith('encoder/')}
   assert set(source) - set(encoder) == {'norm/scale', 'norm/bias'}  # Global pool: fc_norm instead.
+  assert set(encoder) - set(source) == {'pos_embed'}  # The MAE's table is fixed; fine-tuning learns one.
   for key, value in encoder.items():
-    np.testing.assert_array_equal(value, source[key], err_msg=key)
+    if key != 'pos_embed':
+      np.testing.assert_array_equal(value, source[key], err_msg=key)
   assert {k.split('/')[0] for k in tuned} == {'encoder', 'fc_norm', 'head'}
+  # The checkpoint's fixed 4x4 table, resized to 6x6 as the reference's interpolate_pos_embed does.
+  fixed = pos_tables.get_2d_sincos_pos_embed(32, 4, cls_token=True)[None]
+  np.testing.assert_array_equal(encoder['pos_embed'], pos_tables.resize_pos_embed(fixed, 4, 6))
 
 
 def test_pretrained_encoder_that_does_not_fit_is_one_clear_error(pretrained):
@@ -200,9 +208,10 @@ def test_two_processes_fine_tune_fsdp_over_both_from_pretrained_weights(pretrain
   tuned = flat(checkpoint.load_params(multi)[0])
   source = flat(checkpoint.load_params(pretrained)[0]['encoder'])
   assert {k.split('/')[0] for k in tuned} == {'encoder', 'fc_norm', 'head'}
+  fixed = pos_tables.get_2d_sincos_pos_embed(32, 4, cls_token=True)[None]  # Same grid: the table as it was.
   for key, value in tuned.items():
     if key.startswith('encoder/'):
-      np.testing.assert_array_equal(value, source[key.removeprefix('encoder/')], err_msg=key)
+      np.testing.assert_array_equal(value, source.get(key.removeprefix('encoder/'), fixed), err_msg=key)
   for key, value in flat(checkpoint.load_params(single)[0]).items():
     np.testing.assert_array_equal(tuned[key], value, err_msg=key)
 
@@ -223,3 +232,26 @@ def test_merged_encoder_is_host_arrays_and_the_rest_is_untouched(pretrained):
   for key, value in flat(merged).items():
     np.testing.assert_array_equal(flat_placed[key], value, err_msg=key)
   assert flat_placed['encoder/cls_token'].sharding.mesh == mesh
+
+
+def test_the_h14_448_recipe_is_the_papers_at_448_with_a_learned_interpolated_table():
+  config = finetune_recipe.get_config('variant=H/14@448')
+  assert config.model.name == 'mae_vit_huge_patch14' and config.dataset.image_size == 448
+  # The paper's / reference's ViT-H fine-tuning: batch 1024, blr 1e-3, layer decay 0.75, 50 epochs, drop path 0.3.
+  assert (config.batch_size, config.optim.base_lr, config.optim.layer_decay, config.num_epochs,
+          config.drop_path_rate) == (1024, 1e-3, 0.75, 50, 0.3)
+  assert config.pos_embed == 'learned' and config.global_pool
+  assert config.model.remat_policy == 'dots_no_batch' and config.mesh.fsdp == -1
+  # Evaluation: no zoom above 224 (crop_pct 1.0), whichever resize rule the input pipeline applies.
+  assert augment.eval_resize_size(448, config.dataset.eval_resize) == 448
+  assert round(448 * config.dataset.eval_resize / 224) == 448
+  model = from_config.build_classifier(config, 1000)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 448, 448, 3))))['params']
+  assert params['encoder']['pos_embed'].shape == (1, 1 + 32 * 32, 1280)
+  assert params['encoder']['patch_embed']['kernel'].shape == (14, 14, 3, 1280)
+  # Every other variant takes @SIZE too; a size that is not a multiple of the patch is refused.
+  assert finetune_recipe.get_config('variant=B/16@384').dataset.image_size == 384
+  with pytest.raises(ValueError, match='multiple of the patch size 16'):
+    finetune_recipe.get_config('variant=L/16@200')
+  with pytest.raises(ValueError, match='VARIANT@SIZE'):
+    finetune_recipe.get_config('variant=H/14@big')

@@ -156,3 +156,23 @@ def test_a_second_sigterm_during_the_final_save_does_not_lose_it(tmp_path):
   params, _ = checkpoint.load_params(workdir)
   assert checkpoint.latest_step(workdir) == 2 and params['encoder']
 
+
+
+def test_a_preemption_during_a_scheduled_save_keeps_it_instead_of_saving_twice(tmp_path):
+  """SIGTERM while the step-5 save is still being written: no second save in the grace period."""
+  import jax  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), every_steps=5)
+  params = {'w': jax.numpy.ones((64, 1024, 1024))}  # 256 MB: the async save takes a while.
+  save = lambda step: checkpointer.save(step, params, {'count': jax.numpy.zeros([])}, {'step': step})
+  flag = loop.PreemptionFlag()
+  try:
+    assert loop.save_or_stop(checkpointer, flag, 5, 20, False, lambda: save(5)) == (False, 5)
+    flag.event.set()
+    assert checkpointer.save_in_flight() == 5
+    assert loop.save_or_stop(checkpointer, flag, 7, 20, False, lambda: save(7)) == (True, 5)
+    checkpointer.manager.wait_until_finished()
+    # Nothing in flight: the preemption saves its own step.
+    assert loop.save_or_stop(checkpointer, flag, 8, 20, False, lambda: save(8)) == (True, 8)
+  finally:
+    checkpointer.close()
+  assert checkpointer.all_steps() == [5, 8]

@@ -22,6 +22,7 @@ import time
 import pytest
 
 from launch import common
+from mae_jax import metrics as metrics_lib
 from tests import slurm_cluster
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -131,11 +132,10 @@ class Job:
 
   def wait_training(self) -> None:
     """Until the trainer has logged a step (the first includes compilation)."""
-    metrics = self.workdir / 'metrics.jsonl'
-    self.wait(lambda i: metrics.exists() and metrics.read_text().strip(), 'training')
+    self.wait(lambda i: metrics_lib.read_metrics(str(self.workdir)), 'training')
 
   def metrics(self) -> list[dict]:
-    return [json.loads(line) for line in (self.workdir / 'metrics.jsonl').read_text().splitlines()]
+    return metrics_lib.read_metrics(str(self.workdir))
 
   def checkpoints(self) -> list[int]:
     folder = self.workdir / 'checkpoints'
@@ -171,7 +171,7 @@ def test_slurm_real_two_tasks_join_one_jax_job_and_finish(uninterrupted):
   assert common.SUCCESS_MARKER in text
   workdir = pathlib.Path(uninterrupted['workdir'])
   assert (workdir / 'checkpoints' / str(STEPS)).is_dir()
-  assert json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])['step'] == STEPS
+  assert metrics_lib.read_metrics(str(workdir))[-1]['step'] == STEPS
 
 
 def test_slurm_real_preempted_job_is_requeued_and_resumes_to_the_same_loss(cluster, uninterrupted, tmp_path):
@@ -188,7 +188,7 @@ def test_slurm_real_preempted_job_is_requeued_and_resumes_to_the_same_loss(clust
   resumed = _resumed_steps(second)
   assert len(resumed) == 2 and resumed[0] == resumed[1] and 0 < resumed[0] < STEPS, second[-3000:]
   assert common.SUCCESS_MARKER in second and common.SUCCESS_MARKER not in first
-  reference = json.loads(pathlib.Path(uninterrupted['workdir'], 'metrics.jsonl').read_text().splitlines()[-1])
+  reference = metrics_lib.read_metrics(str(uninterrupted['workdir']))[-1]
   final = job.metrics()[-1]
   assert final['step'] == reference['step'] == STEPS
   assert final['train/loss'] == reference['train/loss']

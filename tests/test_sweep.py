@@ -13,6 +13,7 @@ import pytest
 from configs import common as config_common
 from launch import common
 from launch import sweep as sweep_lib
+from mae_jax import metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 'configs/sweeps/tiny_demo_sweep.py'
@@ -32,8 +33,13 @@ def run_sweep(*argv, runner=None):
 
 
 def metric_steps(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line)['step'] for line in f if line.strip()]
+  return [r['step'] for r in metrics.read_metrics(workdir)]
+
+
+def metric_files(workdir):
+  """Each metrics part file with its modification time."""
+  folder = os.path.join(workdir, 'metrics')
+  return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in sorted(os.listdir(folder))}
 
 
 # ----------------------------------------------------------------------------
@@ -130,8 +136,7 @@ def test_local_sweep_runs_resumes_and_summarises(tmp_path, monkeypatch, cache_di
   assert not os.path.exists(workdirs['mask0.75_dec2'])  # The sweep stopped at the interruption.
   assert metric_steps(workdirs['mask0.75_dec1']) == [1]
   assert '| mask0.75_dec1 | 0.75 | 1 | interrupted | 1 |' in text
-  finished = {n: (os.stat(os.path.join(workdirs[n], 'metrics.jsonl')).st_mtime_ns,
-                  metric_steps(workdirs[n])) for n in TINY_RUNS[:2]}
+  finished = {n: (metric_files(workdirs[n]), metric_steps(workdirs[n])) for n in TINY_RUNS[:2]}
 
   status, text = run_sweep(*args)
   assert status == 0, text
@@ -139,8 +144,7 @@ def test_local_sweep_runs_resumes_and_summarises(tmp_path, monkeypatch, cache_di
   assert '# mask0.75_dec1: resuming' in text
   # Finished runs were not touched; the interrupted one went on from its checkpoint.
   for name, before in finished.items():
-    assert (os.stat(os.path.join(workdirs[name], 'metrics.jsonl')).st_mtime_ns,
-            metric_steps(workdirs[name])) == before == (before[0], [1, 2, 3])
+    assert (metric_files(workdirs[name]), metric_steps(workdirs[name])) == before == (before[0], [1, 2, 3])
   assert metric_steps(workdirs['mask0.75_dec1']) == [1, 2, 3]
   assert calls[3] == (0.75, 1, 1)  # Resumed at step 1, not restarted.
   assert all(os.path.exists(os.path.join(w, 'DONE')) for w in workdirs.values())

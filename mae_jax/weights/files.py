@@ -16,19 +16,23 @@ model name and overrides, image and patch size, norm_pix_loss, step, config.
 Imports read an Orbax folder, a safetensors file with reference / timm or Hugging
 Face names (told apart by the key names), a Hugging Face folder, or a reference
 `.pth` checkpoint (state dict under 'model', loaded with `weights_only=True`;
-needs torch).
+needs torch). An import is two steps that callers may also take apart:
+`read_state_dict` (the file's tensors under its own names) or
+`read_orbax_params`, then `params_from_state_dict` (names and layouts
+converted, shapes checked against a named model). Warm starts
+(`mae_jax.warm_start`) check a file against the run's config in between.
 """
 
 import argparse
 import contextlib
 import json
 import os
-import shutil
 import time
 
 import numpy as np
 from absl import logging
 
+from mae_jax import fileio
 from mae_jax.weights import hf, layout, reference
 from mae_jax.weights.layout import Tree
 
@@ -53,9 +57,9 @@ STRUCTURAL_FIELDS = ('image_size', 'in_channels', 'patch_size', 'embed_dim', 'de
 
 def metadata_path(out: str) -> str:
   """Where the metadata JSON of an export lives: inside a folder, beside a file."""
-  if out.endswith('.safetensors') or os.path.isfile(out):
+  if out.endswith('.safetensors') or (fileio.exists(out) and not fileio.isdir(out)):
     return os.path.splitext(out)[0] + '.metadata.json'
-  return os.path.join(out, METADATA_FILENAME)
+  return fileio.join(out, METADATA_FILENAME)
 
 
 def _json_safe(value):
@@ -138,12 +142,8 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 def _save_safetensors(state: dict, path: str, meta: dict):
   # format=pt lets transformers read the file; the mae_jax entry carries our metadata.
   header = {'format': 'pt', 'mae_jax': json.dumps(meta)}
-  _safetensors().numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path,
-                                 metadata=header)
-  if '://' not in path:  # safetensors writes 0600; give the file the mode of the others (umask)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+  data = _safetensors().numpy.save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=header)
+  fileio.write_bytes(path, data)  # Written whole, through the one file layer (local or gs://).
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -224,15 +224,16 @@ def _prepare_out(out: str, fmt: str, overwrite: bool):
   """Checks the output path; with overwrite, removes a previous export there."""
   if fmt == 'safetensors' and not out.endswith('.safetensors'):
     raise ValueError(f'--out={out}: a safetensors export must be a file named *.safetensors')
-  if os.path.exists(out):
+  if fileio.exists(out):
     if not overwrite:
       raise FileExistsError(f'{out} exists: choose another --out or pass overwrite=True (--overwrite)')
-    if os.path.isdir(out):
-      names = set(os.listdir(out))
+    if fileio.isdir(out):
+      names = set(fileio.listdir(out))
       if names and not names & {METADATA_FILENAME, '_METADATA', '_CHECKPOINT_METADATA', HF_WEIGHTS}:
         raise FileExistsError(f'{out} is a folder that holds no export: refusing to replace it')
-      shutil.rmtree(out)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+      fileio.rmtree(out)
+    else:
+      fileio.remove(out)
 
 
 def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only: bool = True,
@@ -263,7 +264,7 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
   if fmt == 'orbax':
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.abspath(out), params)
+      checkpointer.save(os.fspath(fileio.path(out)), params)
   else:
     state = reference.to_reference(params, layout.grid_size(model_name, overrides))
     if fmt == 'safetensors':
@@ -275,14 +276,12 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
                          'use format=safetensors (timm names) or orbax')
       encoder_only = kind == 'encoder'
       prefix = '' if encoder_only else 'vit.'  # ViTMAEModel's own names vs ViTMAEForPreTraining's.
-      os.makedirs(out, exist_ok=True)
       mask_ratio = (metadata or {}).get('mask_ratio', ((metadata or {}).get('config') or {}).get(
           'mask_ratio', 0.75))
-      with open(os.path.join(out, 'config.json'), 'w') as f:
-        json.dump(hf.hf_config(model_name, overrides, encoder_only, mask_ratio), f, indent=2)
-      _save_safetensors(hf.to_hf_state_dict(state, prefix), os.path.join(out, HF_WEIGHTS), meta)
-  with open(metadata_path(out), 'w') as f:
-    json.dump(meta, f, indent=2)
+      fileio.write_text(fileio.join(out, 'config.json'),
+                        json.dumps(hf.hf_config(model_name, overrides, encoder_only, mask_ratio), indent=2))
+      _save_safetensors(hf.to_hf_state_dict(state, prefix), fileio.join(out, HF_WEIGHTS), meta)
+  fileio.write_text(metadata_path(out), json.dumps(meta, indent=2))
   logging.info('Exported %s (%s) to %s', model_name, meta['layout'], out)
   return out
 
@@ -332,30 +331,50 @@ def import_weights(path: str, model_name: str | None = None, **model_overrides) 
   """
   fmt = detect_format(path)
   model_name, overrides = resolve_model(path, model_name, model_overrides)
-
   if fmt == 'orbax':
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.abspath(path))
-    params = layout.unstack_blocks(layout.numpy_tree(layout.plain(restored)))
+    params = read_orbax_params(path)
     kind = layout.params_layout(params)
     num_classes = params['head']['kernel'].shape[-1] if kind == 'classifier' else 0
-    template = layout.abstract_params(model_name, kind, overrides, num_classes, 'fc_norm' in params)
+    template = layout.abstract_params(model_name, kind, overrides, num_classes, 'fc_norm' in params,
+                                      layout.pos_embed_kind(params))
     layout.check_shapes(layout.flat_shapes(params), layout.flat_shapes(template), path,
                         f'{model_name} ({kind}, overrides {overrides or "none"})',
                         'pass the model name (and overrides) the checkpoint was exported with')
     return layout.restack(params, overrides)
+  return params_from_state_dict(read_state_dict(path), model_name, overrides, path)
 
+
+def read_orbax_params(path: str) -> Tree:
+  """An Orbax export's params as host numpy arrays, unscanned; not checked against any model."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.abspath(path))
+  return layout.unstack_blocks(layout.numpy_tree(layout.plain(restored)))
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a .pth, a safetensors file or a Hugging Face folder, as numpy, under the file's names."""
+  fmt = detect_format(path)
   if fmt == 'torch':
-    state = load_torch_state_dict(path)
-  elif fmt == 'hf':
-    state = _load_hf_folder(path)
-  else:
-    state = _load_safetensors(path)
+    return load_torch_state_dict(path)
+  if fmt == 'hf':
+    return _load_hf_folder(path)
+  if fmt == 'safetensors':
+    return _load_safetensors(path)
+  raise ValueError(f'{path} is an Orbax export (a params tree with mae_jax names, not a state dict): '
+                   'read it with read_orbax_params or import_weights')
+
+
+def params_from_state_dict(state: dict, model_name: str, overrides: dict, source: str) -> Tree:
+  """A state dict with reference / timm or Hugging Face names -> the named model's params (checked).
+
+  The layout follows the keys, as in `import_weights`: with a decoder the full
+  MAE, without one {'encoder': ...}, with `head.*` a classifier.
+  """
   if hf.is_hf_state(state):
     state, prefix = hf.normalize_hf_names(state)
-    params = reference.import_state(state, model_name, overrides, path,
+    params = reference.import_state(state, model_name, overrides, source,
                                     names_fn=lambda key: hf.hf_key_names(key, prefix), hf=True)
   else:
-    params = reference.import_state(state, model_name, overrides, path)
+    params = reference.import_state(state, model_name, overrides, source)
   return layout.restack(params, overrides)

@@ -221,10 +221,9 @@ def _heads(model_name: str, overrides: dict) -> dict:
 
 def _declared_heads(path: str) -> dict:
   """Attention heads the source's own config declares (shapes do not tell them); {} when unknown."""
-  config_json = os.path.join(path, 'config.json')
-  if os.path.isdir(path) and os.path.isfile(config_json):
-    with open(config_json) as f:
-      hf_config = json.load(f)
+  config_json = fileio.join(path, 'config.json')
+  if fileio.isdir(path) and fileio.exists(config_json):
+    hf_config = json.loads(fileio.read_text(config_json))
     return {'num_heads': hf_config.get('num_attention_heads'),
             'decoder_num_heads': hf_config.get('decoder_num_attention_heads')}
   meta = files.read_metadata(path)
@@ -342,7 +341,7 @@ def prepare(config, workdir: str, abstract_params, shardings) -> WarmStart | Non
     logging.info('config.init_from=%s is ignored: %s holds a checkpoint of this run, which it resumes from',
                  path, workdir)
     return None
-  path = os.path.expanduser(path)
+  path = path if fileio.is_remote(path) else os.path.expanduser(path)
   if not fileio.exists(path):
     raise FileNotFoundError(f'config.init_from={path} does not exist: set it to a reference .pth, a safetensors '
                             "file, a Hugging Face folder, a mae_jax export or workdir, or to '' (random init)")

@@ -104,4 +104,8 @@ def test_remote_workdir_export_and_sweep_summary(gcs, tmp_path):
   np.testing.assert_array_equal(state['cls_token'], np.asarray(params['encoder']['cls_token']))
   meta = fileio.read_text(files.metadata_path(target))
   assert '"step": 2' in meta and root in meta
+  # Read back from the bucket as init_from / pretrained_path do: model from the export's metadata.
+  assert files.detect_format(target) == 'safetensors' and files.read_metadata(target)['step'] == 2
+  restored = files.import_weights(target)
+  np.testing.assert_array_equal(restored['encoder']['cls_token'], np.asarray(params['encoder']['cls_token']))
   assert not os.path.exists(tmp_path / 'gs:') and not os.path.exists('gs:')

@@ -25,6 +25,7 @@ converted, shapes checked against a named model). Warm starts
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import time
@@ -103,13 +104,12 @@ def _metadata(model_name, overrides, fmt, params, extra) -> dict:
 def read_metadata(path: str) -> dict | None:
   """The mae_jax metadata of an export (sidecar JSON or safetensors header), or None."""
   candidates = [metadata_path(path)]
-  if os.path.isdir(path):
-    candidates.append(os.path.join(path, METADATA_FILENAME))
+  if fileio.isdir(path):
+    candidates.append(fileio.join(path, METADATA_FILENAME))
   for candidate in candidates:
-    if os.path.isfile(candidate):
-      with open(candidate) as f:
-        return json.load(f)
-  if os.path.isfile(path) and path.endswith('.safetensors'):
+    if fileio.exists(candidate) and not fileio.isdir(candidate):
+      return json.loads(fileio.read_text(candidate))
+  if path.endswith('.safetensors') and fileio.exists(path):
     header = _safetensors_header_metadata(path)
     if header and 'mae_jax' in header:
       return json.loads(header['mae_jax'])
@@ -130,12 +130,16 @@ def _safetensors():
 
 
 def _safetensors_header_metadata(path: str) -> dict | None:
-  safetensors = _safetensors()
-  with safetensors.safe_open(path, framework='np') as f:
-    return f.metadata()
+  """The header's metadata: read from the first bytes (an 8-byte length, then the JSON header)."""
+  with fileio.path(path).open('rb') as f:
+    length = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(length))
+  return header.get('__metadata__')
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  if fileio.is_remote(path):  # Read whole through the file layer (gs://).
+    return dict(_safetensors().numpy.load(fileio.read_bytes(path)))
   return dict(_safetensors().numpy.load_file(path))
 
 
@@ -161,7 +165,8 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   context = safe([argparse.Namespace]) if safe else contextlib.nullcontext()
   try:
     with context:
-      checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+      source = io.BytesIO(fileio.read_bytes(path)) if fileio.is_remote(path) else path
+      checkpoint = torch.load(source, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'{path}: torch.load(weights_only=True) failed ({e}); only checkpoints of '
                      f'tensors and plain containers are read, never pickled code') from e
@@ -180,32 +185,31 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def _load_hf_folder(path: str) -> dict[str, np.ndarray]:
-  index = os.path.join(path, HF_INDEX)
-  if os.path.isfile(os.path.join(path, HF_WEIGHTS)):
-    return _load_safetensors(os.path.join(path, HF_WEIGHTS))
-  if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)['weight_map'].values()))
+  index = fileio.join(path, HF_INDEX)
+  if fileio.exists(fileio.join(path, HF_WEIGHTS)):
+    return _load_safetensors(fileio.join(path, HF_WEIGHTS))
+  if fileio.exists(index):
+    shards = sorted(set(json.loads(fileio.read_text(index))['weight_map'].values()))
     state = {}
     for shard in shards:
-      state.update(_load_safetensors(os.path.join(path, shard)))
+      state.update(_load_safetensors(fileio.join(path, shard)))
     return state
-  if os.path.isfile(os.path.join(path, HF_TORCH_WEIGHTS)):
-    return load_torch_state_dict(os.path.join(path, HF_TORCH_WEIGHTS))
+  if fileio.exists(fileio.join(path, HF_TORCH_WEIGHTS)):
+    return load_torch_state_dict(fileio.join(path, HF_TORCH_WEIGHTS))
   raise FileNotFoundError(f'{path} has none of {HF_WEIGHTS}, {HF_INDEX}, {HF_TORCH_WEIGHTS}')
 
 
 def detect_format(path: str) -> str:
   """'orbax', 'hf', 'safetensors' or 'torch' for a path to import."""
-  if os.path.isdir(path):
-    names = set(os.listdir(path))
+  if fileio.isdir(path):
+    names = set(fileio.listdir(path))
     if names & {HF_WEIGHTS, HF_INDEX, HF_TORCH_WEIGHTS}:
       return 'hf'
     if names & {'_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'checkpoint'}:
       return 'orbax'
     raise ValueError(f'{path} is neither an Orbax checkpoint (no _METADATA) nor a Hugging Face folder '
                      f'(no {HF_WEIGHTS}); for a training workdir use --workdir')
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'{path} does not exist')
   if path.endswith('.safetensors'):
     return 'safetensors'
@@ -299,9 +303,9 @@ def resolve_model(path: str, model_name: str | None, model_overrides: dict) -> t
   if meta and meta.get('model_name') and model_name in (None, meta['model_name']):
     overrides = {**meta.get('model_overrides', {}), **overrides}
     model_name = meta['model_name']
-  config_json = os.path.join(path, 'config.json')
-  if model_name is None and os.path.isdir(path) and os.path.isfile(config_json):
-    with open(config_json) as f:
+  config_json = fileio.join(path, 'config.json')
+  if model_name is None and fileio.isdir(path) and fileio.exists(config_json):
+    with fileio.path(config_json).open('r') as f:
       model_name, hf_overrides = hf.model_name_from_hf_config(json.load(f))
     overrides = {**hf_overrides, **overrides}
     logging.info('%s: config.json matches %s %s', path, model_name, hf_overrides)
@@ -348,7 +352,7 @@ def read_orbax_params(path: str) -> Tree:
   """An Orbax export's params as host numpy arrays, unscanned; not checked against any model."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.abspath(path))
+    restored = checkpointer.restore(os.fspath(fileio.path(path)))
   return layout.unstack_blocks(layout.numpy_tree(layout.plain(restored)))
 
 

@@ -4,9 +4,12 @@
 [--num_slices=N] [--config.KEY=VAL] [--find_batch]`
 
 With libtpu installed (`pip install "jax[tpu]"`), `get_topology_desc` gives
-compile-only devices of any slice shape. The train step is the one
-`train.train_and_evaluate` runs (`train.build_train_step`: mesh and partition rules from
-config.mesh, dtype, remat, scan, gradient accumulation, donated state) and
+compile-only devices of any slice shape. The train step is the one the
+trainer runs: for pretraining `train.build_train_step` (as `train.train_and_evaluate`),
+for a fine-tuning config (config.downstream='finetune', configs/finetune.py)
+`finetune.build_train_step` (as `finetune.finetune`; mixup / cutmix, drop path,
+layer decay; config.num_classes sets the head): mesh and partition rules from
+config.mesh, dtype, remat, scan, gradient accumulation, donated state. It is
 compiled with `.lower(...).compile()`: XLA's TPU compiler then reports per-chip
 memory and a cost model, and refuses a program that does not fit in HBM with
 RESOURCE_EXHAUSTED. Exits non-zero when the step does not fit.
@@ -33,7 +36,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mae_jax import config_tools, loop, parallel, train
+from mae_jax import config_tools, finetune, loop, parallel, train
 from mae_jax import flops as flops_lib
 from mae_jax.accelerators import (  # noqa: F401  pylint: disable=unused-import
   GENERATION_ALIASES,
@@ -58,17 +61,37 @@ class DoesNotFitError(RuntimeError):
 # ----------------------------------------------------------------------------
 # The train step, as train_and_evaluate builds it.
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train.TrainStep:
-  """The pretraining step exactly as `train.train_and_evaluate` builds and runs it, for `mesh`.
+def _downstream(config: ml_collections.ConfigDict) -> str | None:
+  """config.downstream (None for pretraining); only fine-tuning has a train step to compile."""
+  kind = config.get('downstream')
+  if kind not in (None, 'finetune'):
+    raise ValueError(f'downstream={kind!r}: mae_jax.aot compiles pretraining configs and fine-tuning '
+                     "configs (downstream='finetune', configs/finetune.py); linear probing and kNN are not "
+                     'compiled here')
+  return kind
 
-  Both call `train.build_train_step`: the same function, shardings and batch
-  structure (train.BATCH_KEYS); only the schedule's length assumes ImageNet-1k.
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train.TrainStep:
+  """The train step exactly as the trainer builds and runs it, for `mesh`.
+
+  Pretraining: `train.build_train_step`, as `train.train_and_evaluate` calls
+  it; fine-tuning (config.downstream='finetune'): `finetune.build_train_step`,
+  as `finetune.finetune` calls it (with config.num_classes). The same function,
+  shardings and batch structure; only the schedule's length assumes ImageNet-1k.
   """
+  if _downstream(config) == 'finetune':
+    return finetune.build_train_step(config, mesh, NOMINAL_TRAIN_EXAMPLES)
   return train.build_train_step(config, mesh, NOMINAL_TRAIN_EXAMPLES)
 
 
 def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
-  """Analytic training FLOPs per image of the configured model (flops.mae_train_flops)."""
+  """Analytic training FLOPs per image of the configured model (3 x forward, no remat recompute).
+
+  Pretraining: flops.mae_train_flops; fine-tuning: flops.classifier_train_flops
+  (patch embedding, the blocks over all 1 + L tokens, the head).
+  """
+  if _downstream(config) == 'finetune':
+    return finetune.train_flops_per_image(config, finetune.config_num_classes(config))
   return train.train_flops_per_image(from_config.build_mae(config), config.mask_ratio)
 
 
@@ -104,10 +127,15 @@ class AotReport:
   flops_per_step_analytic: float = 0.0  # whole step, all chips (3x forward, no remat recompute)
   flops_per_device_compiled: float | None = None  # cost_analysis of the partitioned program
   bytes_accessed_per_device: float | None = None  # cost_analysis 'bytes accessed'
-  has_loops: bool = False  # while loops (scan_layers, grad accumulation): cost_analysis counts a body once
+  # while loops that hold matmuls (scan_layers, grad accumulation): cost_analysis counts a body once.
+  has_loops: bool = False
+  # while loops without a matmul (mixup's jax.random.beta samples by rejection: a few scalars per
+  # draw): counted once too, but negligible, so they do not stop the roofline.
+  minor_loops: int = 0
   cost_model_step_seconds: float | None = None  # cost_analysis 'optimal_seconds', when positive
-  # max(FLOPs / peak, bytes accessed / HBM bandwidth) from XLA's per-chip cost analysis, for loop-free
-  # programs only; it models neither communication nor its overlap, so it is an estimate, not a bound.
+  # max(FLOPs / peak, bytes accessed / HBM bandwidth) from XLA's per-chip cost analysis, for programs
+  # without matmul loops (has_loops False); it models neither communication nor its overlap, so it is
+  # an estimate, not a bound.
   roofline_step_seconds: float | None = None
   step_seconds: float | None = None  # the estimate used below
   step_time_source: str = ''  # 'cost model' or 'roofline'
@@ -159,6 +187,56 @@ def _argument_bytes_per_device(step: train.TrainStep) -> int:
     for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
       total += math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
   return total
+
+
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$')
+_CALLED = re.compile(r'\b(?:condition|body|calls|to_apply)=%?([\w.\-]+)')
+_CALLED_LISTS = re.compile(r'\b(?:branch_computations|called_computations)=\{([^}]*)\}')
+_WHILE = re.compile(r'\bwhile\(.*?\bbody=%?([\w.\-]+)')
+_MATMUL = re.compile(r'\b(?:dot|convolution)\(')
+
+
+def classify_loops(hlo_text: str) -> tuple[int, int]:
+  """(while loops whose body reaches a matmul, while loops without one) in an HLO module's text.
+
+  A body "reaches" what its instructions call (fusions, reductions,
+  conditionals, nested loops). Matmul loops are scanned layers or accumulated
+  micro-batches: XLA's cost analysis counts their body once, so the compiled
+  FLOPs and bytes understate the step. Loops without a matmul (e.g. the
+  rejection sampler of jax.random.beta) do a few scalars' work.
+  """
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:
+      current = computations.setdefault(match.group(1), [])
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      current.append(line)
+  calls = {name: set() for name in computations}
+  direct = {}
+  for name, lines in computations.items():
+    text = '\n'.join(lines)
+    calls[name].update(_CALLED.findall(text))
+    for group in _CALLED_LISTS.findall(text):
+      calls[name].update(part.strip().lstrip('%') for part in group.split(',') if part.strip())
+    direct[name] = bool(_MATMUL.search(text))
+
+  def has_matmul(name, seen):
+    if name in seen or name not in computations:
+      return False
+    seen.add(name)
+    return direct[name] or any(has_matmul(callee, seen) for callee in calls[name])
+
+  heavy = light = 0
+  for lines in computations.values():
+    for body in _WHILE.findall('\n'.join(lines)):
+      if has_matmul(body, set()):
+        heavy += 1
+      else:
+        light += 1
+  return heavy, light
 
 
 def advice(config: ml_collections.ConfigDict, spec: TopologySpec | None = None) -> str:
@@ -235,7 +313,8 @@ def compile_report(config: ml_collections.ConfigDict, spec: TopologySpec,
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   cost = cost or {}
-  report.has_loops = bool(re.search(r'\bwhile\(', compiled.as_text() or ''))
+  heavy_loops, report.minor_loops = classify_loops(compiled.as_text() or '')
+  report.has_loops = heavy_loops > 0
   if cost.get('flops'):
     report.flops_per_device_compiled = float(cost['flops'])
   if cost.get('bytes accessed'):
@@ -283,6 +362,10 @@ def format_report(report: AotReport) -> str:
         f'{_flop(report.flops_per_device_compiled) if report.flops_per_device_compiled else "n/a"} '
         f'per chip' + (' (while-loop bodies counted once)' if report.has_loops else ''),
     ]
+    if report.minor_loops:
+      lines.append(f'loops           {report.minor_loops} while loop(s) without matmuls (e.g. mixup\'s '
+                   'jax.random.beta sampler): counted once by the cost analysis, a few scalars of work, '
+                   'neglected: a roofline is computed all the same')
     if report.bytes_accessed_per_device and report.flops_per_device_compiled:
       intensity = report.flops_per_device_compiled / report.bytes_accessed_per_device
       line = f'HBM traffic     {report.bytes_accessed_per_device / 1e9:.1f} GB accessed per chip per step'

@@ -1,4 +1,6 @@
-"""Analytic FLOPs of MAE (matmuls only, 2 FLOPs per multiply-add), and the peak and HBM of a device.
+"""Analytic FLOPs of MAE and of the fine-tuning classifier (matmuls only, 2 FLOPs per multiply-add).
+
+Also the peak and HBM of a device.
 
 The forward count covers every matmul: the patch embedding of all patches, the
 encoder blocks on the cls + visible tokens, the decoder embedding of those
@@ -68,6 +70,28 @@ def mae_train_flops(model_kwargs: dict, mask_ratio: float, encoder_mask_tokens: 
   so MFU stays comparable across remat policies (as MaxText reports it).
   """
   return 3.0 * mae_forward_flops(model_kwargs, mask_ratio, encoder_mask_tokens)
+
+
+def classifier_forward_flops(encoder_kwargs: dict, num_classes: int) -> float:
+  """Forward FLOPs per image of the fine-tuning classifier (ViTClassifier) with these encoder fields.
+
+  Patch embedding of every patch, the encoder blocks on cls + all patches (no
+  masking downstream) and the head; pooling and norms are left out.
+  """
+  size = encoder_kwargs.get('image_size', 224)
+  h, w = (size, size) if isinstance(size, int) else size
+  p, c = encoder_kwargs['patch_size'], encoder_kwargs.get('in_channels', 3)
+  num_patches = (h // p) * (w // p)
+  width = encoder_kwargs['embed_dim']
+  macs = num_patches * p * p * c * width
+  macs += _blocks_macs(1 + num_patches, width, encoder_kwargs['depth'], encoder_kwargs.get('mlp_ratio', 4.0))
+  macs += width * num_classes  # head
+  return 2.0 * macs
+
+
+def classifier_train_flops(encoder_kwargs: dict, num_classes: int) -> float:
+  """Fine-tuning FLOPs per image: forward + backward (2x forward); remat recompute not counted."""
+  return 3.0 * classifier_forward_flops(encoder_kwargs, num_classes)
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:

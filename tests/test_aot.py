@@ -4,6 +4,7 @@ The batch search runs everywhere (topology names: test_accelerators.py); the com
 (`pip install "jax[tpu]"`) and are skipped with the reason where it is missing.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import jax
 import pytest
 
 from configs import default, mae_pretrain
+from configs import finetune as finetune_recipe
 from configs import test as test_config
-from mae_jax import aot, flops, loop, train
+from mae_jax import aot, finetune, flops, loop, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,3 +187,118 @@ def test_report_matches_benchmarks_md(libtpu):
   assert f'{report.bytes_accessed_per_device / 1e9:.1f} GB' == cells[8]
   assert f'{report.flops_per_device_compiled / 1e12:.3f} TFLOP' == cells[9]
   assert f'{report.step_seconds * 1e3:.1f} ms, MFU {100 * report.mfu:.1f}%' == cells[10]
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning configs (config.downstream='finetune').
+
+def test_finetune_flops_are_three_forwards_over_every_token():
+  config = finetune_recipe.get_config('variant=H/14@448')
+  # 32 blocks on 1 + 32 x 32 tokens of width 1280, the patch embedding and a 1000-class head.
+  tokens, width = 1 + 32 * 32, 1280
+  macs = 32 * 32 * 14 * 14 * 3 * width + 32 * (12 * tokens * width**2 + 2 * tokens**2 * width) + width * 1000
+  assert aot.train_flops_per_image(config) == pytest.approx(3 * 2 * macs)
+  assert f'{aot.train_flops_per_image(config) * 1024 / 1e12:.1f}' == '4495.6'  # BENCHMARKS.md's row
+  config.downstream = 'linprobe'
+  with pytest.raises(ValueError, match="downstream='linprobe'.*fine-tuning configs"):
+    aot.train_flops_per_image(config)
+
+
+def test_aot_compiles_the_step_the_finetune_trainer_runs(tmp_path, monkeypatch):
+  """The fine-tuning trainer jits finetune.build_train_step's step_fn as aot compiles it.
+
+  A real one-step fine-tuning run records its FinetuneStep, the jit that
+  supervised.run applies to its step_fn and the batches the loop feeds;
+  aot.make_train_step for the same config and mesh lowers to the same program
+  and takes the fed batch ('corrupt' flags added for sources without them).
+  """
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  config.num_train_steps = 1
+  config.eval_batch_size = 8
+  built, fed, jits = [], [], []
+  build, prefetch, jit = finetune.build_train_step, loop.prefetch_to_mesh, jax.jit
+  monkeypatch.setattr(finetune, 'build_train_step', lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+
+  def recording_prefetch(*args, **kwargs):
+    for batch in prefetch(*args, **kwargs):
+      fed.append(batch)
+      yield batch
+
+  def recording_jit(fun, *args, **kwargs):
+    jitted = jit(fun, *args, **kwargs)
+    if built and fun is built[0].step_fn:
+      jits.append(jitted)
+    return jitted
+
+  monkeypatch.setattr(loop, 'prefetch_to_mesh', recording_prefetch)
+  monkeypatch.setattr(jax, 'jit', recording_jit)
+  assert finetune.finetune(config, str(tmp_path))['status'] == 'done'
+  monkeypatch.undo()
+  ran, (trainer_jit,) = built[0], jits
+  compiled = aot.make_train_step(config, ran.mesh)
+  assert isinstance(compiled, finetune.FinetuneStep) and isinstance(compiled, train.TrainStep)
+
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+  assert set(fed[0]) == set(finetune.BATCH_KEYS) == set(compiled.abstract_batch)
+  assert shapes(fed[0]) == shapes(ran.abstract_batch) == shapes(compiled.abstract_batch)
+  assert shapes(ran.abstract_state) == shapes(compiled.abstract_state)
+  assert jax.tree.leaves(ran.state_shardings) == jax.tree.leaves(compiled.state_shardings)
+  with loop.mesh_context(ran.mesh):
+    trainer_text = trainer_jit.lower(ran.abstract_state, ran.abstract_batch, None).as_text()
+    aot_text = compiled.jitted.lower(compiled.abstract_state, compiled.abstract_batch).as_text()
+  assert trainer_text == aot_text
+
+
+def test_finetune_config_compiles_on_v5e_from_the_command_line(libtpu, tmp_path):
+  """`python -m mae_jax.aot` takes configs/finetune.py: memory, FLOPs and a step time despite mixup's loops."""
+  out = tmp_path / 'report.json'
+  cmd = [sys.executable, '-m', 'mae_jax.aot', '--config=configs/finetune.py:variant=B/16,runlocal=True',
+         '--topology=v5e-4', '--per_chip_batch=4', '--config.mesh.fsdp=2', '--config.mesh.min_fsdp_size=1',
+         f'--json_out={out}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report['model'] == 'mae_vit_test' and report['fits']
+  assert report['mesh_shape'] == {'data': 2, 'fsdp': 2, 'tensor': 1} and report['global_batch'] == 16
+  assert report['argument_bytes'] > 0 and report['temp_bytes'] > 0 and report['alias_bytes'] > 0
+  assert 0 < report['total_bytes'] < report['hbm_capacity_bytes']
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  assert report['flops_per_step_analytic'] == pytest.approx(
+      flops.classifier_train_flops(aot.from_config.encoder_kwargs(config), config.num_classes) * 16)
+  assert 0.3 < report['flops_per_step_analytic'] / 4 / report['flops_per_device_compiled'] <= 1.05
+  # mixup's beta draws are while loops without matmuls: the roofline is computed all the same.
+  assert report['minor_loops'] > 0 and not report['has_loops']
+  assert report['roofline_step_seconds'] > 0 and report['step_seconds'] > 0 and 0 < report['mfu'] < 1
+  for field in ('HBM per chip', 'HBM total', 'FLOPs per step', 'without matmuls', 'step time', 'fits:'):
+    assert field in result.stdout, result.stdout
+
+
+def test_loops_with_and_without_matmuls_are_told_apart():
+  hlo = """HloModule m
+
+%fused (p: f32[2,2]) -> f32[2,2] {
+  %p = f32[2,2]{1,0} parameter(0)
+  ROOT %d = f32[2,2]{1,0} convolution(%p, %p), dim_labels=bf_io->bf
+}
+
+%heavy_body (t: (s32[], f32[2,2])) -> (s32[], f32[2,2]) {
+  %f = f32[2,2]{1,0} fusion(%x), kind=kOutput, calls=%fused
+}
+
+%light_body (t: (s32[], f32[])) -> (s32[], f32[]) {
+  %a = f32[] add(%x, %y)
+}
+
+%cond (t: (s32[], f32[])) -> pred[] {
+  ROOT %c = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: f32[2,2]) -> f32[2,2] {
+  %w1 = (s32[], f32[2,2]) while(%t1), condition=%cond, body=%heavy_body
+  %w2 = (s32[], f32[]) while(%t2), condition=%cond, body=%light_body
+  %w3 = (s32[], f32[]) while(%t3), condition=%cond, body=%light_body
+}
+"""
+  assert aot.classify_loops(hlo) == (1, 2)
+  assert aot.classify_loops('') == (0, 0)

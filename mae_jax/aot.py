@@ -36,7 +36,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mae_jax import config_tools, finetune, loop, parallel, train
+from mae_jax import config_tools, console, finetune, loop, parallel, supervised, train
 from mae_jax import flops as flops_lib
 from mae_jax.accelerators import (  # noqa: F401  pylint: disable=unused-import
   GENERATION_ALIASES,
@@ -63,7 +63,7 @@ class DoesNotFitError(RuntimeError):
 
 def _downstream(config: ml_collections.ConfigDict) -> str | None:
   """config.downstream (None for pretraining); only fine-tuning has a train step to compile."""
-  kind = config.get('downstream')
+  kind = supervised.kind(config) if 'downstream' in config else None
   if kind not in (None, 'finetune'):
     raise ValueError(f'downstream={kind!r}: mae_jax.aot compiles pretraining configs and fine-tuning '
                      "configs (downstream='finetune', configs/finetune.py); linear probing and kNN are not "
@@ -458,6 +458,7 @@ def main(argv):
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.topology is None:
     raise app.UsageError('--config and --topology are required')
+  console.setup('aot')  # Library INFO logs to $TMPDIR/mae_jax_logs/ (no workdir); --verbose shows them here.
   if not os.environ.get('JAX_PLATFORMS'):
     # Compile-only TPU devices need no TPU backend: do not look for chips (nor take libtpu's lockfile).
     jax.config.update('jax_platforms', 'cpu')

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from mae_jax import checkpoint, fileio
+from mae_jax import checkpoint, console, fileio
 from mae_jax.models import from_config
 from mae_jax.weights import FORMATS, export_weights, import_weights, metadata_path, read_metadata, resolve_model
 
@@ -68,6 +68,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
+  console.setup('export', flag_values.workdir)  # Orbax's INFO lines to a log file (--verbose: here too).
   if bool(flag_values.workdir) == bool(flag_values.import_from):
     raise app.UsageError('pass exactly one of --workdir and --import_from')
   try:

@@ -31,7 +31,7 @@ from absl import logging
 from clu import periodic_actions
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import fileio, parallel, wandb_writer
+from mae_jax import console, fileio, parallel, wandb_writer
 from mae_jax import flops as flops_lib
 from mae_jax.models import vit
 
@@ -530,8 +530,9 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
     flops_per_image: training FLOPs per image, for perf/mfu.
   """
   start_step = int(jax.device_get(state.step))
+  progress = console.ProgressHook(total_steps, start_step)  # A bar on a terminal, else a line per log period.
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)]
+                                           every_steps=config.log_every_steps), progress]
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                           first_profile=start_step + 10))
@@ -555,7 +556,9 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
           jax.block_until_ready(metrics)
           window.restart(step)
         if step % config.log_every_steps == 0 or step == total_steps:
-          last.update(_log_metrics(writer, step, pending, state, window, config.batch_size, flops_per_image))
+          scalars = _log_metrics(writer, step, pending, state, window, config.batch_size, flops_per_image)
+          last.update(scalars)
+          progress.update_metrics(step, scalars)
           corrupt_seen += int(last.get('train/corrupt_images', 0))
           _check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config)
           pending = []
@@ -571,6 +574,7 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
             evals = dict(results)
             writer.write_scalars(step, evals)
             last.update(evals)
+            progress.update_metrics(step, evals)
         save = lambda: checkpointer.save(step, saved_tree(state), state.opt_state,
                                          checkpoint_meta(state, config, **extra_meta(evals)))
         stop, saved_step = window.excluding(save_or_stop, checkpointer, preemption, step, total_steps,
@@ -579,6 +583,7 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
           status = 'preempted'
           break
   finally:
+    progress.close()
     # The SIGTERM handler stays until the last save is durable: a second SIGTERM (a requeue, a
     # launcher's kill) during the final commit must not kill the process half-way.
     try:

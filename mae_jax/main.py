@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import config_tools, distributed, finetune, knn, linprobe, loop, supervised, train
+from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, loop, supervised, train
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
@@ -38,6 +38,7 @@ def define_flags():
   flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
                     'jax.distributed: auto = start it for multi-process jobs (the flags above, SLURM, GKE or '
                     'GCE TPU pods, multi-slice), on = always (fails when no cluster is found), off = never.')
+  # --verbose and --progress come with mae_jax.console.
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -55,6 +56,7 @@ def run_experiment(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  console.setup('main', FLAGS.workdir)  # Library INFO logs to WORKDIR/logs/, not the terminal (--verbose).
   # TensorFlow only feeds data: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')

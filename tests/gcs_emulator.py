@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -44,7 +45,9 @@ def running(bucket: str):
     pytest.skip('gs:// tests need gcp-storage-emulator (the dev extra)')
   port = _free_port()
   url = f'http://127.0.0.1:{port}'
-  proc = subprocess.Popen([sys.executable, SERVER, str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  # Its output goes to a file: a pipe nobody reads fills up and stalls the server (and every client).
+  log = tempfile.NamedTemporaryFile('w+', prefix='gcs_emulator.', suffix='.log', delete=False)
+  proc = subprocess.Popen([sys.executable, SERVER, str(port)], stdout=log, stderr=subprocess.STDOUT)
   saved = dict(os.environ)
   try:
     deadline = time.time() + 60
@@ -53,7 +56,8 @@ def running(bucket: str):
         if s.connect_ex(('127.0.0.1', port)) == 0:
           break
       if proc.poll() is not None or time.time() > deadline:
-        raise RuntimeError(f'gcp-storage-emulator did not start: {proc.stdout.read().decode()[-2000:]}')
+        log.seek(0)
+        raise RuntimeError(f'gcp-storage-emulator did not start: {log.read()[-2000:]}')
       time.sleep(0.1)
     env = env_for(url)
     os.environ.update(env)
@@ -72,3 +76,5 @@ def running(bucket: str):
       proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
       proc.kill()
+    log.close()
+    os.unlink(log.name)

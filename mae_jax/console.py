@@ -1,0 +1,220 @@
+"""What a run shows on the terminal: warnings, errors, a progress bar and results; library logs go to a file.
+
+Every entry point (main, downstream, demo, export, aot) calls `setup(entry, workdir)`
+first thing in its `main`: INFO lines of absl, Orbax, TensorFlow, jax and this
+package then go to `WORKDIR/logs/ENTRY.TIME.HOST.PID.log` (a local workdir; with
+a gs:// workdir or none, to `$TMPDIR/mae_jax_logs/`, and the terminal says
+where), warnings and errors reach the terminal as before, and `--verbose` shows
+everything on the terminal too.
+
+TensorFlow's native (C++) logging prints at import, before flags are parsed and
+regardless of TF_CPP_MIN_LOG_LEVEL (TF >= 2.20 logs through absl C++): importing
+this module before anything imports TensorFlow imports it with its native stderr
+captured, and `setup` writes what was captured into the log file. `--verbose`
+on the command line skips the capture.
+
+`ProgressHook` is the training loops' progress display (clu periodic-action
+style): a tqdm bar with steps/s, ETA and loss when stderr is a terminal, one
+plain line per log period otherwise (launchers, pipes, tests), nothing on
+processes other than 0; `--progress=bar|lines|off` overrides.
+"""
+
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+
+import jax
+import tqdm
+from absl import flags
+from absl import logging as absl_logging
+
+from mae_jax import fileio
+
+flags.DEFINE_bool('verbose', False, 'Also show library INFO logs (absl, Orbax, TensorFlow, jax) on the terminal; '
+                  'they always go to the log file that the run names.')
+flags.DEFINE_enum('progress', 'auto', ('auto', 'bar', 'lines', 'off'),
+                  'Training progress on stderr: auto = a bar on a terminal, a line per log period otherwise; '
+                  'only process 0 shows it.')
+FLAGS = flags.FLAGS
+
+LOGS_DIR = 'logs'
+# Orbax's notes when a checkpoint is opened read-only (visualize, export, warm starts): expected, not advice.
+QUIET_WARNINGS = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+
+
+def _verbose_in_argv(argv) -> bool:
+  return any(a in ('--verbose', '-verbose', '--verbose=true', '--verbose=True', '--verbose=1') for a in argv[1:])
+
+
+def _import_tensorflow_quietly() -> str:
+  """Imports TensorFlow with its native stderr captured; returns what it printed ('' when not captured)."""
+  if 'tensorflow' in sys.modules or _verbose_in_argv(sys.argv):
+    return ''
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's native INFO lines after import (older TF).
+  with tempfile.TemporaryFile() as captured:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass  # Entry points that need TensorFlow fail on their own import, with the message on the terminal.
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    captured.seek(0)
+    return captured.read().decode('utf-8', errors='replace')
+
+
+_NATIVE_IMPORT_OUTPUT = _import_tensorflow_quietly()
+
+
+class _QuietFilter(logging.Filter):
+  """Keeps the expected Orbax read-only notes off the terminal (they stay in the log file)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not any(note in message for note in QUIET_WARNINGS)
+
+
+class _FileHandler(logging.FileHandler):
+  """The run's log file (a class of its own, so that a second `setup` replaces it)."""
+
+
+def log_dir(workdir: str | None) -> str:
+  """WORKDIR/logs for a local workdir; a local temporary folder for gs:// workdirs and runs without one."""
+  if workdir and not fileio.is_remote(workdir):
+    return os.path.join(os.path.abspath(workdir), LOGS_DIR)
+  return os.path.join(tempfile.gettempdir(), 'mae_jax_logs')
+
+
+def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None, announce: bool = True) -> str:
+  """Sends log records to a file (INFO and up) and only warnings and errors to the terminal; returns the path.
+
+  Args:
+    entry: the entry point's name, the start of the file's name ('main', 'demo', ...).
+    workdir: the run's workdir (local: the file goes to WORKDIR/logs/; gs://: to a local folder).
+    verbose: show everything on the terminal too (default: the --verbose flag).
+    announce: write one line naming the file to stderr.
+  """
+  if verbose is None:
+    verbose = bool(FLAGS.verbose) if FLAGS.is_parsed() else False
+  directory = log_dir(workdir)
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f'{entry}.{time.strftime("%Y%m%d-%H%M%S")}.{socket.gethostname()}.{os.getpid()}.log')
+  root = logging.getLogger()
+  for old in [h for h in root.handlers if isinstance(h, _FileHandler)]:
+    root.removeHandler(old)
+    old.close()
+  handler = _FileHandler(path, encoding='utf-8')
+  handler.setFormatter(absl_logging.PythonFormatter())
+  handler.setLevel(logging.INFO)
+  root.addHandler(handler)
+  tf_logger = logging.getLogger('tensorflow')  # TensorFlow gives its logger a stderr handler of its own when
+  for own in [h for h in tf_logger.handlers if type(h) is logging.StreamHandler]:  # imported before absl's:
+    tf_logger.removeHandler(own)  # its records reach the file and the terminal through the root logger instead.
+  tf_logger.propagate = True
+  if root.level > logging.INFO or root.level == logging.NOTSET:
+    root.setLevel(logging.INFO)
+  terminal = absl_logging.get_absl_handler()  # What prints log records on stderr (app.run puts it on root).
+  if terminal not in root.handlers:
+    root.addHandler(terminal)
+  terminal.setLevel(logging.NOTSET if verbose else logging.WARNING)
+  for old in [f for f in terminal.filters if isinstance(f, _QuietFilter)]:
+    terminal.removeFilter(old)
+  if not verbose:
+    terminal.addFilter(_QuietFilter())
+  if _NATIVE_IMPORT_OUTPUT:
+    with open(path, 'a', encoding='utf-8') as f:
+      f.write(f'(native output while TensorFlow was imported)\n{_NATIVE_IMPORT_OUTPUT}\n')
+  if announce:
+    sys.stderr.write(f'Logs: {path}' + ('' if verbose else ' (--verbose shows them here)') + '\n')
+  return path
+
+
+def progress_mode(requested: str | None = None, stream=None) -> str:
+  """'bar', 'lines' or 'off': the --progress flag (or `requested`), 'auto' resolved for this process."""
+  if requested is None:
+    requested = FLAGS.progress if FLAGS.is_parsed() else 'auto'
+  if jax.process_index() > 0:
+    return 'off'
+  if requested != 'auto':
+    return requested
+  stream = stream or sys.stderr
+  return 'bar' if hasattr(stream, 'isatty') and stream.isatty() else 'lines'
+
+
+def _format(value) -> str:
+  return f'{value:.4f}' if isinstance(value, float) and abs(value) < 1000 else f'{value:.4g}'
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}' if seconds >= 3600 else \
+      f'{seconds // 60}:{seconds % 60:02d}'
+
+
+class ProgressHook:
+  """Training progress on stderr, called like clu's periodic actions: `hook(step)` after every step.
+
+  `update_metrics(step, scalars)` at the loop's log periods and evaluations,
+  `close()` when the loop ends (the bar stays on the terminal, complete):
+  train/loss goes into the bar (or the line), each eval/* metric gets a line
+  of its own that stays (so a run's kNN accuracy can be seen to rise).
+  """
+
+  def __init__(self, total_steps: int, start_step: int = 0, *, mode: str | None = None, stream=None):
+    self.total_steps, self.start_step = int(total_steps), int(start_step)
+    self.stream = stream or sys.stderr
+    self.mode = progress_mode(mode, self.stream)
+    self.step = self.start_step
+    self.loss = None
+    self._bar = None
+    self._last = (time.time(), self.start_step)  # Lines mode: the previous line's time and step.
+    if self.mode == 'bar' and self.start_step < self.total_steps:
+      self._bar = tqdm.tqdm(total=self.total_steps, initial=self.start_step, file=self.stream, unit='step',
+                            dynamic_ncols=True, smoothing=0.1, leave=True, desc='train')
+
+  def __call__(self, step: int, t: float | None = None) -> None:
+    del t  # clu's signature; the bar keeps its own clock.
+    if self._bar is not None and step > self.step:
+      self._bar.update(step - self.step)
+    self.step = max(self.step, step)
+
+  def update_metrics(self, step: int, scalars: dict) -> None:
+    """Shows the loss of `scalars` (train/loss) and writes a line for each eval/* metric."""
+    if self.mode == 'off':
+      return
+    evals = {k: v for k, v in scalars.items() if k.startswith('eval/')}
+    if 'train/loss' in scalars:
+      self.loss = float(scalars['train/loss'])
+      if self._bar is not None:
+        self._bar.set_postfix_str(f'loss={_format(self.loss)}', refresh=True)
+      elif self.mode == 'lines':
+        self._write(self._line(step))
+    if evals:
+      self._write(f'step {step}: ' + ', '.join(f'{k} {_format(float(v))}' for k, v in sorted(evals.items())))
+
+  def _line(self, step: int) -> str:
+    now, (then, last_step) = time.time(), self._last
+    self._last = (now, step)
+    parts = [f'step {step}/{self.total_steps}', f'loss {_format(self.loss)}']
+    if step > last_step and now > then:
+      rate = (step - last_step) / (now - then)
+      parts += [f'{rate:.2f} steps/s', f'ETA {_duration((self.total_steps - step) / rate)}']
+    return ', '.join(parts)
+
+  def _write(self, line: str) -> None:
+    if self._bar is not None:
+      self._bar.write(line, file=self.stream)
+    else:
+      self.stream.write(line + '\n')
+      self.stream.flush()
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None

@@ -1,0 +1,133 @@
+"""The terminal: library logs to the run's log file (INFO hidden from stderr, shown with --verbose), progress."""
+
+import io
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from absl import logging as absl_logging
+
+from mae_jax import console
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# An entry point in miniature: absl app, console.setup, then log lines as absl, Orbax and TensorFlow write them.
+ENTRY = textwrap.dedent("""
+    import logging, sys
+    from absl import app, logging as absl_logging
+    from mae_jax import console
+
+    def main(argv):
+      console.setup('probe', sys.argv[1])
+      import orbax.checkpoint  # Orbax logs through absl; TensorFlow's Python logger is 'tensorflow'.
+      absl_logging.info('absl-info-line')
+      logging.getLogger('orbax').info('orbax-info-line')
+      logging.getLogger('tensorflow').info('tensorflow-info-line')
+      absl_logging.warning('a-warning-line')
+      absl_logging.warning('CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.')
+      absl_logging.error('an-error-line')
+
+    app.run(main)
+""")
+INFO_LINES = ('absl-info-line', 'orbax-info-line', 'tensorflow-info-line')
+
+
+def _run_entry(tmp_path, *flags):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run([sys.executable, '-c', ENTRY, workdir, *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr
+  logs = os.listdir(os.path.join(workdir, 'logs'))
+  assert len(logs) == 1 and logs[0].startswith('probe.'), logs
+  with open(os.path.join(workdir, 'logs', logs[0]), encoding='utf-8') as f:
+    return proc.stderr, f.read(), os.path.join(workdir, 'logs', logs[0])
+
+
+def test_info_goes_to_the_log_file_warnings_and_errors_to_the_terminal(tmp_path):
+  stderr, log, path = _run_entry(tmp_path)
+  for line in INFO_LINES:
+    assert line in log
+    assert line not in stderr
+  assert 'a-warning-line' in stderr and 'an-error-line' in stderr and 'a-warning-line' in log
+  assert 'read_only=True' in log and 'read_only=True' not in stderr  # Orbax's expected note: the file only.
+  assert f'Logs: {path}' in stderr
+  assert 'oneDNN' not in stderr and 'port.cc' not in stderr  # TensorFlow's native import lines.
+  assert len(stderr.strip().splitlines()) == 3, stderr  # Logs:, the warning, the error.
+
+
+def test_verbose_shows_the_info_lines_on_the_terminal_too(tmp_path):
+  stderr, log, _ = _run_entry(tmp_path, '--verbose')
+  for line in INFO_LINES:
+    assert line in log and line in stderr
+  assert 'read_only=True' in stderr
+
+
+@pytest.fixture
+def restored_logging():
+  """console.setup changes process-wide logging: put it back for the other tests."""
+  root, terminal = logging.getLogger(), absl_logging.get_absl_handler()
+  saved = (list(root.handlers), root.level, terminal.level, list(terminal.filters))
+  yield
+  for handler in root.handlers:
+    if handler not in saved[0]:
+      root.removeHandler(handler)
+      handler.close()
+  root.setLevel(saved[1])
+  terminal.setLevel(saved[2])
+  terminal.filters[:] = saved[3]
+
+
+def test_setup_again_replaces_the_file_and_a_gs_workdir_logs_locally(tmp_path, restored_logging, capsys):
+  first = console.setup('main', str(tmp_path / 'a'))
+  second = console.setup('main', 'gs://bucket/run', announce=False)
+  logging.getLogger('orbax').info('after-the-second-setup')
+  assert second.startswith(console.log_dir(None)) and not second.startswith('gs://')
+  with open(first, encoding='utf-8') as f:
+    assert 'after-the-second-setup' not in f.read()
+  with open(second, encoding='utf-8') as f:
+    assert 'after-the-second-setup' in f.read()
+  assert 'after-the-second-setup' not in capsys.readouterr().err
+  os.remove(second)
+
+
+def _drive(hook, total):
+  for step in range(hook.start_step + 1, total + 1):
+    hook(step)
+    if step % 5 == 0:
+      hook.update_metrics(step, {'train/loss': 1.0 / step, 'train/lr': 0.1})
+  hook.update_metrics(total, {'eval/knn_top1': 0.7125, 'eval/knn_top5': 0.95})
+
+
+def test_progress_bar_shows_steps_per_second_eta_loss_and_keeps_eval_lines():
+  stream = io.StringIO()
+  hook = console.ProgressHook(20, 0, mode='bar', stream=stream)
+  _drive(hook, 20)
+  hook.close()
+  out = stream.getvalue()
+  assert re.search(r'20/20 \[\d+:\d+<\d+:\d+, .*(step/s|s/step), loss=0.0500\]', out), out  # elapsed<ETA.
+  assert 'step 20: eval/knn_top1 0.7125, eval/knn_top5 0.9500' in out
+
+
+def test_progress_lines_without_a_terminal_one_per_log_period():
+  stream = io.StringIO()  # Not a terminal: 'auto' writes plain lines (launchers, pipes, tests).
+  hook = console.ProgressHook(20, 10, stream=stream)
+  assert hook.mode == 'lines'
+  _drive(hook, 20)
+  lines = stream.getvalue().splitlines()
+  assert '\r' not in stream.getvalue()
+  assert len(lines) == 3, lines  # Steps 15 and 20, then the evaluation.
+  assert lines[0].startswith('step 15/20, loss 0.0667, ') and 'steps/s, ETA 0:0' in lines[0]
+  assert lines[1].startswith('step 20/20, loss 0.0500')
+  assert lines[2] == 'step 20: eval/knn_top1 0.7125, eval/knn_top5 0.9500'
+
+
+def test_progress_is_silent_when_off_and_on_other_processes(monkeypatch):
+  stream = io.StringIO()
+  _drive(console.ProgressHook(10, 0, mode='off', stream=stream), 10)
+  monkeypatch.setattr(console.jax, 'process_index', lambda: 1)  # A pod's other hosts.
+  _drive(console.ProgressHook(10, 0, mode='bar', stream=stream), 10)
+  assert stream.getvalue() == ''

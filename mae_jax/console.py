@@ -33,12 +33,18 @@ from absl import logging as absl_logging
 
 from mae_jax import fileio
 
-flags.DEFINE_bool('verbose', False, 'Also show library INFO logs (absl, Orbax, TensorFlow, jax) on the terminal; '
-                  'they always go to the log file that the run names.')
-flags.DEFINE_enum('progress', 'auto', ('auto', 'bar', 'lines', 'off'),
-                  'Training progress on stderr: auto = a bar on a terminal, a line per log period otherwise; '
-                  'only process 0 shows it.')
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """--verbose and --progress, for the entry points (importing the package defines no flags)."""
+  if 'verbose' not in FLAGS:
+    flags.DEFINE_bool('verbose', False, 'Also show library INFO logs (absl, Orbax, TensorFlow, jax) on the '
+                      'terminal; they always go to the log file that the run names.')
+  if 'progress' not in FLAGS:
+    flags.DEFINE_enum('progress', 'auto', ('auto', 'bar', 'lines', 'off'),
+                      'Training progress on stderr: auto = a bar on a terminal, a line per log period otherwise; '
+                      'only process 0 shows it.')
 
 LOGS_DIR = 'logs'
 # Orbax's notes when a checkpoint is opened read-only (visualize, export, warm starts): expected, not advice.
@@ -101,7 +107,7 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
     announce: write one line naming the file to stderr.
   """
   if verbose is None:
-    verbose = bool(FLAGS.verbose) if FLAGS.is_parsed() else False
+    verbose = bool(FLAGS.verbose) if FLAGS.is_parsed() and 'verbose' in FLAGS else False
   directory = log_dir(workdir)
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f'{entry}.{time.strftime("%Y%m%d-%H%M%S")}.{socket.gethostname()}.{os.getpid()}.log')
@@ -138,7 +144,7 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
 def progress_mode(requested: str | None = None, stream=None) -> str:
   """'bar', 'lines' or 'off': the --progress flag (or `requested`), 'auto' resolved for this process."""
   if requested is None:
-    requested = FLAGS.progress if FLAGS.is_parsed() else 'auto'
+    requested = FLAGS.progress if FLAGS.is_parsed() and 'progress' in FLAGS else 'auto'
   if jax.process_index() > 0:
     return 'off'
   if requested != 'auto':

@@ -22,6 +22,7 @@ flags.DEFINE_string('workdir', 'workdirs/demo', 'Run directory (resumes if it ho
 flags.DEFINE_string('data_dir', '.data/tensorflow_datasets', 'Where the prepared data set goes.')
 flags.DEFINE_string('source_dir', None, 'Fashion-MNIST IDX files (default: Debian dataset-fashion-mnist).')
 flags.DEFINE_integer('steps', 600, 'Training steps.')
+console.define_flags()  # --verbose, --progress.
 
 
 def pixel_knn(config) -> float:

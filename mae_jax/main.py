@@ -38,7 +38,7 @@ def define_flags():
   flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
                     'jax.distributed: auto = start it for multi-process jobs (the flags above, SLURM, GKE or '
                     'GCE TPU pods, multi-slice), on = always (fails when no cluster is found), off = never.')
-  # --verbose and --progress come with mae_jax.console.
+  console.define_flags()  # --verbose, --progress.
   flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -31,6 +31,7 @@ ENTRY = textwrap.dedent("""
       absl_logging.warning('CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.')
       absl_logging.error('an-error-line')
 
+    console.define_flags()
     app.run(main)
 """)
 INFO_LINES = ('absl-info-line', 'orbax-info-line', 'tensorflow-info-line')

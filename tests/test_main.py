@@ -15,7 +15,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_importing_the_entry_points_defines_no_flags():
   """A program with its own --workdir / --config flags (benchmarks, notebooks) imports them as libraries."""
   code = ('from absl import flags; flags.DEFINE_string("workdir", None, ""); flags.DEFINE_string("config", None, ""); '
-          'import mae_jax.main, mae_jax.downstream, mae_jax.aot, mae_jax.export, mae_jax.visualize; print("ok")')
+          'flags.DEFINE_bool("verbose", False, ""); flags.DEFINE_bool("progress", False, ""); '
+          'import mae_jax.main, mae_jax.downstream, mae_jax.aot, mae_jax.export, mae_jax.visualize, mae_jax.train; '
+          'print("ok")')
   done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300,
                         check=False)
   assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr[-2000:]

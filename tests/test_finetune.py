@@ -169,7 +169,7 @@ def test_two_processes_fine_tune_fsdp_over_both_from_pretrained_weights(pretrain
              PYTHONPATH=REPO)
   command = [sys.executable, '-m', 'mae_jax.downstream', f'--config=configs/finetune.py:{spec}',
              f'--workdir={multi}', *[f'--config.{k}={v}' for k, v in overrides.items()],
-             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--verbose']
   with contextlib.ExitStack() as stack:
     logs = [stack.enter_context(open(str(tmp_path / f'process_{i}.log'), 'w+b')) for i in range(2)]
     procs = [subprocess.Popen(command + [f'--process_id={i}'], env=env, cwd=REPO, stdout=logs[i],

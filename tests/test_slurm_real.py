@@ -90,7 +90,8 @@ def launch_argv(name: str, out: pathlib.Path, steps: int, *flags: str) -> list[s
   return [sys.executable, '-m', 'launch.slurm', f'--job_name={name}', '--gpus_per_node=2', f'--chdir={REPO_ROOT}',
           *setup, '--env=JAX_PLATFORMS=cpu', '--env=XLA_FLAGS=--xla_force_host_platform_device_count=4',
           f'--config=configs/test.py:steps={steps}', f'--workdir={out / "workdir"}',
-          f'--output={out}/%x-%j.out', f'--script={out}/{name}.sbatch', *flags]
+          f'--output={out}/%x-%j.out', f'--script={out}/{name}.sbatch', *flags,
+          '--', '--verbose']  # The trainers' INFO lines in the job's output, where the tests read them.
 
 
 class Job:

@@ -260,7 +260,7 @@ def test_two_processes_warm_start_with_params_spanning_both(pth_file, source, tm
   command = [sys.executable, '-m', 'mae_jax.main', f'--config={REPO}/tests/configs/tiny_synthetic.py',
              f'--workdir={workdir}', '--config.num_train_steps=1', '--config.optim.warmup_steps=1',
              '--config.mesh.data=1', '--config.mesh.fsdp=8', f'--config.init_from={pth_file}',
-             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--verbose']
   with contextlib.ExitStack() as stack:
     logs = [stack.enter_context(open(str(tmp_path / f'process_{i}.log'), 'w+b')) for i in range(2)]
     procs = [subprocess.Popen(command + [f'--process_id={i}'], env=env, cwd=REPO, stdout=logs[i],

@@ -28,7 +28,6 @@ and std = () use them.
 from __future__ import annotations
 
 import io
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -48,7 +47,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 ARRAY_EXTENSIONS = ('.npy', '.npz', '.tif', '.tiff')
 VERSION = '1.0.0'
-_TARGET_SHARD_BYTES = 128 << 20  # Source bytes per shard.
 
 
 class ChannelStats:
@@ -232,16 +230,9 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
   channels = channels or first.shape[-1]
   dtype = first.dtype
   shape = (*(size or (None, None)), channels)
-  feature_dict = {'image': tfds.features.Tensor(shape=shape, dtype=dtype, encoding=tfds.features.Encoding.ZLIB),
-                  'file_name': tfds.features.Text()}
-  if class_names:
-    feature_dict['label'] = tfds.features.ClassLabel(names=class_names)
-  features = tfds.features.FeaturesDict(feature_dict)
-
-  order = np.random.default_rng(seed).permutation(len(files))
-  files = [files[i] for i in order]
-  num_shards = int(min(len(files), max(1, math.ceil(
-      dataset_writer.estimate_bytes(folder, files) / _TARGET_SHARD_BYTES))))
+  features = dataset_writer.folder_features(
+      tfds.features.Tensor(shape=shape, dtype=dtype, encoding=tfds.features.Encoding.ZLIB), class_names)
+  files, num_shards = dataset_writer.shuffle_and_shard(folder, files, seed)
   print(f'Preparing {name} from {len(files)} array files under {folder} ({channels} channels of {dtype}, '
         f'{"size %dx%d" % size if size else "any size"}) into {out_dir}.')
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -187,11 +189,29 @@ def check_name(name: str, allow_catalog: str | None = None):
 
 
 
+TARGET_SHARD_BYTES = 128 << 20  # Source bytes per shard of a folder's data set.
+
+
 def estimate_bytes(folder: str, files: Sequence[str], samples: int = 1000) -> int:
   """Total size of files, extrapolated from at most `samples` of them."""
   step = max(1, len(files) // samples)
   sizes = [tf.io.gfile.stat(os.path.join(folder, f)).length for f in files[::step]]
   return int(sum(sizes) / len(sizes) * len(files))
+
+
+def folder_features(image_feature, class_names: Sequence[str]) -> tfds.features.FeaturesDict:
+  """image, file_name and (with class names) label: the features of a data set prepared from a folder."""
+  feature_dict = {'image': image_feature, 'file_name': tfds.features.Text()}
+  if class_names:
+    feature_dict['label'] = tfds.features.ClassLabel(names=class_names)
+  return tfds.features.FeaturesDict(feature_dict)
+
+
+def shuffle_and_shard(folder: str, files: Sequence[str], seed: int) -> tuple[list[str], int]:
+  """The files in a seeded random order, and the number of shards that gives TARGET_SHARD_BYTES each."""
+  order = np.random.default_rng(seed).permutation(len(files))
+  num_shards = int(min(len(files), max(1, math.ceil(estimate_bytes(folder, files) / TARGET_SHARD_BYTES))))
+  return [files[i] for i in order], num_shards
 
 
 def name_from_folder(folder: str) -> str:

@@ -55,7 +55,6 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif',
                     '.tiff')
 FOLDER_VERSION = '1.0.0'
 SKIPPED_FILES_NAME = 'skipped_files.txt'
-_TARGET_SHARD_BYTES = 128 << 20  # Source bytes per shard for folders.
 _LOSSY_FORMATS = ('JPEG', 'MPO', 'WEBP')  # Re-encoded as JPEG, others as PNG.
 _JPEG_QUALITY = 95
 
@@ -199,16 +198,8 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
   class_names, label_of = dataset_writer.class_labels(files, labels, folder)
   labeled = bool(class_names)
 
-  feature_dict = {'image': tfds.features.Image(shape=(None, None, channels)),
-                  'file_name': tfds.features.Text()}
-  if labeled:
-    feature_dict['label'] = tfds.features.ClassLabel(names=class_names)
-  features = tfds.features.FeaturesDict(feature_dict)
-
-  order = np.random.default_rng(seed).permutation(len(files))
-  files = [files[i] for i in order]
-  num_shards = int(min(len(files), max(1, math.ceil(
-      dataset_writer.estimate_bytes(folder, files) / _TARGET_SHARD_BYTES))))
+  features = dataset_writer.folder_features(tfds.features.Image(shape=(None, None, channels)), class_names)
+  files, num_shards = dataset_writer.shuffle_and_shard(folder, files, seed)
   label_text = (f'{len(class_names)} classes from sub-folder names'
                 if labeled else 'no labels')
   print(f'Preparing {name} from {len(files)} image files under {folder} '

@@ -3,12 +3,9 @@
 Tiny models (mae_vit_test) on the labelled synthetic source, 8 CPU devices (tests/conftest.py).
 """
 
-import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import flax
@@ -23,6 +20,7 @@ from mae_jax.data import augment
 from mae_jax.models import from_config
 from mae_jax.models import pos_embed as pos_tables
 from mae_jax.weights import pretrained as pretrained_lib
+from tests import two_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures('jit_cache')
@@ -146,12 +144,6 @@ def test_pretrained_encoder_that_does_not_fit_is_one_clear_error(pretrained):
     pretrained_lib.merge_encoder(params, encoder, source)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_fine_tune_fsdp_over_both_from_pretrained_weights(pretrained, tmp_path):
   """mesh fsdp=-1 over 2 processes x 4 devices: every parameter spans both processes.
 
@@ -164,38 +156,26 @@ def test_two_processes_fine_tune_fsdp_over_both_from_pretrained_weights(pretrain
                'mixup': 0.0, 'cutmix': 0.0}
   spec = 'variant=L/16,runlocal=True'
   multi = str(tmp_path / 'multi')
-  port = _free_port()
+  port = two_processes.free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
              PYTHONPATH=REPO)
   command = [sys.executable, '-m', 'mae_jax.downstream', f'--config=configs/finetune.py:{spec}',
              f'--workdir={multi}', *[f'--config.{k}={v}' for k, v in overrides.items()],
              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--verbose']
-  with contextlib.ExitStack() as stack:
-    logs = [stack.enter_context(open(str(tmp_path / f'process_{i}.log'), 'w+b')) for i in range(2)]
-    procs = [subprocess.Popen(command + [f'--process_id={i}'], env=env, cwd=REPO, stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-      # Meanwhile the same run in this process, on 8 devices.
-      config = finetune_recipe.get_config(spec)
-      for key, value in overrides.items():
-        node, name = config, key
-        while '.' in name:
-          head, name = name.split('.', 1)
-          node = node[head]
-        node[name] = value
-      single = str(tmp_path / 'single')
-      finetune.finetune(config, single)
-      for p in procs:
-        p.wait(timeout=240)
-    finally:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-    outputs = []
-    for log in logs:
-      log.seek(0)
-      outputs.append(log.read().decode())
-  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  single = str(tmp_path / 'single')
+
+  def single_process_run():  # Meanwhile the same run in this process, on 8 devices.
+    config = finetune_recipe.get_config(spec)
+    for key, value in overrides.items():
+      node, name = config, key
+      while '.' in name:
+        head, name = name.split('.', 1)
+        node = node[head]
+      node[name] = value
+    finetune.finetune(config, single)
+
+  codes, outputs = two_processes.run(command, env, REPO, tmp_path, timeout=240, meanwhile=single_process_run)
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   assert all('Loaded the pretrained encoder' in out for out in outputs)
 
   results = {}

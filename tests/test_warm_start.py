@@ -10,8 +10,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import jax
@@ -22,6 +20,7 @@ import pytest
 from mae_jax import checkpoint, metrics, parallel, train, warm_start, weights
 from mae_jax.data import inputs
 from mae_jax.weights import layout
+from tests import two_processes
 from tests.configs import tiny_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,37 +244,17 @@ def test_encoder_only_hugging_face_folder_leaves_the_decoder_fresh(source, tmp_p
   assert 'From the file: encoder (37 tensors); initialised afresh: decoder' in log
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_warm_start_with_params_spanning_both(pth_file, source, tmp_path):
   """2 processes x 4 devices, mesh fsdp=8: every parameter spans both processes, none is gathered."""
   workdir = str(tmp_path / 'multi')
-  port = _free_port()
+  port = two_processes.free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
              PYTHONPATH=REPO)
   command = [sys.executable, '-m', 'mae_jax.main', f'--config={REPO}/tests/configs/tiny_synthetic.py',
              f'--workdir={workdir}', '--config.num_train_steps=1', '--config.optim.warmup_steps=1',
              '--config.mesh.data=1', '--config.mesh.fsdp=8', f'--config.init_from={pth_file}',
              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--verbose']
-  with contextlib.ExitStack() as stack:
-    logs = [stack.enter_context(open(str(tmp_path / f'process_{i}.log'), 'w+b')) for i in range(2)]
-    procs = [subprocess.Popen(command + [f'--process_id={i}'], env=env, cwd=REPO, stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-      for p in procs:
-        p.wait(timeout=300)
-    finally:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-    outputs = []
-    for log in logs:
-      log.seek(0)
-      outputs.append(log.read().decode())
-  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  codes, outputs = two_processes.run(command, env, REPO, tmp_path, timeout=300)
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   assert all(f'Warm start from {pth_file}: step 0' in out for out in outputs)
   _assert_equal(source, _start_params(workdir))

@@ -4,7 +4,6 @@ import glob
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import pytest
 
 from mae_jax import checkpoint, loop, metrics, optim, train
 from mae_jax.models import from_config
+from tests import two_processes
 from tests.configs import tiny_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,12 +213,6 @@ def test_accumulated_run_writes_reconstructions(tmp_path):
   assert events and any(os.path.getsize(str(tmp_path / 'accum' / f)) > 10_000 for f in events)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _main_argv(workdir, extra=()):
   return [sys.executable, '-m', 'mae_jax.main', f'--config={REPO}/tests/configs/tiny_synthetic.py',
           f'--workdir={workdir}', '--config.num_train_steps=8', '--config.checkpoint_every_steps=4',
@@ -226,7 +220,7 @@ def _main_argv(workdir, extra=()):
 
 
 def test_two_processes_match_one(tmp_path):
-  port = _free_port()
+  port = two_processes.free_port()
   multi = str(tmp_path / 'multi')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
              PYTHONPATH=REPO)
@@ -269,7 +263,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, servic
   the notice (the trainer's own all-gather would not come before step 100000);
   without it, the processes agree by an all-gather every 3 steps.
   """
-  port = _free_port()
+  port = two_processes.free_port()
   workdir = str(tmp_path / 'multi')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
              PYTHONPATH=REPO, JAX_ENABLE_PREEMPTION_SERVICE=service)

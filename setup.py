@@ -37,9 +37,9 @@ EXTRAS_REQUIRE = {
     "gpu": ["jax[cuda12]>=0.7.0,<0.11"],
     "cuda13": ["jax[cuda13]>=0.7.0,<0.11"],
     # Tests; gcsfs and gcp-storage-emulator serve the gs:// workdir tests on 127.0.0.1; wandb's writer is
-    # tested offline.
+    # tested offline; matplotlib draws the Fashion-MNIST study's plot (benchmarks/, tested).
     "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.5", "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8",
-            "wandb>=0.17"],
+            "wandb>=0.17", "matplotlib>=3.7"],
     # Optional experiment tracking (config.wandb.enabled=True).
     "wandb": ["wandb>=0.17"],
     # Weight conversion tests against PyTorch / Hugging Face models.

@@ -203,6 +203,10 @@ class ProgressHook:
         self._write(self._line(step))
     if evals:
       self._write(f'step {step}: ' + ', '.join(f'{k} {_format(float(v))}' for k, v in sorted(evals.items())))
+      # The evaluation's time is not training time: steps/s and the ETA restart from here.
+      self._last = (time.time(), step)
+      if self._bar is not None:
+        self._bar.unpause()
 
   def _line(self, step: int) -> str:
     now, (then, last_step) = time.time(), self._last

@@ -132,3 +132,22 @@ def test_progress_is_silent_when_off_and_on_other_processes(monkeypatch):
   monkeypatch.setattr(console.jax, 'process_index', lambda: 1)  # A pod's other hosts.
   _drive(console.ProgressHook(10, 0, mode='bar', stream=stream), 10)
   assert stream.getvalue() == ''
+
+
+def test_progress_rate_after_an_evaluation_leaves_the_evaluation_out(monkeypatch):
+  clock = [1000.0]
+  monkeypatch.setattr(console.time, 'time', lambda: clock[0])
+  stream = io.StringIO()
+  hook = console.ProgressHook(20, 0, mode='lines', stream=stream)
+  for step in range(1, 11):
+    clock[0] += 1.0  # One second a step.
+    hook(step)
+    if step % 5 == 0:
+      hook.update_metrics(step, {'train/loss': 0.5})
+    if step == 5:
+      clock[0] += 100.0  # A 100-second evaluation.
+      hook.update_metrics(step, {'eval/knn_top1': 0.7})
+  lines = stream.getvalue().splitlines()
+  assert lines[0].startswith('step 5/20') and '1.00 steps/s' in lines[0]
+  assert lines[1].startswith('step 5: eval/knn_top1')
+  assert lines[2].startswith('step 10/20') and '1.00 steps/s' in lines[2] and 'ETA 0:10' in lines[2]

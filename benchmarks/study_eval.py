@@ -19,7 +19,9 @@ measured the same way:
 Encoder feature kinds (FEATURE_KINDS): 'cls' (the cls token after the final
 norm), 'mean' (the mean of the patch tokens after the final norm) and
 'mean_blocks' (the mean patch token of every block, each through a
-parameter-free LayerNorm, concatenated: depth x width numbers).
+parameter-free LayerNorm, concatenated: depth x width numbers) and 'tokens'
+(every patch token after the final norm, in patch order: patches x width
+numbers, what `python -m mae_jax.features --pool=none` writes).
 """
 
 import functools
@@ -35,7 +37,7 @@ from mae_jax import knn
 from mae_jax.data import prepare, sources
 from mae_jax.models import vit
 
-FEATURE_KINDS = ('cls', 'mean', 'mean_blocks')
+FEATURE_KINDS = ('cls', 'mean', 'mean_blocks', 'tokens')
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
 L2_GRID = (1e-5, 1e-4, 1e-3)  # Mean-loss L2 penalties the probe chooses among (on held-out data).
@@ -73,6 +75,7 @@ def encoder_features(encoder_kwargs: dict, params, images: np.ndarray, batch_siz
     final, _, blocks = encoder.apply({'params': params}, x, return_layers=layers)
     final = final.astype(jnp.float32)
     return {'cls': final[:, 0], 'mean': final[:, 1:].mean(axis=1),
+            'tokens': final[:, 1:].reshape(final.shape[0], -1),
             'mean_blocks': jnp.concatenate([_layer_norm(b[:, 1:].astype(jnp.float32).mean(axis=1))
                                             for b in blocks], axis=-1)}
 

@@ -33,8 +33,14 @@ def _finetune_summary(by_seed: dict) -> dict:
 
 
 def document(*, config, settings: dict, scale: str, frozen: dict, tuned: dict, pretrain: dict, history: list,
-             pixel_monitor: float, wall_seconds: float, machine: str, date: str) -> dict:
-  """The study's JSON: rows.ROW.METRIC (top-1 in %) and, beside them, how each number came about."""
+             pixel_monitor: float, invocation_seconds: float, machine: str, date: str) -> dict:
+  """The study's JSON: rows.ROW.METRIC (top-1 in %) and, beside them, how each number came about.
+
+  wall_seconds is the sum of the stages' times (a resumed study counts each stage once);
+  invocation_seconds is the last invocation's.
+  """
+  wall_seconds = pretrain['wall_seconds'] + sum(r['wall_seconds'] for r in frozen.values()) + sum(
+      r['wall_seconds'] for by_seed in tuned.values() for r in by_seed.values())
   rows, details = {}, {}
   for row, result in frozen.items():
     rows[row] = {metric: result[metric]['top1'] for metric in ('knn', 'linear_probe')}
@@ -75,6 +81,7 @@ def document(*, config, settings: dict, scale: str, frozen: dict, tuned: dict, p
       'machine': machine,
       'date': date,
       'wall_seconds': wall_seconds,
+      'invocation_seconds': invocation_seconds,
   }
 
 
@@ -110,7 +117,8 @@ def table(doc: dict) -> str:
       f'images. {pre["model"]} pretrained on them (labels unused) for {pre["epochs"]:g} epochs '
       f'({"normalised" if pre["norm_pix_loss"] else "plain"} pixel targets, mask ratio {pre["mask_ratio"]:g}). '
       'kNN: cosine, k=20, T=0.07; linear probe: logistic regression on standardised features; the feature kind '
-      '(in brackets: cls token, mean patch token, or mean_blocks, the mean patch token of every block) and the '
+      '(in brackets: cls token, mean patch token, mean_blocks: the mean patch token of every block, or tokens: '
+      'all patch tokens) and the '
       'L2 penalty are chosen on held-out training images, not on the test set. Fine-tuning: '
       f'{doc["settings"]["finetune_epochs"]:g} epoch(s), the same recipe from MAE and from scratch, mean ± '
       f'standard deviation over seeds {seeds}. Measured {doc["date"]} on {doc["machine"]} in {minutes:.0f} '
@@ -155,13 +163,15 @@ def plot(doc: dict, path: str) -> None:
   left.set_ylabel('kNN top-1 (%)')
   monitor = pre['knn_monitor']
   left.set_title(f'kNN monitor ({monitor["bank"]:,} bank, {monitor["queries"]:,} test queries)', fontsize=10)
-  left.legend(fontsize=8, loc='lower right')
+  left.legend(fontsize=8, loc='best')
+  left.set_xlim(0, pre['epochs'])
   left.grid(alpha=0.3)
   loss = pre['loss_curve']
   right.plot([s / per_epoch for s, _ in loss], [v for _, v in loss])
   right.set_xlabel('pretraining epoch')
   right.set_ylabel('MSE on masked patches' + (' (normalised)' if pre['norm_pix_loss'] else ''))
   right.set_yscale('log')
+  right.set_xlim(0, pre['epochs'])
   right.set_title('training loss', fontsize=10)
   right.grid(alpha=0.3)
   fig.suptitle(f'{pre["model"]} on Fashion-MNIST, {pre["epochs"]:g} epochs', fontsize=11)

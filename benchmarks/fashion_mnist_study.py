@@ -1,6 +1,6 @@
 r"""Fashion-MNIST study: what the MAE encoder learns, on one protocol for every row.
 
-  python benchmarks/fashion_mnist_study.py                 # about 75 minutes on 2 CPU cores
+  python benchmarks/fashion_mnist_study.py                 # about 85 minutes on 2 CPU cores
   python benchmarks/fashion_mnist_study.py --scale=large   # a lent GPU: a bigger model, more epochs
   python benchmarks/fashion_mnist_study.py --mode=ablation # the pretraining recipe's ablation
 

@@ -1,4 +1,4 @@
-r"""Fashion-MNIST study: the demo MAE against random weights and training from scratch.
+r"""Fashion-MNIST study: the stages' configs (pretraining, fine-tuning, and by-hand probes).
 
 benchmarks/fashion_mnist_study.py runs every stage and prints the table; one
 stage by hand:
@@ -14,31 +14,36 @@ Arguments (all optional):
   pretrained_workdir=DIR: the encoder of the downstream stages; empty = random
     weights (linprobe / knn) or training from scratch (finetune).
   data_dir=DIR: the prepared Fashion-MNIST (mae_jax.data.prepare).
+  model=NAME: the model (default: configs/demo.py's mae_vit_mini_patch4).
   pretrain_epochs, finetune_epochs, probe_epochs: schedule lengths.
+  Pretraining recipe (the study's ablation varies these): norm_pix, decoder_depth, lr (base lr
+    at batch 256), crop_min, mask_ratio; knn_every_epochs: the kNN monitor's period (<= 0: at
+    the end only).
   train_examples=N: labelled examples of the downstream stages (the first N of
     'train'; <= 0: all 60,000). Pretraining always reads all of 'train' (no
     labels used).
   seed=N.
 
-Model: the one of configs/demo.py (a small ViT on 28x28x1 with 4x4 patches). Data: 'train' for
-pretraining, the first train_examples of
-'train' downstream, the 10,000-image 'test' split for every evaluation, with
-no eval-time resize (eval_resize=224 keeps 28x28 as is).
+Data: 'train' for pretraining, the first train_examples of 'train' downstream
+(the study uses all of them), the 10,000-image 'test' split for every
+evaluation, with no eval-time resize (eval_resize=224 keeps 28x28 as is).
 
-Downstream recipes are the reference ones scaled to a short CPU schedule:
-fine-tuning AdamW (0.9, 0.999), batch 128, base lr 2e-3 (lr = base * batch /
-256), wd 0.05, layer decay 0.75 (1.0 from scratch: nothing to preserve),
-warmup 0.25 epoch then cosine to 1e-6, global pool + fc_norm, label
-smoothing 0.1, and the recipe's regularisers weakened for a few hundred
-steps: drop path 0.05, RandAugment m5 mstd0.5 (2 ops), mixup 0.8 / cutmix 1.0
-(switch 0.5) on 20% of the batches, random erasing 0.1. Linear probe: cls token after the encoder's norm,
-BatchNorm (no affine) + Linear, LARS (momentum 0.9, trust 0.001), 10 warmup
-epochs, wd 0, on features encoded once (probe_cached_features: no crop / flip
-augmentation), which also gives kNN (k=20, T=0.07) of the same features. The
-probe's base lr is larger than the reference's 0.1 because the data set is
-128x smaller than ImageNet: LARS moves each tensor by about lr x 0.001 of its
-norm per step, so an epoch of 10,000 examples at base lr 0.1 moves it 128x
-less than an ImageNet epoch does.
+Fine-tuning (the study's): AdamW (0.9, 0.999), batch 256, base lr 1e-3, wd
+0.05, layer decay 0.75 (1.0 from scratch: nothing to preserve), warmup 0.25
+epoch then cosine, global pool + fc_norm, and a light recipe for 28x28
+greyscale garments over a few hundred steps: random resized crop 0.5-1 and
+flips, no RandAugment / mixup / cutmix / erasing, label smoothing 0.1, drop
+path 0.1.
+
+The linprobe / knn stages run the library's downstream jobs by hand (the
+study itself scores frozen features with benchmarks/study_eval.py): cls token
+after the encoder's norm, BatchNorm (no affine) + Linear, LARS (momentum 0.9,
+trust 0.001), 10 warmup epochs, wd 0, on features encoded once
+(probe_cached_features), which also gives kNN (k=20, T=0.07) of the same
+features. The probe's base lr is larger than the reference's 0.1 because the
+data set is 128x smaller than ImageNet: LARS moves each tensor by about lr x
+0.001 of its norm per step, so an epoch of 10,000 examples at base lr 0.1
+moves it 128x less than an ImageNet epoch does.
 """
 
 

@@ -166,12 +166,7 @@ def test_two_processes_fine_tune_fsdp_over_both_from_pretrained_weights(pretrain
 
   def single_process_run():  # Meanwhile the same run in this process, on 8 devices.
     config = finetune_recipe.get_config(spec)
-    for key, value in overrides.items():
-      node, name = config, key
-      while '.' in name:
-        head, name = name.split('.', 1)
-        node = node[head]
-      node[name] = value
+    config.update_from_flattened_dict(overrides)
     finetune.finetune(config, single)
 
   codes, outputs = two_processes.run(command, env, REPO, tmp_path, timeout=240, meanwhile=single_process_run)

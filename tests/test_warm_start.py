@@ -34,12 +34,7 @@ def _config(init_from='', **overrides):
   config.num_train_steps = 1
   config.optim.warmup_steps = 1  # Linear warmup from 0: step 0 trains with lr 0.
   config.init_from = init_from
-  for key, value in overrides.items():
-    node, name = config, key
-    while '.' in name:
-      head, name = name.split('.', 1)
-      node = node[head]
-    node[name] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -21,8 +21,7 @@ def backend() -> str:
 def pixel_monitor_knn(config) -> float:
   """Raw pixels' kNN top-1 (in %) on the pretraining kNN monitor's bank and queries (the plot's line)."""
   from mae_jax import knn  # pylint: disable=g-import-not-at-top
-  flatten = lambda params, images: images.reshape(images.shape[0], -1)
-  return 100 * knn.KnnMonitor(None, config, encode_fn=flatten)(None, prefix='')['top1']
+  return 100 * knn.pixel_knn(config)
 
 
 def _finetune_summary(by_seed: dict) -> dict:

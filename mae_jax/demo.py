@@ -25,12 +25,6 @@ flags.DEFINE_integer('steps', 600, 'Training steps.')
 console.define_flags()  # --verbose, --progress.
 
 
-def pixel_knn(config) -> float:
-  """kNN top-1 of raw pixels (the eval transform's), on the bank and queries of the run's kNN monitor."""
-  flatten = lambda params, images: images.reshape(images.shape[0], -1)
-  return knn.KnnMonitor(None, config, encode_fn=flatten)(None, prefix='')['top1']
-
-
 def knn_history(workdir: str) -> list[tuple[int, float]]:
   """(step, eval/knn_top1) of every kNN evaluation the workdir logged."""
   return [(r['step'], r['eval/knn_top1']) for r in metrics.read_metrics(workdir) if 'eval/knn_top1' in r]
@@ -77,7 +71,7 @@ def main(argv):
   result = train.train_and_evaluate(config, FLAGS.workdir)
   picture = visualize.visualize_checkpoint(FLAGS.workdir, fileio.join(FLAGS.workdir, 'reconstructions.png'))
   picture = os.fspath(fileio.path(picture))
-  lines = summary(config, FLAGS.workdir, result, knn_history(FLAGS.workdir), pixel_knn(config), picture)
+  lines = summary(config, FLAGS.workdir, result, knn_history(FLAGS.workdir), knn.pixel_knn(config), picture)
   print('\n'.join(lines), flush=True)
 
 

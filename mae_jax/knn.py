@@ -244,6 +244,12 @@ class KnnMonitor:
     return {f'{prefix}top1': result['top1'], f'{prefix}top5': result['top5']}
 
 
+def pixel_knn(config, mesh=None) -> float:
+  """kNN top-1 of raw pixels (the eval transform's), on the bank and queries of the kNN monitor of `config`."""
+  flatten = lambda params, images: images.reshape(images.shape[0], -1)
+  return KnnMonitor(None, config, mesh, encode_fn=flatten)(None, prefix='')['top1']
+
+
 def knn_monitor(model, params, config, mesh=None, **overrides) -> dict:
   """One kNN evaluation: {'eval/knn_top1', 'eval/knn_top5'} (compiles each call; see KnnMonitor)."""
   return KnnMonitor(model, config, mesh, **overrides)(params)

@@ -127,6 +127,11 @@ def test_knn_monitor_on_sliced_splits_of_a_folder(two_shades, train_split, train
   assert result == {'eval/knn_top1': 1.0, 'eval/knn_top5': 1.0}  # Dark and light never mix.
 
 
+def test_pixel_knn_reads_the_monitors_bank_and_queries(two_shades):
+  config = _knn_config({**two_shades, 'train_split': 'train[:75%]', 'eval_split': 'train[75%:]'})
+  assert knn.pixel_knn(config) == 1.0  # Dark and light pixels never mix.
+
+
 @pytest.mark.parametrize('overrides,match', [
     ({'k': 0}, 'knn.k=0'),
     ({'temperature': 0.0}, 'knn.temperature=0.0'),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax.models import attention as attention_ops
 from mae_jax.models import pos_embed as pos_tables
 from mae_jax.models import tpu_attention
 from mae_jax.parallel import BATCH_AXES
@@ -124,10 +125,26 @@ class Attention(nn.Module):
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     elif self.attention_impl == 'tpu_flash':
       out = tpu_attention.flash_attention(q, k, v)
+    elif self.attention_impl == 'xla':
+      out = attention_ops.dot_product_attention(q, k, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     out = out.reshape(batch, tokens, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
+
+
+@jax.custom_jvp
+def gelu(x):
+  """Exact GELU as PyTorch computes it, x/2 (1 + erf(x/sqrt(2))), with a one-pass derivative."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+  pdf = jnp.exp(-0.5 * x * x) * np.sqrt(0.5 / np.pi).astype(x.dtype)
+  return x * cdf, (cdf + x * pdf) * x_dot
 
 
 class Mlp(nn.Module):
@@ -139,7 +156,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
 
 

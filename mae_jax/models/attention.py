@@ -1,0 +1,63 @@
+"""Softmax attention with a hand-written backward pass: `attention_impl='xla'`.
+
+The same function as `jax.nn.dot_product_attention` (no mask, no bias), in the
+reference's order of operations (timm scales the queries before q @ k^T), with
+fewer passes over the [batch, heads, queries, keys] tensors than the backward
+pass that autodiff derives from the softmax:
+
+  forward:  s = (q / sqrt(d)) k^T,  p = softmax(s) (float32),  o = p v
+  backward: dv = p^T do,  dp = do v^T,  ds = p * (dp - rowsum(do * o)),
+            dq = ds k / sqrt(d),  dk = ds^T (q / sqrt(d))
+
+rowsum(do * o) equals rowsum(dp * p) and reads [queries, head_dim] values
+instead of [queries, keys]. The probabilities are the only [queries, keys]
+residual, as with autodiff. Inputs and output are [batch, tokens, heads,
+head_dim]; the logits, the softmax and its backward are float32 whatever the
+input dtype, as `jax.nn.dot_product_attention` computes them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _heads_first(x):  # [B, T, N, D] -> [B, N, T, D]
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _forward(q, k, v):
+  scale = np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
+  qs = _heads_first(q * scale)
+  logits = jnp.einsum('bntd,bnsd->bnts', qs, _heads_first(k), preferred_element_type=jnp.float32)
+  logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  unnormalized = jnp.exp(logits)
+  probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+  out = jnp.einsum('bnts,bnsd->bntd', probs.astype(v.dtype), _heads_first(v))
+  return _heads_first(out), (qs, k, v, probs, out)
+
+
+@jax.custom_vjp
+def dot_product_attention(q, k, v):
+  """softmax(q k^T / sqrt(head_dim)) v for [batch, tokens, heads, head_dim] inputs."""
+  return _forward(q, k, v)[0]
+
+
+def _fwd(q, k, v):
+  return _forward(q, k, v)
+
+
+def _bwd(residuals, d_out):
+  qs, k, v, probs, out = residuals  # qs, out: heads first
+  scale = np.float32(1.0 / np.sqrt(qs.shape[-1])).astype(qs.dtype)
+  d_out = _heads_first(d_out)
+  d_v = jnp.einsum('bnts,bntd->bnsd', probs.astype(v.dtype), d_out.astype(v.dtype))
+  d_probs = jnp.einsum('bntd,bnsd->bnts', d_out.astype(v.dtype), _heads_first(v),
+                       preferred_element_type=jnp.float32)
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = (probs * (d_probs - row)).astype(qs.dtype)
+  d_q = jnp.einsum('bnts,bnsd->bntd', d_logits, _heads_first(k)) * scale
+  d_k = jnp.einsum('bnts,bntd->bnsd', d_logits, qs)
+  return _heads_first(d_q), _heads_first(d_k), _heads_first(d_v)
+
+
+dot_product_attention.defvjp(_fwd, _bwd)

@@ -10,10 +10,10 @@ pass that autodiff derives from the softmax:
             dq = ds k / sqrt(d),  dk = ds^T (q / sqrt(d))
 
 rowsum(do * o) equals rowsum(dp * p) and reads [queries, head_dim] values
-instead of [queries, keys]. The probabilities are the only [queries, keys]
-residual, as with autodiff. Inputs and output are [batch, tokens, heads,
-head_dim]; the logits, the softmax and its backward are float32 whatever the
-input dtype, as `jax.nn.dot_product_attention` computes them.
+instead of [queries, keys]. The probabilities, in the inputs' dtype, are the
+only [queries, keys] residual. Inputs and output are [batch, tokens, heads,
+head_dim]; the logits, the softmax and ds are float32 whatever the input
+dtype, as `jax.nn.dot_product_attention` computes them.
 """
 
 import jax
@@ -32,7 +32,8 @@ def _forward(q, k, v):
   logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   unnormalized = jnp.exp(logits)
   probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
-  out = jnp.einsum('bnts,bnsd->bntd', probs.astype(v.dtype), _heads_first(v))
+  probs = probs.astype(v.dtype)  # kept for the backward pass in the inputs' dtype, as autodiff keeps it
+  out = jnp.einsum('bnts,bnsd->bntd', probs, _heads_first(v))
   return _heads_first(out), (qs, k, v, probs, out)
 
 
@@ -50,11 +51,11 @@ def _bwd(residuals, d_out):
   qs, k, v, probs, out = residuals  # qs, out: heads first
   scale = np.float32(1.0 / np.sqrt(qs.shape[-1])).astype(qs.dtype)
   d_out = _heads_first(d_out)
-  d_v = jnp.einsum('bnts,bntd->bnsd', probs.astype(v.dtype), d_out.astype(v.dtype))
+  d_v = jnp.einsum('bnts,bntd->bnsd', probs, d_out.astype(v.dtype))
   d_probs = jnp.einsum('bntd,bnsd->bnts', d_out.astype(v.dtype), _heads_first(v),
                        preferred_element_type=jnp.float32)
   row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  d_logits = (probs * (d_probs - row)).astype(qs.dtype)
+  d_logits = (probs.astype(jnp.float32) * (d_probs - row)).astype(qs.dtype)
   d_q = jnp.einsum('bnts,bnsd->bntd', d_logits, _heads_first(k)) * scale
   d_k = jnp.einsum('bnts,bntd->bnsd', d_logits, qs)
   return _heads_first(d_q), _heads_first(d_k), _heads_first(d_v)

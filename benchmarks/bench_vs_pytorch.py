@@ -16,7 +16,8 @@ parameters; with --dtype=bfloat16 mae_jax computes in bfloat16
 (model.dtype) and PyTorch under `torch.autocast`.
 
 Both sides see the same images. Each side is compiled and warmed up first
-(not timed); then every round times `--steps_per_round` steps of each
+(the warm-up steps after the compile are printed, not counted in the
+medians); then every round times `--steps_per_round` steps of each
 implementation in turn, the order rotated from round to round, so that a
 change in the machine's load touches all of them alike. Prints each
 implementation's median step time and spread, and the ratio: the faster
@@ -54,7 +55,7 @@ flags.DEFINE_enum('model', 'b16', list(MODELS), 'Model size (tiny for a quick ch
 flags.DEFINE_integer('batch', 8, 'Batch size (both sides, one device).')
 flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds.')
 flags.DEFINE_integer('steps_per_round', 1, 'Timed steps of each implementation per round.')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps of each implementation after its compile.')
+flags.DEFINE_integer('warmup', 3, 'Steps of each implementation after its compile, printed, not in the medians.')
 flags.DEFINE_string('dtype', None, 'float32 or bfloat16 (default float32 on CPU, bfloat16 on a GPU).')
 flags.DEFINE_string('attention_impl', None,
                     'mae_jax model.attention_impl (default cudnn on a GPU in bfloat16, else xla).')
@@ -193,7 +194,7 @@ def main(argv):
         f'norm_pix_loss, mae_jax attention {attention}, torch threads {threads}, '
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
-  steps, compile_s, errors = {}, {}, {}
+  steps, compile_s, warmup_ms, errors = {}, {}, {}, {}
   jax_step = JaxStep(model_name, FLAGS.batch, dtype, attention, FLAGS.mask_ratio, images)
   compile_s['mae_jax'] = jax_step.compile_seconds
   steps['mae_jax'] = jax_step
@@ -210,15 +211,15 @@ def main(argv):
   for name in list(steps):
     try:
       first = timed(steps[name])
-      for _ in range(FLAGS.warmup - 1):
-        steps[name]()
+      warmup_ms[name] = [1e3 * timed(steps[name]) for _ in range(FLAGS.warmup - 1)]
     except Exception as e:  # pylint: disable=broad-except  # torch.compile may fail on a platform; report it.
       errors[name] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
       print(f'{name} failed, left out: {errors[name]}', flush=True)
       del steps[name]
       continue
     compile_s.setdefault(name, first)
-    print(f'{name}: ready (compile / first step {compile_s[name]:.1f} s)', flush=True)
+    print(f'{name}: ready (compile / first step {compile_s[name]:.1f} s; then warm-up steps '
+          f"{', '.join(f'{t:.0f}' for t in warmup_ms[name]) or 'none'} ms)", flush=True)
 
   times = {name: [] for name in steps}
   names = list(steps)
@@ -245,7 +246,7 @@ def main(argv):
          'rounds': FLAGS.rounds, 'steps_per_round': FLAGS.steps_per_round, 'torch_threads': threads,
          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'params': {'mae_jax': jax_step.num_params,
                                                                   'torch': torch_params},
-         'compile_s': compile_s, 'stats': stats, 'errors': errors, 'faster_torch': torch_best,
+         'compile_s': compile_s, 'warmup_ms': warmup_ms, 'stats': stats, 'errors': errors, 'faster_torch': torch_best,
          'ratio': ratio}, indent=1))
 
 

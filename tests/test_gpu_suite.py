@@ -4,6 +4,7 @@ What needs a GPU (the benchmarks themselves) cannot run here; `bash benchmarks/g
 runs the whole suite on the CPU with the tiny model (minutes on a loaded 2-core host, so not in this file).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,25 @@ def test_pytorch_model_of_bench_vs_pytorch_has_mae_jax_trainable_parameters(mode
   if model == 'b16':
     assert torch_count == 111_655_680  # REFERENCE.md
 
+
+
+def test_bench_vs_pytorch_runs_both_sides_on_the_cpu(tmp_path):
+  """The side-by-side benchmark end to end with the tiny model: both steps run, warm-up and medians recorded."""
+  pytest.importorskip('transformers')
+  out = tmp_path / 'vs.json'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)  # one CPU device, as the benchmark is run
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_vs_pytorch.py'), '--model=tiny', '--batch=2',
+       '--rounds=2', '--warmup=2', '--skip_compile', '--threads=1', f'--json_out={out}'],
+      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'ratio: torch_eager / mae_jax = ' in result.stdout
+  report = json.loads(out.read_text())
+  assert set(report['stats']) == {'mae_jax', 'torch_eager'} and not report['errors']
+  assert report['params']['mae_jax'] == report['params']['torch']
+  for name in ('mae_jax', 'torch_eager'):
+    assert len(report['stats'][name]['times_ms']) == 2 and len(report['warmup_ms'][name]) == 1
+    assert report['stats'][name]['median_ms'] > 0
+  assert report['ratio'] == pytest.approx(report['stats']['torch_eager']['median_ms']
+                                          / report['stats']['mae_jax']['median_ms'])

@@ -50,15 +50,16 @@ def test_bfloat16_error_is_that_of_bfloat16():
 
 
 def test_under_remat_and_in_the_block():
-  """The custom vjp composes with jax.checkpoint, and a Block built on it has autodiff's gradients."""
+  """The custom vjp composes with jax.checkpoint and every remat policy; a Block on it has autodiff's gradients."""
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 32)), jnp.float32)
   block = lambda impl: vit.Block(num_heads=4, attention_impl=impl)
   params = block('naive').init(jax.random.PRNGKey(0), x)
-  loss = lambda impl, remat: lambda p: jnp.sum(
-      (jax.checkpoint(block(impl).apply) if remat else block(impl).apply)(p, x) ** 2)
-  want = jax.grad(loss('naive', False))(params)
-  for remat in (False, True):
-    got = jax.grad(loss('xla', remat))(params)
+  def loss(impl, policy):
+    apply = block(impl).apply if policy == 'no remat' else jax.checkpoint(block(impl).apply, policy=policy)
+    return lambda p: jnp.sum(apply(p, x) ** 2)
+  want = jax.grad(loss('naive', 'no remat'))(params)
+  for policy in ('no remat', None, *vit.REMAT_POLICIES.values()):
+    got = jax.grad(loss('xla', policy))(params)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5), got, want)
 
 

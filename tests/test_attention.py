@@ -76,3 +76,19 @@ def test_gelu_is_pytorchs(dtype):
   np.testing.assert_allclose(np.asarray(vit.gelu(jnp.asarray(x_low, dtype)), np.float32),
                              yt.detach().float().numpy(), **tol)
   np.testing.assert_allclose(np.asarray(grad, np.float32), xt.grad.float().numpy(), **tol)
+
+
+@pytest.mark.parametrize('remat_policy', ['none', 'dots'])
+def test_rematerialised_blocks_use_the_differentiated_attention(remat_policy):
+  """A remat policy cannot save what a custom vjp keeps: remat blocks run JAX's differentiated attention."""
+
+  class Stack(vit.nn.Module):
+    @vit.nn.compact
+    def __call__(self, x):
+      return vit.apply_blocks(x, depth=2, num_heads=2, mlp_ratio=2.0, dtype=jnp.float32, attention_impl='xla',
+                              deterministic=True, remat_policy=remat_policy)
+
+  x = jnp.ones((1, 5, 8), jnp.float32)
+  params = Stack().init(jax.random.PRNGKey(0), x)
+  jaxpr = str(jax.make_jaxpr(Stack().apply)(params, x))
+  assert ('custom_vjp_call' in jaxpr) == (remat_policy == 'none')

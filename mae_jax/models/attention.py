@@ -1,4 +1,4 @@
-"""Softmax attention with a hand-written backward pass: `attention_impl='xla'`.
+"""Softmax attention with a hand-written backward pass: `attention_impl='xla'` in blocks without remat.
 
 The same function as `jax.nn.dot_product_attention` (no mask, no bias), in the
 reference's order of operations (timm scales the queries before q @ k^T), with

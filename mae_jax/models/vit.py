@@ -105,10 +105,19 @@ def drop_path(x, rate, deterministic: bool, rng_fn: Callable[[], jax.Array]):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with separate q/k/v projections."""
+  """Multi-head self-attention with separate q/k/v projections.
+
+  attention_impl='xla' is `attention.dot_product_attention` (hand-written
+  backward pass), except in rematerialised blocks: a remat policy cannot save
+  what a custom vjp keeps, so there JAX's differentiated
+  `jax.nn.dot_product_attention` runs, whose saved matmul outputs the policies
+  know (H/14 with remat 'dots' on v4-128: 228.3 GB per chip per step against
+  236.5 GB with the custom pass; BENCHMARKS.md).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  rematerialised: bool = False
 
   @nn.compact
   def __call__(self, x):  # [batch, tokens, width]
@@ -125,7 +134,7 @@ class Attention(nn.Module):
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     elif self.attention_impl == 'tpu_flash':
       out = tpu_attention.flash_attention(q, k, v)
-    elif self.attention_impl == 'xla':
+    elif self.attention_impl == 'xla' and not self.rematerialised:
       out = attention_ops.dot_product_attention(q, k, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
@@ -167,13 +176,15 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
   deterministic: bool = True
+  rematerialised: bool = False  # set by apply_blocks under a remat policy (see Attention)
 
   @nn.compact
   def __call__(self, x, drop_path_rate=0.0):
     norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPS, dtype=self.dtype)
     rng_fn = lambda: self.make_rng('dropout')
     x = constrain_batch(x)
-    y = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')(norm(name='norm1')(x))
+    y = Attention(self.num_heads, self.dtype, self.attention_impl, self.rematerialised,
+                  name='attn')(norm(name='norm1')(x))
     x = x + drop_path(y, drop_path_rate, self.deterministic, rng_fn)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name='mlp')(norm(name='norm2')(x))
     return constrain_batch(x + drop_path(y, drop_path_rate, self.deterministic, rng_fn))
@@ -203,8 +214,8 @@ def apply_blocks(x, *, depth, num_heads, mlp_ratio, dtype, attention_impl, deter
   if remat_policy != 'none':
     block_cls = nn.remat(Block, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan_layers)
   use_drop_path = drop_path_rate > 0 and not deterministic  # needs a 'dropout' rng
-  kwargs = dict(num_heads=num_heads, mlp_ratio=mlp_ratio, dtype=dtype,
-                attention_impl=attention_impl, deterministic=not use_drop_path)
+  kwargs = dict(num_heads=num_heads, mlp_ratio=mlp_ratio, dtype=dtype, attention_impl=attention_impl,
+                deterministic=not use_drop_path, rematerialised=remat_policy != 'none')
   rates = np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)  # Stochastic depth grows with depth.
   if scan_layers:
     keep = return_layers is not None

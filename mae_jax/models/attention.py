@@ -25,9 +25,13 @@ def _heads_first(x):  # [B, T, N, D] -> [B, N, T, D]
   return jnp.swapaxes(x, 1, 2)
 
 
+def _query_scale(q):  # 1 / sqrt(head_dim) in the queries' dtype
+  return np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
+
+
 def _forward(q, k, v):
-  scale = np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
-  qs = _heads_first(q * scale)
+  """The output and the backward pass's residuals (the custom vjp's forward rule)."""
+  qs = _heads_first(q * _query_scale(q))
   logits = jnp.einsum('bntd,bnsd->bnts', qs, _heads_first(k), preferred_element_type=jnp.float32)
   logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   unnormalized = jnp.exp(logits)
@@ -43,22 +47,16 @@ def dot_product_attention(q, k, v):
   return _forward(q, k, v)[0]
 
 
-def _fwd(q, k, v):
-  return _forward(q, k, v)
-
-
 def _bwd(residuals, d_out):
   qs, k, v, probs, out = residuals  # qs, out: heads first
-  scale = np.float32(1.0 / np.sqrt(qs.shape[-1])).astype(qs.dtype)
-  d_out = _heads_first(d_out)
-  d_v = jnp.einsum('bnts,bntd->bnsd', probs, d_out.astype(v.dtype))
-  d_probs = jnp.einsum('bntd,bnsd->bnts', d_out.astype(v.dtype), _heads_first(v),
-                       preferred_element_type=jnp.float32)
+  d_out = _heads_first(d_out)  # the output's dtype, v's
+  d_v = jnp.einsum('bnts,bntd->bnsd', probs, d_out)
+  d_probs = jnp.einsum('bntd,bnsd->bnts', d_out, _heads_first(v), preferred_element_type=jnp.float32)
   row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   d_logits = (probs.astype(jnp.float32) * (d_probs - row)).astype(qs.dtype)
-  d_q = jnp.einsum('bnts,bnsd->bntd', d_logits, _heads_first(k)) * scale
+  d_q = jnp.einsum('bnts,bnsd->bntd', d_logits, _heads_first(k)) * _query_scale(qs)
   d_k = jnp.einsum('bnts,bntd->bnsd', d_logits, qs)
   return _heads_first(d_q), _heads_first(d_k), _heads_first(d_v)
 
 
-dot_product_attention.defvjp(_fwd, _bwd)
+dot_product_attention.defvjp(_forward, _bwd)

@@ -142,16 +142,20 @@ class Attention(nn.Module):
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
 
 
+def _normal_cdf(x):
+  return 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 @jax.custom_jvp
 def gelu(x):
   """Exact GELU as PyTorch computes it, x/2 (1 + erf(x/sqrt(2))), with a one-pass derivative."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+  return x * _normal_cdf(x)
 
 
 @gelu.defjvp
 def _gelu_jvp(primals, tangents):
   (x,), (x_dot,) = primals, tangents
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+  cdf = _normal_cdf(x)
   pdf = jnp.exp(-0.5 * x * x) * np.sqrt(0.5 / np.pi).astype(x.dtype)
   return x * cdf, (cdf + x * pdf) * x_dot
 

@@ -102,7 +102,7 @@ class MAEDecoder(nn.Module):
   def __call__(self, latent, ids_restore, grid_size, *, train: bool = False):
     """latent [N, 1 + K, D_enc] (cls first); ids_restore [N, L] or None if K == L."""
     dtype = vit.canonical_dtype(self.dtype)
-    x = nn.Dense(self.embed_dim, dtype=dtype, kernel_init=vit.dense_init, name='embed')(latent)
+    x = vit.Dense(self.embed_dim, dtype=dtype, kernel_init=vit.dense_init, name='embed')(latent)
     n = x.shape[0]
     if ids_restore is not None:
       mask_token = self.param('mask_token', vit.token_init, (1, 1, self.embed_dim), jnp.float32)
@@ -117,7 +117,7 @@ class MAEDecoder(nn.Module):
                          dtype=dtype, attention_impl=self.attention_impl, deterministic=not train,
                          remat_policy=self.remat_policy, scan_layers=self.scan_layers)
     x = nn.LayerNorm(epsilon=vit.LAYER_NORM_EPS, dtype=dtype, name='norm')(x)
-    pred = nn.Dense(self.patch_size**2 * self.out_channels, dtype=dtype, kernel_init=vit.dense_init,
+    pred = vit.Dense(self.patch_size**2 * self.out_channels, dtype=dtype, kernel_init=vit.dense_init,
                     name='pred')(x)
     return pred[:, 1:]  # drop the cls slot
 

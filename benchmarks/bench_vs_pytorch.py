@@ -15,9 +15,14 @@ biases and 1-D tensors, as the reference), run eagerly and under
 parameters; with --dtype=bfloat16 mae_jax computes in bfloat16
 (model.dtype) and PyTorch under `torch.autocast`.
 
-Both sides see the same images. Each side is compiled and warmed up first
-(the warm-up steps after the compile are printed, not counted in the
-medians); then every round times `--steps_per_round` steps of each
+Both sides see the same images. Each implementation runs in its own worker
+process (--isolate, the default), as each is run for real: PyTorch's OpenMP
+threads, which spin after each parallel region, and its allocator then share
+no process with XLA's threads. On a CPU host the workers, PyTorch's and
+mae_jax's alike, get the glibc settings README recommends for CPU runs
+(--malloc_env; a variable already set is kept). Each side is compiled and
+warmed up first (the warm-up steps after the compile are printed, not counted
+in the medians); then every round times `--steps_per_round` steps of each
 implementation in turn, the order rotated from round to round, so that a
 change in the machine's load touches all of them alike. Prints each
 implementation's median step time and spread, and the ratio: the faster
@@ -33,7 +38,10 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 
 import bench_train_step as common  # noqa: E402
 import jax  # noqa: E402
@@ -64,6 +72,13 @@ flags.DEFINE_bool('skip_compile', False, 'Do not run torch.compile.')
 flags.DEFINE_bool('skip_eager', False, 'Do not time eager PyTorch.')
 flags.DEFINE_integer('threads', None, 'PyTorch intra-op threads (default: the CPU cores this process may use).')
 flags.DEFINE_string('json_out', '', 'Also write the figures as JSON to this file (local or gs://).')
+flags.DEFINE_bool('isolate', True, 'Run each implementation in its own worker process (--noisolate: all in this one).')
+flags.DEFINE_bool('malloc_env', True, 'On a CPU host, give the worker processes MALLOC_ENV (README, CPU runs).')
+flags.DEFINE_string('worker', '', 'Internal: serve one implementation to the benchmark that started this process.')
+
+# glibc: one arena, no mmap for large blocks, no trimming: a step's temporaries stay mapped from one
+# step to the next instead of being faulted in afresh (README, BENCHMARKS.md).
+MALLOC_ENV = {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'}
 
 
 def cpu_cores() -> int:
@@ -161,8 +176,8 @@ def summarize(times: list[float]) -> dict:
               spread=(max(times) - min(times)) / median, times_ms=[1e3 * t for t in times])
 
 
-def main(argv):
-  del argv
+def settings() -> types.SimpleNamespace:
+  """What both sides share, from the flags and the backend (raises SystemExit / UsageError on bad ones)."""
   import torch  # pylint: disable=g-import-not-at-top
   backend = jax.default_backend()
   dtype = FLAGS.dtype or ('float32' if backend == 'cpu' else 'bfloat16')
@@ -174,65 +189,150 @@ def main(argv):
       raise SystemExit(f'JAX runs on the GPU but this torch ({torch.__version__}) has no CUDA: install a CUDA '
                        'build of torch into this environment, or run with JAX_PLATFORMS=cpu')
     device = 'cuda'
-    torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default precision for float32 matmuls on GPUs
-    torch.backends.cudnn.allow_tf32 = True
   elif backend == 'cpu':
     device = 'cpu'
   else:
     raise SystemExit(f'backend {backend!r}: PyTorch has no counterpart here; run on a CPU or an NVIDIA GPU')
-  threads = FLAGS.threads or cpu_cores()
-  torch.set_num_threads(threads)
   model_name = MODELS[FLAGS.model]
-  autocast_dtype = torch.bfloat16 if dtype == 'bfloat16' else None
+  names = [name for name in IMPLS if not (name == 'torch_eager' and FLAGS.skip_eager)
+           and not (name == 'torch_compile' and FLAGS.skip_compile)]
+  return types.SimpleNamespace(backend=backend, dtype=dtype, attention=attention, device=device,
+                               model_name=model_name, threads=FLAGS.threads or cpu_cores(), names=names,
+                               size=models.model_kwargs(model_name).get('image_size', 224))
 
-  size = models.model_kwargs(model_name).get('image_size', 224)
-  images = np.random.default_rng(0).standard_normal((FLAGS.batch, size, size, 3), dtype=np.float32)
 
-  machine = (f'{jax.devices()[0].device_kind} ({backend}), {cpu_cores()} CPU cores, {platform.machine()}; '
+def build(name: str, s) -> tuple:
+  """(step, trainable parameters) of one implementation, on the shared images."""
+  images = np.random.default_rng(0).standard_normal((FLAGS.batch, s.size, s.size, 3), dtype=np.float32)
+  if name == 'mae_jax':
+    step = JaxStep(s.model_name, FLAGS.batch, s.dtype, s.attention, FLAGS.mask_ratio, images)
+    return step, step.num_params
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(s.threads)
+  if s.device == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default precision for float32 matmuls on GPUs
+    torch.backends.cudnn.allow_tf32 = True
+  config = common.build_config(s.model_name, FLAGS.batch, dtype=s.dtype, mask_ratio=FLAGS.mask_ratio)
+  lr = float(config.optim.base_lr * FLAGS.batch / 256)  # the learning rate mae_jax's config gives
+  model, optimizer, pixels, num_params = build_torch(s.model_name, FLAGS.mask_ratio, lr,
+                                                     np.ascontiguousarray(images.transpose(0, 3, 1, 2)), s.device)
+  autocast = torch.bfloat16 if s.dtype == 'bfloat16' else None
+  return TorchStep(model, optimizer, pixels, autocast, compiled=name == 'torch_compile'), num_params
+
+
+def prepare(name: str, s) -> dict:
+  """Builds, compiles and warms up one implementation: {'step', 'params', 'compile_s', 'warmup_ms'} or {'error'}."""
+  try:
+    step, num_params = build(name, s)
+    first = timed(step)
+    warmup_ms = [1e3 * timed(step) for _ in range(FLAGS.warmup - 1)]
+  except Exception as e:  # pylint: disable=broad-except  # torch.compile may fail on a platform; report it.
+    return {'error': f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]}
+  compile_s = step.compile_seconds if name == 'mae_jax' else first
+  return {'step': step, 'params': num_params, 'compile_s': compile_s, 'warmup_ms': warmup_ms}
+
+
+def serve(name: str) -> None:
+  """Worker: prepares `name`, then answers 'run N' lines on stdin with N step times (JSON lines on stdout)."""
+  replies = os.fdopen(os.dup(1), 'w', buffering=1)
+  os.dup2(2, 1)  # everything else this process prints goes to stderr
+  prepared = prepare(name, settings())
+  step = prepared.pop('step', None)
+  prepared['pid'] = os.getpid()
+  replies.write(json.dumps(prepared) + '\n')
+  for line in sys.stdin:
+    if step is None or not line.startswith('run '):
+      break
+    replies.write(json.dumps({'times': [timed(step) for _ in range(int(line.split()[1]))]}) + '\n')
+
+
+class Worker:
+  """One implementation in a process of its own (serve), driven over pipes."""
+
+  def __init__(self, name: str, s, env: dict):
+    args = [f'--model={FLAGS.model}', f'--batch={FLAGS.batch}', f'--warmup={FLAGS.warmup}', f'--dtype={s.dtype}',
+            f'--attention_impl={s.attention}', f'--mask_ratio={FLAGS.mask_ratio}', f'--threads={s.threads}',
+            f'--worker={name}']
+    self.name = name
+    self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, env=env)
+
+  def reply(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      return {'error': f'worker process exited with status {self.process.wait()} (its stderr is above)'}
+    return json.loads(line)
+
+  def __call__(self, count: int) -> list[float]:
+    self.process.stdin.write(f'run {count}\n')
+    self.process.stdin.flush()
+    return self.reply()['times']
+
+  def close(self) -> None:
+    if self.process.poll() is None:
+      self.process.stdin.close()
+      self.process.wait()
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    serve(FLAGS.worker)
+    return
+  import torch  # pylint: disable=g-import-not-at-top
+  s = settings()
+  env = dict(os.environ)
+  worker_env = {}
+  if FLAGS.isolate and FLAGS.malloc_env and s.backend == 'cpu':
+    worker_env = {key: env.setdefault(key, value) for key, value in MALLOC_ENV.items()}
+  machine = (f'{jax.devices()[0].device_kind} ({s.backend}), {cpu_cores()} CPU cores, {platform.machine()}; '
              f'jax {jax.__version__}, torch {torch.__version__}')
-  print(f'# {machine}; {model_name}, batch {FLAGS.batch}, {dtype}, mask ratio {FLAGS.mask_ratio}, '
-        f'norm_pix_loss, mae_jax attention {attention}, torch threads {threads}, '
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  print(f'# {machine}; {s.model_name}, batch {FLAGS.batch}, {s.dtype}, mask ratio {FLAGS.mask_ratio}, '
+        f'norm_pix_loss, mae_jax attention {s.attention}, torch threads {s.threads}, '
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"{'one process per implementation' if FLAGS.isolate else 'one process'}"
+        f"{''.join(f' {k}={v}' for k, v in worker_env.items())}", flush=True)
 
-  steps, compile_s, warmup_ms, errors = {}, {}, {}, {}
-  jax_step = JaxStep(model_name, FLAGS.batch, dtype, attention, FLAGS.mask_ratio, images)
-  compile_s['mae_jax'] = jax_step.compile_seconds
-  steps['mae_jax'] = jax_step
-  lr = float(jax_step.config.optim.base_lr * FLAGS.batch / 256)
-  model, optimizer, pixels, torch_params = build_torch(model_name, FLAGS.mask_ratio, lr,
-                                                       np.ascontiguousarray(images.transpose(0, 3, 1, 2)), device)
-  print(f'trainable parameters: mae_jax {jax_step.num_params:,}, PyTorch {torch_params:,}', flush=True)
-  if not FLAGS.skip_eager:
-    steps['torch_eager'] = TorchStep(model, optimizer, pixels, autocast_dtype, compiled=False)
-  if not FLAGS.skip_compile:
-    steps['torch_compile'] = TorchStep(model, optimizer, pixels, autocast_dtype, compiled=True)
-
-  # Compile (the first call) and warm up, untimed.
-  for name in list(steps):
-    try:
-      first = timed(steps[name])
-      warmup_ms[name] = [1e3 * timed(steps[name]) for _ in range(FLAGS.warmup - 1)]
-    except Exception as e:  # pylint: disable=broad-except  # torch.compile may fail on a platform; report it.
-      errors[name] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+  runners, params, compile_s, warmup_ms, errors, pids = {}, {}, {}, {}, {}, {}
+  for name in s.names:  # compile and warm up one at a time, untimed
+    if FLAGS.isolate:
+      worker = Worker(name, s, env)
+      ready = worker.reply()
+      run = worker
+    else:
+      ready = prepare(name, s)
+      run = (lambda step: lambda count: [timed(step) for _ in range(count)])(ready.get('step'))
+    if 'error' in ready:
+      errors[name] = ready['error']
       print(f'{name} failed, left out: {errors[name]}', flush=True)
-      del steps[name]
+      if FLAGS.isolate:
+        worker.close()
       continue
-    compile_s.setdefault(name, first)
+    runners[name] = run
+    params[name], compile_s[name], warmup_ms[name] = ready['params'], ready['compile_s'], ready['warmup_ms']
+    pids[name] = ready.get('pid', os.getpid())
     print(f'{name}: ready (compile / first step {compile_s[name]:.1f} s; then warm-up steps '
           f"{', '.join(f'{t:.0f}' for t in warmup_ms[name]) or 'none'} ms)", flush=True)
+  if 'mae_jax' not in runners:
+    raise SystemExit(f'mae_jax failed: {errors.get("mae_jax")}')
+  torch_params = next((params[n] for n in runners if n != 'mae_jax'), None)
+  print(f'trainable parameters: mae_jax {params["mae_jax"]:,}, PyTorch {torch_params or 0:,}', flush=True)
 
-  times = {name: [] for name in steps}
-  names = list(steps)
+  times = {name: [] for name in runners}
+  names = list(runners)
   for r in range(FLAGS.rounds):
     for name in names[r % len(names):] + names[:r % len(names)]:
-      times[name] += [timed(steps[name]) for _ in range(FLAGS.steps_per_round)]
+      times[name] += runners[name](FLAGS.steps_per_round)
+  for run in runners.values():
+    if isinstance(run, Worker):
+      run.close()
   stats = {name: summarize(t) for name, t in times.items()}
 
   print('| implementation | median step ms | min-max ms | spread | compile s | images/s |')
   print('|---|---|---|---|---|---|')
-  for name, s in stats.items():
-    print(f"| {name} | {s['median_ms']:.1f} | {s['min_ms']:.1f}-{s['max_ms']:.1f} | {100 * s['spread']:.0f}% "
-          f"| {compile_s[name]:.1f} | {1e3 * FLAGS.batch / s['median_ms']:.2f} |")
+  for name, st in stats.items():
+    print(f"| {name} | {st['median_ms']:.1f} | {st['min_ms']:.1f}-{st['max_ms']:.1f} | {100 * st['spread']:.0f}% "
+          f"| {compile_s[name]:.1f} | {1e3 * FLAGS.batch / st['median_ms']:.2f} |")
   for name, error in errors.items():
     print(f'| {name} | failed: {error} | | | | |')
   torch_best = min((n for n in stats if n != 'mae_jax'), key=lambda n: stats[n]['median_ms'], default=None)
@@ -241,11 +341,12 @@ def main(argv):
     print(f'ratio: {torch_best} / mae_jax = {ratio:.2f}x ({"mae_jax" if ratio > 1 else torch_best} is faster)')
   if FLAGS.json_out:
     fileio.write_text(FLAGS.json_out, json.dumps(
-        {'benchmark': 'vs_pytorch', 'machine': machine, 'backend': backend, 'model': model_name,
-         'batch': FLAGS.batch, 'dtype': dtype, 'attention_impl': attention, 'mask_ratio': FLAGS.mask_ratio,
-         'rounds': FLAGS.rounds, 'steps_per_round': FLAGS.steps_per_round, 'torch_threads': threads,
-         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'params': {'mae_jax': jax_step.num_params,
-                                                                  'torch': torch_params},
+        {'benchmark': 'vs_pytorch', 'machine': machine, 'backend': s.backend, 'model': s.model_name,
+         'batch': FLAGS.batch, 'dtype': s.dtype, 'attention_impl': s.attention, 'mask_ratio': FLAGS.mask_ratio,
+         'rounds': FLAGS.rounds, 'steps_per_round': FLAGS.steps_per_round, 'torch_threads': s.threads,
+         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'isolated': FLAGS.isolate, 'worker_env': worker_env,
+         'pids': pids,
+         'params': {'mae_jax': params['mae_jax'], 'torch': torch_params},
          'compile_s': compile_s, 'warmup_ms': warmup_ms, 'stats': stats, 'errors': errors, 'faster_torch': torch_best,
          'ratio': ratio}, indent=1))
 

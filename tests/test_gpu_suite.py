@@ -192,6 +192,8 @@ def test_bench_vs_pytorch_runs_both_sides_on_the_cpu(tmp_path):
   out = tmp_path / 'vs.json'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   env.pop('XLA_FLAGS', None)  # one CPU device, as the benchmark is run
+  for key in bench_vs_pytorch.MALLOC_ENV:
+    env.pop(key, None)
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_vs_pytorch.py'), '--model=tiny', '--batch=2',
        '--rounds=2', '--warmup=2', '--skip_compile', '--threads=1', f'--json_out={out}'],
@@ -206,3 +208,6 @@ def test_bench_vs_pytorch_runs_both_sides_on_the_cpu(tmp_path):
     assert report['stats'][name]['median_ms'] > 0
   assert report['ratio'] == pytest.approx(report['stats']['torch_eager']['median_ms']
                                           / report['stats']['mae_jax']['median_ms'])
+  # Each side ran in a worker process of its own, with the glibc settings of README's CPU runs.
+  assert report['isolated'] and len(set(report['pids'].values())) == 2
+  assert report['worker_env'] == bench_vs_pytorch.MALLOC_ENV

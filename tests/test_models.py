@@ -1,5 +1,6 @@
 """Model tests: parameter counts, masking, loss, position tables, training signal."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import optax
 import pytest
 
 from mae_jax import models
-from mae_jax.models import mae, pos_embed
+from mae_jax.models import mae, pos_embed, vit
 
 
 def _count(tree):
@@ -290,3 +291,24 @@ def test_learned_table_refuses_images_of_another_grid():
     jax.eval_shape(lambda p: model.apply({'params': p}, jnp.zeros((1, 32, 32, 3))), params)
   with pytest.raises(ValueError, match="pos_embed='fixed': must be one of"):
     jax.eval_shape(lambda: _tiny_classifier('fixed').init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+
+
+def test_dense_equals_flax_dense_and_flattens_only_for_cpus():
+  """vit.Dense: nn.Dense's parameters, values and gradients; on the CPU one [rows, K] matmul.
+
+  That TPUs keep the former product is test_aot's B/16 v5e-4 row (flattened, its temporaries grow).
+  """
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  ours, theirs = vit.Dense(6, name='fc'), nn.Dense(6, name='fc')
+  params = theirs.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
+  grads = jax.grad(loss(ours), argnums=(0, 1))(params, x), jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+  for got, want in zip(*grads):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  grad_fn = jax.jit(jax.grad(loss(ours)))
+  # On the CPU the weight gradient is one matmul of the stored arrays: no transposed copy of the
+  # output gradient ([6, 10]) feeds it.
+  compiled = grad_fn.lower(params, x).compile().as_text()
+  assert 'f32[6,10]' not in compiled and 'f32[10,6]' in compiled

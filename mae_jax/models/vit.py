@@ -104,17 +104,17 @@ def drop_path(x, rate, deterministic: bool, rng_fn: Callable[[], jax.Array]):
   return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
-def _dense_dot_general(inputs, kernel, dimension_numbers, precision=None, preferred_element_type=None):
-  """nn.Dense's product inputs [..., K] x kernel [K, F]; on CPUs computed as one [rows, K] x [K, F] matmul.
+def _rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+  """nn.Dense's inputs [..., K] x kernel [K, F]: as one [rows, K] x [K, F] matmul on CPUs, as it is elsewhere.
 
   Differentiated over [batch, tokens, width], the weight gradient contracts two
   axes, which XLA:CPU lowers as a transposed copy of the output gradient and a
   slower matmul; over [batch * tokens, width] it is one matmul of the stored
-  arrays (ViT-B/16 MAE step on two CPU cores: 2.52 -> 2.43 s, BENCHMARKS.md).
-  On TPUs the flattening costs relayout copies (B/16 on v5e-4: temporaries 1.87
-  -> 2.11 GiB), so other platforms keep the product as it is. The choice is made
-  for the platform the step is lowered for (`lax.platform_dependent`), also when
-  a CPU host compiles for a TPU topology.
+  arrays (ViT-B/16 MAE step on two CPU cores: 2.52 -> 2.42-2.50 s,
+  BENCHMARKS.md). On TPUs the flattening costs relayout copies (B/16 on v5e-4:
+  temporaries 1.87 -> 2.11 GiB), so other platforms keep the product. The
+  choice is made for the platform the step is lowered for
+  (`lax.platform_dependent`), also when a CPU host compiles for a TPU.
   """
   assert dimension_numbers == (((inputs.ndim - 1,), (0,)), ((), ())), dimension_numbers
   product = functools.partial(jax.lax.dot_general, precision=precision,
@@ -133,8 +133,19 @@ def _dense_dot_general(inputs, kernel, dimension_numbers, precision=None, prefer
 
 
 class Dense(nn.Dense):
-  """nn.Dense (the same parameters, values and names) whose product suits each platform (_dense_dot_general)."""
-  dot_general: Callable = _dense_dot_general
+  """nn.Dense (the same parameters, values and names); by default its product is `_rows_product`.
+
+  In rematerialised blocks (`rows=False`) the product is nn.Dense's own: a remat
+  policy does not see the matmuls inside the platform switch, so 'dots' would
+  not save them (H/14 with remat 'dots' on v4-128: 230.2 GB per chip per step
+  against 228.2 GB).
+  """
+  rows: bool = True
+
+  def __post_init__(self):
+    if self.rows and self.dot_general is None and self.dot_general_cls is None:
+      object.__setattr__(self, 'dot_general', _rows_product)
+    super().__post_init__()
 
 
 class Attention(nn.Module):
@@ -156,7 +167,7 @@ class Attention(nn.Module):
   def __call__(self, x):  # [batch, tokens, width]
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
-    dense = functools.partial(Dense, dtype=self.dtype, kernel_init=qkv_init)
+    dense = functools.partial(Dense, dtype=self.dtype, kernel_init=qkv_init, rows=not self.rematerialised)
     split = lambda t: t.reshape(batch, tokens, self.num_heads, head_dim)
     q = split(dense(width, name='query')(x))
     k = split(dense(width, name='key')(x))
@@ -172,7 +183,8 @@ class Attention(nn.Module):
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     out = out.reshape(batch, tokens, width)
-    return Dense(width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
+    return Dense(width, dtype=self.dtype, kernel_init=dense_init, rows=not self.rematerialised,
+                 name='proj')(out)
 
 
 def _normal_cdf(x):
@@ -197,13 +209,13 @@ class Mlp(nn.Module):
   """Two Dense layers with exact (erf) GELU."""
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  rematerialised: bool = False  # see Dense
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
-    x = gelu(x)
-    return Dense(width, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
+    dense = functools.partial(Dense, dtype=self.dtype, kernel_init=dense_init, rows=not self.rematerialised)
+    return dense(width, name='fc2')(gelu(dense(self.hidden_dim, name='fc1')(x)))
 
 
 class Block(nn.Module):
@@ -223,7 +235,7 @@ class Block(nn.Module):
     y = Attention(self.num_heads, self.dtype, self.attention_impl, self.rematerialised,
                   name='attn')(norm(name='norm1')(x))
     x = x + drop_path(y, drop_path_rate, self.deterministic, rng_fn)
-    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name='mlp')(norm(name='norm2')(x))
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.rematerialised, name='mlp')(norm(name='norm2')(x))
     return constrain_batch(x + drop_path(y, drop_path_rate, self.deterministic, rng_fn))
 
 

@@ -7,6 +7,9 @@ recipe's optimizer, the model's real parameter tree), interleaved round by
 round, medians, compilation excluded:
 
   plain     optax: tx.update + apply_updates (no guard);
+  plain+norm  the same, and the gradients' global norm, which the guard reads
+            (and the trainers report as train/grad_norm): one more pass over
+            the gradients;
   guarded   mae_jax.loop.guarded_update (the trainers' update: a lax.cond);
   select    the former guard: both outcomes computed, then jnp.where on every
             parameter and moment.
@@ -72,27 +75,35 @@ def main(argv):
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state)
 
+  def plain_and_norm(state, grads):
+    return plain(state, grads), optax.tree.norm(grads)
+
   fns = {
       'plain': jax.jit(plain, donate_argnums=0),
-      'guarded': jax.jit(lambda s, g: loop.guarded_update(s, loss, g, tx, 10)[0], donate_argnums=0),
+      'plain+norm': jax.jit(plain_and_norm, donate_argnums=0),
+      'guarded': jax.jit(lambda s, g: loop.guarded_update(s, loss, g, tx, 10)[:2], donate_argnums=0),
       'select': jax.jit(lambda s, g: select_guard(s, loss, g, tx, 10), donate_argnums=0),
   }
   init = jax.jit(lambda p: loop.new_state(p, tx))
   states = {name: init(params) for name in fns}
-  for name, fn in fns.items():  # Compile and warm up.
-    states[name] = jax.block_until_ready(fn(states[name], grads))
+  def call(name):
+    out = jax.block_until_ready(fns[name](states[name], grads))
+    states[name] = out[0] if isinstance(out, tuple) else out
+
+  for name in fns:  # Compile and warm up.
+    call(name)
   times = {name: [] for name in fns}
   for _ in range(FLAGS.rounds):
-    for name, fn in fns.items():
+    for name in fns:
       start = time.perf_counter()
-      states[name] = jax.block_until_ready(fn(states[name], grads))
+      call(name)
       times[name].append(time.perf_counter() - start)
   print(f'{FLAGS.model}: {count / 1e6:.1f}M parameters, AdamW, {jax.devices()[0].device_kind}, '
         f'{FLAGS.rounds} interleaved rounds, medians')
   plain_ms = 1e3 * np.median(times['plain'])
   for name in fns:
     ms = 1e3 * np.median(times[name])
-    print(f'{name:8s} {ms:8.1f} ms   {ms / plain_ms:5.2f}x plain')
+    print(f'{name:10s} {ms:8.1f} ms   {ms / plain_ms:5.2f}x plain')
 
 
 if __name__ == '__main__':

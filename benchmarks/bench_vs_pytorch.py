@@ -266,7 +266,10 @@ class Worker:
   def __call__(self, count: int) -> list[float]:
     self.process.stdin.write(f'run {count}\n')
     self.process.stdin.flush()
-    return self.reply()['times']
+    reply = self.reply()
+    if 'times' not in reply:
+      raise SystemExit(f'{self.name}: {reply.get("error", reply)}')
+    return reply['times']
 
   def close(self) -> None:
     if self.process.poll() is None:

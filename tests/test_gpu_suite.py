@@ -211,3 +211,17 @@ def test_bench_vs_pytorch_runs_both_sides_on_the_cpu(tmp_path):
   # Each side ran in a worker process of its own, with the glibc settings of README's CPU runs.
   assert report['isolated'] and len(set(report['pids'].values())) == 2
   assert report['worker_env'] == bench_vs_pytorch.MALLOC_ENV
+
+
+def test_bench_vs_pytorch_reports_a_worker_that_fails():
+  """A side that cannot be built is reported with its error; without mae_jax there is nothing to compare."""
+  pytest.importorskip('transformers')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_vs_pytorch.py'), '--model=tiny', '--batch=2',
+       '--rounds=1', '--warmup=1', '--skip_compile', '--skip_eager', '--attention_impl=cudnn'],
+      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  assert result.returncode == 1
+  assert "mae_jax failed, left out: ValueError: model.attention_impl='cudnn' needs a GPU backend" in result.stdout
+  assert "mae_jax failed: ValueError: model.attention_impl='cudnn'" in result.stderr

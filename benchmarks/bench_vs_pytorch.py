@@ -32,7 +32,8 @@ it prints figures and never fails on time.
 
 import os
 
-# JAX must not take most of the GPU's memory up front: PyTorch shares the device in this process.
+# JAX must not take most of the GPU's memory up front: PyTorch shares the device (its workers, or this
+# process with --noisolate), and every process of the run starts a JAX client.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import json  # noqa: E402
@@ -73,7 +74,8 @@ flags.DEFINE_bool('skip_eager', False, 'Do not time eager PyTorch.')
 flags.DEFINE_integer('threads', None, 'PyTorch intra-op threads (default: the CPU cores this process may use).')
 flags.DEFINE_string('json_out', '', 'Also write the figures as JSON to this file (local or gs://).')
 flags.DEFINE_bool('isolate', True, 'Run each implementation in its own worker process (--noisolate: all in this one).')
-flags.DEFINE_bool('malloc_env', True, 'On a CPU host, give the worker processes MALLOC_ENV (README, CPU runs).')
+flags.DEFINE_bool('malloc_env', True, 'On a CPU host, give the worker processes MALLOC_ENV (README, CPU runs); '
+                  'no effect with --noisolate (glibc reads them when a process starts).')
 flags.DEFINE_string('worker', '', 'Internal: serve one implementation to the benchmark that started this process.')
 
 # glibc: one arena, no mmap for large blocks, no trimming: a step's temporaries stay mapped from one
@@ -178,13 +180,13 @@ def summarize(times: list[float]) -> dict:
 
 def settings() -> types.SimpleNamespace:
   """What both sides share, from the flags and the backend (raises SystemExit / UsageError on bad ones)."""
-  import torch  # pylint: disable=g-import-not-at-top
   backend = jax.default_backend()
   dtype = FLAGS.dtype or ('float32' if backend == 'cpu' else 'bfloat16')
   if dtype not in ('float32', 'bfloat16'):
     raise app.UsageError(f'--dtype={dtype!r}: must be float32 or bfloat16')
   attention = FLAGS.attention_impl or ('cudnn' if backend == 'gpu' and dtype == 'bfloat16' else 'xla')
   if backend == 'gpu':
+    import torch  # pylint: disable=g-import-not-at-top
     if not torch.cuda.is_available():
       raise SystemExit(f'JAX runs on the GPU but this torch ({torch.__version__}) has no CUDA: install a CUDA '
                        'build of torch into this environment, or run with JAX_PLATFORMS=cpu')
@@ -239,6 +241,7 @@ def serve(name: str) -> None:
   prepared = prepare(name, settings())
   step = prepared.pop('step', None)
   prepared['pid'] = os.getpid()
+  prepared['malloc_env'] = {key: os.environ[key] for key in MALLOC_ENV if key in os.environ}
   replies.write(json.dumps(prepared) + '\n')
   for line in sys.stdin:
     if step is None or not line.startswith('run '):
@@ -264,8 +267,11 @@ class Worker:
     return json.loads(line)
 
   def __call__(self, count: int) -> list[float]:
-    self.process.stdin.write(f'run {count}\n')
-    self.process.stdin.flush()
+    try:
+      self.process.stdin.write(f'run {count}\n')
+      self.process.stdin.flush()
+    except OSError:  # the worker is gone (e.g. killed for memory): its status is the reply
+      pass
     reply = self.reply()
     if 'times' not in reply:
       raise SystemExit(f'{self.name}: {reply.get("error", reply)}')
@@ -273,7 +279,10 @@ class Worker:
 
   def close(self) -> None:
     if self.process.poll() is None:
-      self.process.stdin.close()
+      try:
+        self.process.stdin.close()
+      except OSError:
+        pass
       self.process.wait()
 
 
@@ -296,39 +305,40 @@ def main(argv):
         f"{'one process per implementation' if FLAGS.isolate else 'one process'}"
         f"{''.join(f' {k}={v}' for k, v in worker_env.items())}", flush=True)
 
-  runners, params, compile_s, warmup_ms, errors, pids = {}, {}, {}, {}, {}, {}
-  for name in s.names:  # compile and warm up one at a time, untimed
-    if FLAGS.isolate:
-      worker = Worker(name, s, env)
-      ready = worker.reply()
-      run = worker
-    else:
-      ready = prepare(name, s)
-      run = (lambda step: lambda count: [timed(step) for _ in range(count)])(ready.get('step'))
-    if 'error' in ready:
-      errors[name] = ready['error']
-      print(f'{name} failed, left out: {errors[name]}', flush=True)
+  runners, params, compile_s, warmup_ms, errors, pids, seen_env = {}, {}, {}, {}, {}, {}, {}
+  workers = []
+  try:
+    for name in s.names:  # compile and warm up one at a time, untimed; mae_jax first
       if FLAGS.isolate:
-        worker.close()
-      continue
-    runners[name] = run
-    params[name], compile_s[name], warmup_ms[name] = ready['params'], ready['compile_s'], ready['warmup_ms']
-    pids[name] = ready.get('pid', os.getpid())
-    print(f'{name}: ready (compile / first step {compile_s[name]:.1f} s; then warm-up steps '
-          f"{', '.join(f'{t:.0f}' for t in warmup_ms[name]) or 'none'} ms)", flush=True)
-  if 'mae_jax' not in runners:
-    raise SystemExit(f'mae_jax failed: {errors.get("mae_jax")}')
-  torch_params = next((params[n] for n in runners if n != 'mae_jax'), None)
-  print(f'trainable parameters: mae_jax {params["mae_jax"]:,}, PyTorch {torch_params or 0:,}', flush=True)
+        workers.append(Worker(name, s, env))
+        ready = workers[-1].reply()
+        run = workers[-1]
+      else:
+        ready = prepare(name, s)
+        run = (lambda step: lambda count: [timed(step) for _ in range(count)])(ready.get('step'))
+      if 'error' in ready:
+        errors[name] = ready['error']
+        print(f'{name} failed, left out: {errors[name]}', flush=True)
+        if name == 'mae_jax':
+          raise SystemExit(f'mae_jax failed: {errors[name]}')
+        continue
+      runners[name] = run
+      params[name], compile_s[name], warmup_ms[name] = ready['params'], ready['compile_s'], ready['warmup_ms']
+      pids[name] = ready.get('pid', os.getpid())
+      seen_env[name] = ready.get('malloc_env', {})
+      print(f'{name}: ready (compile / first step {compile_s[name]:.1f} s; then warm-up steps '
+            f"{', '.join(f'{t:.0f}' for t in warmup_ms[name]) or 'none'} ms)", flush=True)
+    torch_params = next((params[n] for n in runners if n != 'mae_jax'), None)
+    print(f'trainable parameters: mae_jax {params["mae_jax"]:,}, PyTorch {torch_params or 0:,}', flush=True)
 
-  times = {name: [] for name in runners}
-  names = list(runners)
-  for r in range(FLAGS.rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      times[name] += runners[name](FLAGS.steps_per_round)
-  for run in runners.values():
-    if isinstance(run, Worker):
-      run.close()
+    times = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(FLAGS.rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        times[name] += runners[name](FLAGS.steps_per_round)
+  finally:
+    for worker in workers:
+      worker.close()
   stats = {name: summarize(t) for name, t in times.items()}
 
   print('| implementation | median step ms | min-max ms | spread | compile s | images/s |')
@@ -348,7 +358,7 @@ def main(argv):
          'batch': FLAGS.batch, 'dtype': s.dtype, 'attention_impl': s.attention, 'mask_ratio': FLAGS.mask_ratio,
          'rounds': FLAGS.rounds, 'steps_per_round': FLAGS.steps_per_round, 'torch_threads': s.threads,
          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'isolated': FLAGS.isolate, 'worker_env': worker_env,
-         'pids': pids,
+         'pids': pids, 'workers_malloc_env': seen_env,
          'params': {'mae_jax': params['mae_jax'], 'torch': torch_params},
          'compile_s': compile_s, 'warmup_ms': warmup_ms, 'stats': stats, 'errors': errors, 'faster_torch': torch_best,
          'ratio': ratio}, indent=1))

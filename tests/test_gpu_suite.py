@@ -211,6 +211,7 @@ def test_bench_vs_pytorch_runs_both_sides_on_the_cpu(tmp_path):
   # Each side ran in a worker process of its own, with the glibc settings of README's CPU runs.
   assert report['isolated'] and len(set(report['pids'].values())) == 2
   assert report['worker_env'] == bench_vs_pytorch.MALLOC_ENV
+  assert report['workers_malloc_env'] == {name: bench_vs_pytorch.MALLOC_ENV for name in ('mae_jax', 'torch_eager')}
 
 
 def test_bench_vs_pytorch_reports_a_worker_that_fails():

@@ -299,7 +299,7 @@ def test_dense_equals_flax_dense_and_flattens_only_for_cpus():
   That TPUs keep the former product is test_aot's B/16 v5e-4 row (flattened, its temporaries grow).
   """
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-  ours, theirs = vit.Dense(6, name='fc'), nn.Dense(6, name='fc')
+  ours, plain, theirs = vit.Dense(6, name='fc'), vit.Dense(6, dot_general=None, name='fc'), nn.Dense(6, name='fc')
   params = theirs.init(jax.random.key(1), x)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
   loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
@@ -307,8 +307,21 @@ def test_dense_equals_flax_dense_and_flattens_only_for_cpus():
   grads = jax.grad(loss(ours), argnums=(0, 1))(params, x), jax.grad(loss(theirs), argnums=(0, 1))(params, x)
   for got, want in zip(*grads):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
-  grad_fn = jax.jit(jax.grad(loss(ours)))
-  # On the CPU the weight gradient is one matmul of the stored arrays: no transposed copy of the
-  # output gradient ([6, 10]) feeds it.
-  compiled = grad_fn.lower(params, x).compile().as_text()
-  assert 'f32[6,10]' not in compiled and 'f32[10,6]' in compiled
+  # On the CPU the weight gradient is one matmul of the stored arrays. nn.Dense's (and vit.Dense's
+  # with dot_general=None) is fed a transposed copy of the output gradient, [6, 10].
+  compiled = {name: jax.jit(jax.grad(loss(module))).lower(params, x).compile().as_text()
+              for name, module in (('ours', ours), ('plain', plain), ('theirs', theirs))}
+  assert 'f32[6,10]{1,0}' not in compiled['ours'] and 'f32[10,6]{1,0}' in compiled['ours']
+  assert 'f32[6,10]{1,0}' in compiled['theirs'] and 'f32[6,10]{1,0}' in compiled['plain']
+  # dot_general=None (blocks under a remat policy) stages out no platform switch.
+  assert 'platform_index' in str(jax.make_jaxpr(ours.apply)(params, x))
+  assert 'platform_index' not in str(jax.make_jaxpr(plain.apply)(params, x))
+
+
+def test_rematerialised_blocks_use_the_plain_dense_product():
+  """Blocks under a remat policy stage out no platform switch (a remat policy cannot see into it)."""
+  x = jnp.ones((2, 5, 16))
+  for rematerialised in (False, True):
+    block = vit.Block(num_heads=2, mlp_ratio=2.0, rematerialised=rematerialised)
+    params = block.init(jax.random.key(0), x)
+    assert ('platform_index' in str(jax.make_jaxpr(block.apply)(params, x))) != rematerialised

@@ -104,7 +104,7 @@ def drop_path(x, rate, deterministic: bool, rng_fn: Callable[[], jax.Array]):
   return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
-def _rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+def rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_element_type=None):
   """nn.Dense's inputs [..., K] x kernel [K, F]: as one [rows, K] x [K, F] matmul on CPUs, as it is elsewhere.
 
   Differentiated over [batch, tokens, width], the weight gradient contracts two
@@ -116,7 +116,9 @@ def _rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_e
   choice is made for the platform the step is lowered for
   (`lax.platform_dependent`), also when a CPU host compiles for a TPU.
   """
-  assert dimension_numbers == (((inputs.ndim - 1,), (0,)), ((), ())), dimension_numbers
+  (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = dimension_numbers
+  if tuple(map(tuple, (lhs_contracting, rhs_contracting, lhs_batch, rhs_batch))) != ((inputs.ndim - 1,), (0,), (), ()):
+    raise ValueError(f'rows_product computes nn.Dense products only, not dimension numbers {dimension_numbers}')
   product = functools.partial(jax.lax.dot_general, precision=precision,
                               preferred_element_type=preferred_element_type)
 
@@ -132,20 +134,20 @@ def _rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_e
   return jax.lax.platform_dependent(inputs, kernel, cpu=rows, default=as_is)
 
 
+def dense_product(rematerialised: bool):
+  """The Dense product of a block: nn.Dense's own under a remat policy (see Dense), else rows_product."""
+  return None if rematerialised else rows_product
+
+
 class Dense(nn.Dense):
-  """nn.Dense (the same parameters, values and names); by default its product is `_rows_product`.
+  """nn.Dense (the same parameters, values and names) whose product is, by default, `rows_product`.
 
-  In rematerialised blocks (`rows=False`) the product is nn.Dense's own: a remat
-  policy does not see the matmuls inside the platform switch, so 'dots' would
-  not save them (H/14 with remat 'dots' on v4-128: 230.2 GB per chip per step
-  against 228.2 GB).
+  Blocks under a remat policy pass dot_general=None, nn.Dense's own product: a
+  remat policy does not see the matmuls inside the platform switch, so 'dots'
+  would not save them (H/14 with remat 'dots' on v4-128: 230.2 GB per chip per
+  step against 228.2 GB).
   """
-  rows: bool = True
-
-  def __post_init__(self):
-    if self.rows and self.dot_general is None and self.dot_general_cls is None:
-      object.__setattr__(self, 'dot_general', _rows_product)
-    super().__post_init__()
+  dot_general: Callable | None = rows_product
 
 
 class Attention(nn.Module):
@@ -167,11 +169,11 @@ class Attention(nn.Module):
   def __call__(self, x):  # [batch, tokens, width]
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
-    dense = functools.partial(Dense, dtype=self.dtype, kernel_init=qkv_init, rows=not self.rematerialised)
+    dense = functools.partial(Dense, dtype=self.dtype, dot_general=dense_product(self.rematerialised))
     split = lambda t: t.reshape(batch, tokens, self.num_heads, head_dim)
-    q = split(dense(width, name='query')(x))
-    k = split(dense(width, name='key')(x))
-    v = split(dense(width, name='value')(x))
+    q = split(dense(width, kernel_init=qkv_init, name='query')(x))
+    k = split(dense(width, kernel_init=qkv_init, name='key')(x))
+    v = split(dense(width, kernel_init=qkv_init, name='value')(x))
     if self.attention_impl == 'naive':
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
       weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -183,8 +185,7 @@ class Attention(nn.Module):
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     out = out.reshape(batch, tokens, width)
-    return Dense(width, dtype=self.dtype, kernel_init=dense_init, rows=not self.rematerialised,
-                 name='proj')(out)
+    return dense(width, kernel_init=dense_init, name='proj')(out)
 
 
 def _normal_cdf(x):
@@ -214,8 +215,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    dense = functools.partial(Dense, dtype=self.dtype, kernel_init=dense_init, rows=not self.rematerialised)
-    return dense(width, name='fc2')(gelu(dense(self.hidden_dim, name='fc1')(x)))
+    dense = functools.partial(Dense, dtype=self.dtype, kernel_init=dense_init,
+                              dot_general=dense_product(self.rematerialised))
+    x = gelu(dense(self.hidden_dim, name='fc1')(x))
+    return dense(width, name='fc2')(x)
 
 
 class Block(nn.Module):

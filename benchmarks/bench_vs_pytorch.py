@@ -36,6 +36,7 @@ import os
 # process with --noisolate), and every process of the run starts a JAX client.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -172,6 +173,10 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
+def time_steps(step, count: int) -> list[float]:
+  return [timed(step) for _ in range(count)]
+
+
 def summarize(times: list[float]) -> dict:
   median = statistics.median(times)
   return dict(median_ms=1e3 * median, min_ms=1e3 * min(times), max_ms=1e3 * max(times),
@@ -246,7 +251,7 @@ def serve(name: str) -> None:
   for line in sys.stdin:
     if step is None or not line.startswith('run '):
       break
-    replies.write(json.dumps({'times': [timed(step) for _ in range(int(line.split()[1]))]}) + '\n')
+    replies.write(json.dumps({'times': time_steps(step, int(line.split()[1]))}) + '\n')
 
 
 class Worker:
@@ -312,17 +317,15 @@ def main(argv):
       if FLAGS.isolate:
         workers.append(Worker(name, s, env))
         ready = workers[-1].reply()
-        run = workers[-1]
       else:
         ready = prepare(name, s)
-        run = (lambda step: lambda count: [timed(step) for _ in range(count)])(ready.get('step'))
       if 'error' in ready:
         errors[name] = ready['error']
         print(f'{name} failed, left out: {errors[name]}', flush=True)
         if name == 'mae_jax':
           raise SystemExit(f'mae_jax failed: {errors[name]}')
         continue
-      runners[name] = run
+      runners[name] = workers[-1] if FLAGS.isolate else functools.partial(time_steps, ready['step'])
       params[name], compile_s[name], warmup_ms[name] = ready['params'], ready['compile_s'], ready['warmup_ms']
       pids[name] = ready.get('pid', os.getpid())
       seen_env[name] = ready.get('malloc_env', {})

@@ -80,7 +80,8 @@ def test_gelu_is_pytorchs(dtype):
 
 @pytest.mark.parametrize('remat_policy', ['none', 'dots'])
 def test_rematerialised_blocks_use_the_differentiated_attention(remat_policy):
-  """A remat policy cannot save what a custom vjp keeps: remat blocks run JAX's differentiated attention."""
+  """A remat policy cannot save what a custom vjp keeps, nor see into a platform switch: remat blocks run JAX's
+  differentiated attention and nn.Dense's own product (vit.Dense with dot_general=None)."""
 
   class Stack(vit.nn.Module):
     @vit.nn.compact
@@ -92,3 +93,4 @@ def test_rematerialised_blocks_use_the_differentiated_attention(remat_policy):
   params = Stack().init(jax.random.PRNGKey(0), x)
   jaxpr = str(jax.make_jaxpr(Stack().apply)(params, x))
   assert ('custom_vjp_call' in jaxpr) == (remat_policy == 'none')
+  assert ('platform_index' in jaxpr) == (remat_policy == 'none')

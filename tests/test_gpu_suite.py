@@ -185,19 +185,22 @@ def test_pytorch_model_of_bench_vs_pytorch_has_mae_jax_trainable_parameters(mode
     assert torch_count == 111_655_680  # REFERENCE.md
 
 
+def run_bench_vs_pytorch(*args):
+  """bench_vs_pytorch.py with the tiny model at batch 2, no torch.compile, as run on a CPU host (one device)."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  for key in bench_vs_pytorch.MALLOC_ENV:  # what the benchmark gives its workers, not inherited
+    env.pop(key, None)
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_vs_pytorch.py'), '--model=tiny', '--batch=2',
+       '--skip_compile', *args], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
 
 def test_bench_vs_pytorch_runs_both_sides_on_the_cpu(tmp_path):
   """The side-by-side benchmark end to end with the tiny model: both steps run, warm-up and medians recorded."""
   pytest.importorskip('transformers')
   out = tmp_path / 'vs.json'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('XLA_FLAGS', None)  # one CPU device, as the benchmark is run
-  for key in bench_vs_pytorch.MALLOC_ENV:
-    env.pop(key, None)
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_vs_pytorch.py'), '--model=tiny', '--batch=2',
-       '--rounds=2', '--warmup=2', '--skip_compile', '--threads=1', f'--json_out={out}'],
-      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  result = run_bench_vs_pytorch('--rounds=2', '--warmup=2', '--threads=1', f'--json_out={out}')
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'ratio: torch_eager / mae_jax = ' in result.stdout
   report = json.loads(out.read_text())
@@ -217,12 +220,7 @@ def test_bench_vs_pytorch_runs_both_sides_on_the_cpu(tmp_path):
 def test_bench_vs_pytorch_reports_a_worker_that_fails():
   """A side that cannot be built is reported with its error; without mae_jax there is nothing to compare."""
   pytest.importorskip('transformers')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('XLA_FLAGS', None)
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_vs_pytorch.py'), '--model=tiny', '--batch=2',
-       '--rounds=1', '--warmup=1', '--skip_compile', '--skip_eager', '--attention_impl=cudnn'],
-      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  result = run_bench_vs_pytorch('--rounds=1', '--warmup=1', '--skip_eager', '--attention_impl=cudnn')
   assert result.returncode == 1
   assert "mae_jax failed, left out: ValueError: model.attention_impl='cudnn' needs a GPU backend" in result.stdout
   assert "mae_jax failed: ValueError: model.attention_impl='cudnn'" in result.stderr

@@ -79,6 +79,8 @@ def plan(workdir: str, cpu_smoke: bool = False, python: str = sys.executable) ->
     row.json_path = os.path.join(workdir, f'{row.name}.json')
     row.argv.append(f'--json_out={row.json_path}')
     row.env.setdefault('PYTHONUNBUFFERED', '1')
+    # This checkout's mae_jax and configs, also where they are not installed (an image's own Python).
+    row.env['PYTHONPATH'] = os.pathsep.join([REPO, *filter(None, [os.environ.get('PYTHONPATH')])])
     if cpu_smoke:
       row.env['JAX_PLATFORMS'] = 'cpu'
   return rows

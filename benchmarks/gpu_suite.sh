@@ -8,9 +8,10 @@
 #   bash benchmarks/gpu_suite.sh --dry_run      # the setup and the commands, nothing run
 #   bash benchmarks/gpu_suite.sh --cpu_smoke    # the whole suite on the CPU with the tiny model
 #
-# Setup: with --setup=auto (the default) the interpreter (--python, default .venv/bin/python) is used as it
-# is when its JAX sees a GPU; otherwise `bash .ci/setup dev,gpu,torch` installs jax[cuda12], torch and
-# transformers into .venv first (needs the package index; not counted in the budget). Every benchmark runs
+# Setup: with --setup=auto (the default) the interpreter (--python, default .venv/bin/python, or python3 on
+# PATH when there is no .venv) is used as it is when it imports mae_jax from this checkout and its JAX sees a
+# GPU; otherwise `bash .ci/setup dev,gpu,torch` installs jax[cuda12], torch and transformers into .venv
+# first (needs the package index; not counted in the budget). Every benchmark runs
 # in its own process under a timeout within --budget_s seconds; one that fails is marked in the table and
 # the suite goes on. Exit status: 0 when every row is ok, 1 when one is not (the table is written either
 # way), 2 for a bad argument.
@@ -37,6 +38,7 @@ fi
 
 setup=auto
 python=.venv/bin/python
+python_given=0
 cpu_smoke=0
 dry_run=0
 pass=()
@@ -44,7 +46,7 @@ for arg in "$@"; do
   case "${arg}" in
     -h|--help) usage; exit 0 ;;
     --setup=*) setup="${arg#--setup=}" ;;
-    --python=*) python="${arg#--python=}" ;;
+    --python=*) python="${arg#--python=}"; python_given=1 ;;
     --python|--setup|--out|--workdir|--budget_s|--only)
       echo "error: ${arg} needs a value: write ${arg}=VALUE" >&2; exit 2 ;;
     --cpu_smoke) cpu_smoke=1; pass+=("${arg}") ;;
@@ -59,18 +61,27 @@ esac
 # Refuses unknown options (exit 2) before anything is installed; needs only the standard library.
 "${bootstrap}" benchmarks/gpu_suite.py --check_args ${pass[@]+"${pass[@]}"}
 
+# Absolute, links kept (a venv's python is one), also for a path that does not exist yet (.venv before setup).
 case "${python}" in
-  */*) python="$(cd "$(dirname "${python}")" && pwd)/$(basename "${python}")" ;;  # absolute, links kept (venv)
+  /*) ;;
+  */*) python="$(pwd)/${python#./}" ;;
 esac
 
-check() {  # check gpu|cpu PYTHON: mae_jax's step imports and JAX has the backend.
-  "$2" - "$1" >/dev/null 2>&1 <<'EOF'
+check_error=''
+check() {  # check gpu|cpu PYTHON: mae_jax's step imports and JAX has the backend; else check_error says why.
+  check_error="$(PYTHONPATH="$(pwd)${PYTHONPATH:+:${PYTHONPATH}}" "$2" - "$1" 2>&1 >/dev/null <<'EOF'
 import sys
-import jax
-from mae_jax import train  # noqa: F401
-want = sys.argv[1]
-assert jax.default_backend() == want, jax.default_backend()
+try:
+  import jax
+  from mae_jax import train  # noqa: F401
+except Exception as e:  # pylint: disable=broad-except
+  sys.exit(f'cannot import mae_jax.train: {type(e).__name__}: {e}')
+if jax.default_backend() != sys.argv[1]:
+  sys.exit(f'JAX sees no {sys.argv[1].upper()}: default backend {jax.default_backend()}, devices {jax.devices()}')
 EOF
+)" && return 0
+  check_error="$(printf '%s\n' "${check_error}" | tail -n 1)"
+  return 1
 }
 
 torch_cuda() {
@@ -88,13 +99,18 @@ if [ "${cpu_smoke}" -eq 1 ]; then
   export JAX_PLATFORMS=cpu
   if [ ! -x "${python}" ]; then python="${bootstrap}"; fi
   if ! check cpu "${python}"; then
-    echo "error: ${python} cannot import mae_jax.train; run 'bash .ci/setup dev,torch' or pass --python=PATH" >&2
+    echo "error: ${python}: ${check_error}" >&2
+    echo "fix: run 'bash .ci/setup dev,torch' or pass --python=PATH" >&2
     exit 1
   fi
 else
   echo "# nvidia-smi"
   nvidia-smi || echo "warning: nvidia-smi failed (no NVIDIA driver?)" >&2
   unset JAX_PLATFORMS  # a CPU-only setting from the shell would hide the GPU
+  if [ "${setup}" = auto ] && [ "${python_given}" -eq 0 ] && [ ! -x "${python}" ] && check gpu "${bootstrap}"; then
+    echo "# no .venv: ${bootstrap} imports mae_jax and its JAX sees a GPU; using it as it is"
+    python="${bootstrap}"
+  fi
   if [ "${setup}" = always ] || { [ "${setup}" = auto ] && ! check gpu "${python}"; }; then
     if [ "${python}" != "$(pwd)/.venv/bin/python" ]; then
       echo "error: JAX in --python=${python} sees no GPU, and the setup installs into .venv only:" \
@@ -107,8 +123,7 @@ else
     echo "# setup took $(( $(date +%s) - start )) s"
   fi
   if ! check gpu "${python}"; then
-    echo "error: JAX in ${python} sees no GPU. What it says:" >&2
-    "${python}" -c 'import jax; print(jax.default_backend(), jax.devices())' >&2 || true
+    echo "error: ${python}: ${check_error}" >&2
     echo "fix: bash .ci/setup dev,gpu,torch (jax[cuda12]), or --python=PATH of an environment with GPU JAX" >&2
     exit 1
   fi

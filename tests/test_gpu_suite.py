@@ -68,6 +68,45 @@ def test_dry_run_prints_every_benchmark_command_and_runs_nothing(tmp_path):
   assert not workdir.exists() and not (tmp_path / 't.md').exists()
 
 
+def _checkout_without_venv(tmp_path, setup_script):
+  """benchmarks/gpu_suite.{sh,py} in a fresh tree with no .venv, whose .ci/setup is `setup_script`."""
+  root = tmp_path / 'checkout'
+  (root / 'benchmarks').mkdir(parents=True)
+  (root / '.ci').mkdir()
+  for name in ('gpu_suite.sh', 'gpu_suite.py'):
+    with open(os.path.join(REPO, 'benchmarks', name), encoding='utf-8') as f:
+      (root / 'benchmarks' / name).write_text(f.read())
+  (root / '.ci' / 'setup').write_text(setup_script)
+  return root
+
+
+def test_a_checkout_without_venv_runs_the_setup_then_says_why_jax_sees_no_gpu(tmp_path):
+  # The default --python (.venv/bin/python) does not exist yet on a fresh clone: the setup must run and
+  # install it (here a stand-in that records its arguments and installs nothing).
+  root = _checkout_without_venv(tmp_path, 'echo "$1" > "$(dirname "$0")/setup_called"\n')
+  result = subprocess.run(['bash', 'benchmarks/gpu_suite.sh', f'--out={tmp_path / "t.md"}'], capture_output=True,
+                          text=True, timeout=120, cwd=root, env={**os.environ, 'PATH': '/usr/bin:/bin'})
+  assert result.returncode == 1
+  assert (root / '.ci' / 'setup_called').read_text().strip() == 'dev,gpu,torch'
+  assert f'error: {root}/.venv/bin/python: ' in result.stderr, result.stderr
+  assert 'No such file or directory' in result.stderr
+  assert '/python sees no GPU' not in result.stderr
+
+
+def test_an_interpreter_without_mae_jax_s_needs_is_named_with_its_import_error(tmp_path):
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(tmp_path / 'bare')], check=True, timeout=60)
+  bare = tmp_path / 'bare' / 'bin' / 'python'
+  result = run_sh('--cpu_smoke', f'--python={bare}', f'--workdir={tmp_path / "wd"}')
+  assert result.returncode == 1
+  assert f"error: {bare}: cannot import mae_jax.train: ModuleNotFoundError: No module named 'jax'" in result.stderr
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_rows_import_mae_jax_from_this_checkout():
+  for row in gpu_suite.plan('/tmp/wd', cpu_smoke=True) + gpu_suite.plan('/tmp/wd'):
+    assert row.env['PYTHONPATH'].split(os.pathsep)[0] == REPO
+
+
 def test_only_and_cpu_smoke_select_the_rows(tmp_path):
   result = run_sh('--dry_run', '--cpu_smoke', '--only=vs_pytorch', f'--workdir={tmp_path}')
   assert result.returncode == 0, result.stderr

@@ -7,10 +7,16 @@ file's `get_config(arg)` takes a big_vision-style string such as
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
-  """Returns the default MAE pretraining config (a tiny model on Fashion-MNIST)."""
-  del arg
+  """The default MAE pretraining config (a tiny model on Fashion-MNIST); `runlocal=True` as in the recipes."""
+  try:
+    arg = common.parse_arg(arg, runlocal=False)
+  except ValueError as e:
+    raise ValueError(f'configs/default.py: {e}. It is the base config, a tiny MAE on Fashion-MNIST; the '
+                     'ImageNet recipes take a variant, e.g. --config=configs/mae_pretrain.py:variant=L/16') from None
   config = ml_collections.ConfigDict()
 
   config.seed = 0  # Seeds init, masking and data order.
@@ -120,4 +126,6 @@ def get_config(arg=None):
   config.mesh.rules = ()
   config.mesh.min_fsdp_size = 2**18  # Smaller tensors stay replicated.
 
+  if arg.runlocal:
+    common.apply_runlocal(config)
   return config

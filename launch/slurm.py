@@ -39,7 +39,7 @@ Examples:
   python -m launch.slurm --job_name=mae-l16 --nodes=2 --gpus_per_node=8 \
     --cpus_per_task=12 --partition=gpu --account=my-acct --time=24:00:00 \
     --setup='source ~/mae-jax/.venv/bin/activate' --chdir=$HOME/mae-jax \
-    --config=configs/default.py:variant=L/16 --workdir=/shared/mae/l16 --dry_run
+    --config=configs/mae_pretrain.py:variant=L/16 --workdir=/shared/mae/l16 --dry_run
 
   # In a container (pyxis), one process per node, extra trainer flags after `--`.
   python launch/slurm.py --nodes=4 --process_mode=per_node \

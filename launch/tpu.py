@@ -47,7 +47,7 @@ Examples:
 
   # A v4-128 pod (16 workers) on spot capacity, with config overrides.
   python launch/tpu.py --tpu_name=mae-v4-128 --zone=us-central2-b --project=my-proj \
-    --accelerator_type=v4-128 --spot --config=configs/default.py:variant=L/16 \
+    --accelerator_type=v4-128 --spot --config=configs/mae_pretrain.py:variant=L/16 \
     --workdir=gs://my-bucket/mae/l16 --override=optim.base_lr=1.5e-4 --max_retries=10
 
   # Two v5e-256 slices through a queued resource; flags after `--` go to the trainer.

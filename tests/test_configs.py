@@ -122,6 +122,15 @@ def test_pretrain_arguments_are_checked():
   assert mae_pretrain.get_config().model.name == 'mae_vit_large_patch16'  # Default variant.
 
 
+def test_the_base_config_refuses_an_argument_it_would_ignore():
+  # A launcher example once passed configs/default.py:variant=L/16 and got the tiny Fashion-MNIST model.
+  with pytest.raises(ValueError, match=r"configs/default.py: .*unknown argument 'variant'; known: runlocal.*"
+                                       r'--config=configs/mae_pretrain.py:variant=L/16'):
+    common.load_config('configs/default.py:variant=L/16')
+  assert common.load_config('configs/default.py').model.name == 'mae_vit_tiny_patch4'
+  assert common.load_config('configs/default.py:runlocal=True').model.name == common.RUNLOCAL_MODEL
+
+
 # ----------------------------------------------------------------------------
 # Fine-tuning and linear-probe recipes.
 

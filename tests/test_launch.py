@@ -26,7 +26,7 @@ NASTY = 'it\'s a "test" $(touch {pwned}); echo `id` & exit 7'
 
 def tpu_argv(*extra, **flags):
   defaults = {'tpu_name': 'mae-test', 'zone': ZONE, 'accelerator_type': 'v4-8',
-              'config': 'configs/default.py:variant=B/16', 'workdir': 'gs://bucket/mae/run1'}
+              'config': 'configs/mae_pretrain.py:variant=B/16', 'workdir': 'gs://bucket/mae/run1'}
   defaults.update(flags)
   return [f'--{k}' if v is True else f'--{k}={v}' for k, v in defaults.items()] + list(extra)
 
@@ -139,7 +139,7 @@ def test_single_host_dry_run_prints_every_command_in_order():
   assert '--worker=all' in scp and scp[-4].endswith('.tar.gz')
   assert "pip install --quiet -e '.[tpu]'" in remote_command(setup)
   assert remote_command(run).count(' -m mae_jax.main ') == 1
-  assert '--config=configs/default.py:variant=B/16' in shlex.split(remote_command(run))
+  assert '--config=configs/mae_pretrain.py:variant=B/16' in shlex.split(remote_command(run))
 
 
 def test_dash_spelling_of_flags_is_accepted():
@@ -514,7 +514,7 @@ def test_tpu_python_api_raises_value_error():
 def slurm_argv(*extra, **flags):
   defaults = {'job_name': 'mae-l16', 'nodes': 2, 'gpus_per_node': 8, 'cpus_per_task': 12,
               'partition': 'gpu', 'account': 'my-acct', 'time': '24:00:00',
-              'config': 'configs/default.py:variant=L/16', 'workdir': '/shared/mae/l16'}
+              'config': 'configs/mae_pretrain.py:variant=L/16', 'workdir': '/shared/mae/l16'}
   defaults.update(flags)
   return [f'--{k}={v}' for k, v in defaults.items()] + list(extra)
 
@@ -542,7 +542,7 @@ def test_slurm_script_for_2_nodes_of_8_gpus(tmp_path):
   assert 'JAX_LOCAL_DEVICE_IDS' not in text
   srun = text[text.index('srun --kill-on-bad-exit=1'):]
   assert shlex.split(srun)[:3] == ['srun', '--kill-on-bad-exit=1', '--cpus-per-task=12']
-  assert 'python -m mae_jax.main --config=configs/default.py:variant=L/16' in srun
+  assert 'python -m mae_jax.main --config=configs/mae_pretrain.py:variant=L/16' in srun
   script = tmp_path / 'job.sbatch'
   script.write_text(slurm.sbatch_script(slurm.job_from_args(
       slurm.build_parser().parse_args(slurm_argv()))))

@@ -128,14 +128,26 @@ def _isdir_everywhere(directory: str) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
 
 
+def _agreed_step(step: int | None) -> int | None:
+  """Process 0's `step` on every process: another run may finish a checkpoint between their looks."""
+  if jax.process_count() == 1:
+    return step
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  agreed = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
+  return None if agreed < 0 else agreed
+
+
 def latest_step(workdir: str) -> int | None:
-  """Newest complete checkpoint step in a workdir, or None (all processes of a job must call it together)."""
+  """Newest complete checkpoint step in a workdir (as process 0 sees it), or None.
+
+  All processes of a job must call it together.
+  """
   directory = checkpoint_dir(workdir)
   if not _isdir_everywhere(directory):
     return None
   manager = _open(directory, ocp.CheckpointManagerOptions(create=False, read_only=True))
   try:
-    return manager.latest_step()
+    return _agreed_step(manager.latest_step())
   finally:
     manager.close()
 
@@ -148,7 +160,7 @@ def _load(workdir, step, abstract_params, with_params=True):
         f'fine-tuning run (python -m mae_jax.main --workdir=...)')
   manager = _open(directory, ocp.CheckpointManagerOptions(create=False, read_only=True))
   try:
-    step = manager.latest_step() if step is None else step
+    step = _agreed_step(manager.latest_step()) if step is None else step
     if step is None:
       raise FileNotFoundError(f'no complete checkpoint in {directory}')
     if step not in manager.all_steps():

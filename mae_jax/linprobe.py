@@ -41,7 +41,7 @@ class ProbeHead(nn.Module):
       # torch BatchNorm1d(affine=False): running stats with momentum 0.1.
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.batchnorm_eps,
                        use_bias=False, use_scale=False, name='head_bn')(x)
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(self.init_std),
+    return nn.Dense(self.num_classes, kernel_init=vit.head_init(self.init_std),
                     name='head')(x)
 
 
@@ -161,6 +161,7 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   jax.config.update('jax_threefry_partitionable', True)
   mesh = parallel.create_mesh(config.mesh)
   supervised.validate_config(config, mesh)
+  config = supervised.pin_pretrained_step(config, workdir)  # A resumed probe keeps its encoder.
   num_classes = inputs.resolve_num_classes(config)
   feature_fn, encoder = probe_feature_fn(config)
   head = ProbeHead(num_classes=num_classes, batchnorm=bool(config.head_batchnorm),
@@ -232,7 +233,7 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _shuffled_feature_batches(features, labels, config.batch_size, config.seed, start_step)
 
   task = supervised.Task(kind='linprobe', init_fn=init_fn, step_fn=step_fn, eval_fn=eval_fn,
-                         batches_fn=batches_fn, frozen=encoder_params,
+                         batches_fn=batches_fn, frozen=encoder_params, meta=supervised.pretrained_record(config),
                          saved_tree=lambda s: {'params': s.params, 'batch_stats': s.batch_stats},
                          from_saved=lambda saved: (saved['params'], saved['batch_stats']))
   return supervised.run(config, workdir, mesh, task, total_steps, steps_per_epoch)

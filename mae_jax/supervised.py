@@ -30,26 +30,40 @@ def kind(config) -> str:
   return config.downstream
 
 
+# Downstream settings that a trainer does not read, with the value that says what it does instead. Any other
+# value would be ignored without a word, so validate_config refuses it.
+UNREAD_SETTINGS = {
+    'linprobe': {'freeze_encoder': True, 'drop_path_rate': 0.0, 'mixup': 0.0, 'cutmix': 0.0},
+    'finetune': {'head_batchnorm': False, 'probe_cached_features': False},
+}
+
+
 def validate_config(config, mesh) -> None:
   """Fails fast, naming the key, on settings that cannot work. No compile happens here."""
   which = kind(config)
   loop.check_loop_settings(config, mesh)
   if config.pretrained_workdir and config.pretrained_path:
     raise ValueError('pretrained_workdir and pretrained_path are both set: set one of them')
+  if which == 'finetune' and config.freeze_encoder:
+    raise ValueError('freeze_encoder=True with downstream=finetune: use downstream=linprobe to train '
+                     'a head on a frozen encoder')
+  for key, value in UNREAD_SETTINGS.get(which, {}).items():
+    if key in config and config[key] != value:
+      raise ValueError(f'{key}={config[key]!r} has no effect with downstream={which}, which works as '
+                       f'{key}={value!r}: leave it at that')
+  if which == 'knn':
+    return
+  if not 0 <= config.label_smoothing < 1:
+    raise ValueError(f'label_smoothing={config.label_smoothing}: must be in [0, 1)')
   if which != 'finetune':
     return
   if config.mixup_mode not in augment.MIXUP_MODES:
     raise ValueError(f'mixup_mode={config.mixup_mode!r}: must be one of {augment.MIXUP_MODES}')
-  for key in ('mixup', 'cutmix', 'label_smoothing', 'reprob'):
+  for key in ('mixup', 'cutmix', 'reprob'):
     if config[key] < 0:
       raise ValueError(f'{key}={config[key]}: must be >= 0')
-  if not 0 <= config.label_smoothing < 1:
-    raise ValueError(f'label_smoothing={config.label_smoothing}: must be in [0, 1)')
   if config.remode not in augment.ERASE_MODES:
     raise ValueError(f'remode={config.remode!r}: must be one of {augment.ERASE_MODES}')
-  if config.freeze_encoder:
-    raise ValueError('freeze_encoder=True with downstream=finetune: use downstream=linprobe to train '
-                     'a head on a frozen encoder')
 
 
 def make_optimizer(config, params, depth: int, steps_per_epoch: int, total_steps: int):
@@ -101,6 +115,46 @@ def evaluate(eval_step, batches, mesh, *args) -> dict:
 # ----------------------------------------------------------------------------
 # The run.
 
+def pin_pretrained_step(config, workdir: str):
+  """A copy of `config` whose pretrained_step names one checkpoint: the encoder this run trains on.
+
+  A linear probe's checkpoints hold only its head; the frozen encoder is read
+  again at every start. So a resumed probe takes the step its checkpoint
+  recorded (`meta['pretrained']`), not the newest one of a pretraining run that
+  went on in the meantime; a fresh one takes the newest there is now.
+  """
+  config = config.copy_and_resolve_references()
+  if not config.pretrained_workdir:
+    return config
+  saved = ckpt_lib.latest_step(workdir)
+  recorded = (ckpt_lib.load_meta(workdir, saved).get('pretrained') or {}) if saved is not None else {}
+  if not recorded:  # A fresh run (or a checkpoint from before the record): the newest step now.
+    newest = ckpt_lib.latest_step(config.pretrained_workdir) if config.pretrained_step < 0 else None
+    if newest is not None:  # None: loading names what is missing.
+      config.pretrained_step = newest
+    return config
+  where = f'{workdir} (step {saved}) was trained on the encoder of {recorded["workdir"]} step {recorded["step"]}'
+  if recorded['workdir'] != config.pretrained_workdir or config.pretrained_step not in (-1, recorded['step']):
+    raise ValueError(f'pretrained_workdir={config.pretrained_workdir!r}, pretrained_step={config.pretrained_step}: '
+                     f'the run in {where}. Resume with that encoder, or start the new one in a new workdir')
+  try:
+    ckpt_lib.load_meta(recorded['workdir'], recorded['step'])
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'the run in {where}, which is gone ({e}); start a new workdir to train on '
+                            'another step') from None
+  if config.pretrained_step < 0:
+    logging.info('Resuming on the encoder the checkpoint records: %s step %d', recorded['workdir'], recorded['step'])
+  config.pretrained_step = int(recorded['step'])
+  return config
+
+
+def pretrained_record(config) -> dict:
+  """What a checkpoint's meta['pretrained'] holds (pin_pretrained_step reads it back)."""
+  if not config.pretrained_workdir:
+    return {}
+  return {'pretrained': {'workdir': config.pretrained_workdir, 'step': int(config.pretrained_step)}}
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What differs between fine-tuning and linear probing."""
@@ -112,6 +166,7 @@ class Task:
   frozen: Any = None  # Encoder params (on the mesh) the step reads but does not train.
   # params (global arrays) -> params whose encoder leaves are the pretrained host arrays.
   pretrained: Callable | None = None
+  meta: dict = dataclasses.field(default_factory=dict)  # Further entries of every checkpoint's meta.
   saved_tree: Callable = lambda s: s.params  # What a checkpoint's 'params' item holds.
   from_saved: Callable = lambda saved: (saved, None)  # -> (params, batch_stats or None)
 
@@ -159,7 +214,8 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
   result = loop.train_loop(
       config, workdir, mesh, state=state, step_fn=lambda s, b: jit_step(s, b, frozen), batches=batches,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, saved_tree=task.saved_tree,
-      extra_meta=lambda evals: {'downstream': task.kind, 'eval': {k: float(v) for k, v in evals.items()}},
+      extra_meta=lambda evals: {'downstream': task.kind, **task.meta,
+                                'eval': {k: float(v) for k, v in evals.items()}},
       evaluate=evaluate_now)
   evals = result.evals
   if result.status == 'done' and not evals:  # Resumed at the end: evaluate the final state again.

@@ -4,6 +4,7 @@ Tiny models (mae_vit_test) on the labelled synthetic source, 8 CPU devices (test
 """
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import linprobe as linprobe_recipe
-from mae_jax import checkpoint, knn, linprobe
+from configs import test as test_config
+from mae_jax import checkpoint, knn, linprobe, train
 from mae_jax.data import inputs
 
 pytestmark = pytest.mark.usefixtures('jit_cache')
@@ -39,3 +41,35 @@ def test_linear_probe_trains_only_bn_and_linear_on_the_frozen_encoder(pretrained
   with np.load(os.path.join(workdir, 'features', 'train.npz')) as got:
     np.testing.assert_allclose(got['features'], want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got['labels'], labels)
+
+
+def test_a_resumed_probe_keeps_the_encoder_it_was_trained_on(pretrained, tmp_path):
+  pre, probe = str(tmp_path / 'pre'), str(tmp_path / 'probe')
+  shutil.copytree(pretrained, pre)  # A pretraining run at step 1.
+  config = linprobe_recipe.get_config('variant=B/16,runlocal=True')
+  config.pretrained_workdir = pre
+  config.probe_cached_features = True
+  config.num_train_steps = 1
+  assert linprobe.linear_probe(config, probe)['status'] == 'done'
+  assert checkpoint.load_meta(probe, 1)['pretrained'] == {'workdir': pre, 'step': 1}
+
+  # The pretraining run goes on to step 2; the probe, resumed with pretrained_step=-1, stays on step 1.
+  pretrain = test_config.get_config('steps=2')
+  pretrain.keep_checkpoints = 2
+  assert train.train_and_evaluate(pretrain, pre)['status'] == 'done'
+  assert checkpoint.latest_step(pre) == 2
+  config.num_train_steps = 2
+  assert linprobe.linear_probe(config, probe)['status'] == 'done'
+  assert checkpoint.load_meta(probe, 2)['pretrained'] == {'workdir': pre, 'step': 1}
+
+  # Asking for another encoder in the same workdir, or resuming once the encoder's step is gone, is an error.
+  config.num_train_steps = 3
+  config.pretrained_step = 2
+  with pytest.raises(ValueError, match=rf'pretrained_step=2: the run in {probe} \(step 2\) was trained on the '
+                                       rf'encoder of {pre} step 1\. Resume with that encoder'):
+    linprobe.linear_probe(config, probe)
+  config.pretrained_step = -1
+  shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(pre), '1'))  # As keep_checkpoints prunes it.
+  with pytest.raises(FileNotFoundError, match=rf'encoder of {pre} step 1, which is gone \(step 1 is not in'):
+    linprobe.linear_probe(config, probe)
+  assert checkpoint.latest_step(probe) == 2

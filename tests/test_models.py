@@ -213,6 +213,20 @@ def test_init_matches_reference_scheme():
   np.testing.assert_array_equal(enc['norm']['scale'], 1.0)
 
 
+def test_head_init_is_timms_trunc_normal_cut_at_2_absolute():
+  torch = pytest.importorskip('torch')
+  for std in (0.01, 1.5):  # Cut at 200 std (a plain normal) and at 1.33 std.
+    ours = np.asarray(vit.head_init(std)(jax.random.key(0), (512, 512)))
+    ref = torch.nn.init.trunc_normal_(torch.empty(512, 512), std=std,
+                                      generator=torch.Generator().manual_seed(0)).numpy()
+    assert abs(ours.std() - ref.std()) < 0.01 * std, (std, ours.std(), ref.std())
+    assert np.abs(ours).max() <= 2.0
+  # The classifier's head (std 2e-5, as the reference's fine-tuning): the full std, not 0.88 of it.
+  model = models.get_classifier('mae_vit_test', num_classes=1000, image_size=32)
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))()['params']
+  assert abs(float(np.std(params['head']['kernel'])) / 2e-5 - 1) < 0.03
+
+
 def test_encoder_mask_tokens_variant():
   model = models.get_model('mae_vit_test', encoder_mask_tokens=True)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

@@ -50,3 +50,22 @@ def test_loop_settings_that_cannot_work_fail_before_any_compile(recipe, key, val
   with pytest.raises(ValueError, match=match):
     run(config, str(tmp_path))
   assert not os.listdir(str(tmp_path))
+
+
+@pytest.mark.parametrize('recipe,key,value,match', [
+    (linprobe_recipe, 'label_smoothing', 1.5, r'label_smoothing=1.5: must be in \[0, 1\)'),
+    (finetune_recipe, 'label_smoothing', -0.1, r'label_smoothing=-0.1: must be in \[0, 1\)'),
+    (linprobe_recipe, 'freeze_encoder', False, 'freeze_encoder=False has no effect with downstream=linprobe'),
+    (linprobe_recipe, 'mixup', 0.8, 'mixup=0.8 has no effect with downstream=linprobe, which works as mixup=0.0'),
+    (linprobe_recipe, 'cutmix', 1.0, 'cutmix=1.0 has no effect with downstream=linprobe'),
+    (linprobe_recipe, 'drop_path_rate', 0.1, 'drop_path_rate=0.1 has no effect with downstream=linprobe'),
+    (finetune_recipe, 'head_batchnorm', True, 'head_batchnorm=True has no effect with downstream=finetune'),
+    (finetune_recipe, 'probe_cached_features', True, 'probe_cached_features=True has no effect'),
+    (finetune_recipe, 'freeze_encoder', True, 'freeze_encoder=True with downstream=finetune: use downstream=linprobe'),
+], ids=lambda v: v.__name__.split('.')[-1] if hasattr(v, '__name__') else None)
+def test_settings_the_trainer_would_ignore_or_misread_are_refused(recipe, key, value, match):
+  config = recipe.get_config('variant=B/16,runlocal=True')
+  supervised.validate_config(config, None)  # The recipe itself passes.
+  config[key] = value
+  with pytest.raises(ValueError, match=match):
+    supervised.validate_config(config, None)

@@ -91,12 +91,14 @@ def load_pretrained_encoder(config) -> tuple[dict | None, str]:
     raise ValueError('pretrained_workdir and pretrained_path are both set: set one of them')
   if workdir:
     step = int(config.pretrained_step)
-    params, saved_config = checkpoint.load_params(workdir, None if step < 0 else step)
+    # The newest step is looked up once (process 0's view), then loaded and named: a run that is still
+    # training may add a checkpoint in between.
+    step = checkpoint.latest_step(workdir) if step < 0 else step
+    params, saved_config = checkpoint.load_params(workdir, step)
     params = layout.plain(params)
     if 'encoder' not in params:
       raise ValueError(f'pretrained_workdir={workdir!r}: its params have no "encoder" '
                        f'(top-level keys {sorted(params)}); is it a mae_jax pretraining or fine-tuning run?')
-    step = checkpoint.latest_step(workdir) if step < 0 else step
     source = f'{workdir} step {step}'
     source_grid = _saved_grid(saved_config or {})
   elif path:

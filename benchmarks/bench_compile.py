@@ -16,7 +16,7 @@ import bench_train_step as common
 import jax
 from absl import app, flags
 
-from mae_jax import aot, flops, loop, parallel
+from mae_jax import aot, flops, parallel, train_state
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'H', 'Model: tiny, B, L, H or a full name.')
@@ -33,7 +33,7 @@ def compile_once(config, devices):
   mesh = parallel.create_mesh(config.mesh, devices)
   step = aot.make_train_step(config, mesh)
   start = time.perf_counter()
-  with loop.mesh_context(mesh):
+  with train_state.mesh_context(mesh):
     lowered = step.jitted.lower(step.abstract_state, step.abstract_batch)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()

@@ -10,7 +10,7 @@ round, medians, compilation excluded:
   plain+norm  the same, and the gradients' global norm, which the guard reads
             (and the trainers report as train/grad_norm): one more pass over
             the gradients;
-  guarded   mae_jax.loop.guarded_update (the trainers' update: a lax.cond);
+  guarded   mae_jax.train_state.guarded_update (the trainers' update: a lax.cond);
   select    the former guard: both outcomes computed, then jnp.where on every
             parameter and moment.
 
@@ -29,7 +29,7 @@ from absl import app, flags
 sys.path.insert(0, __file__.rsplit('/benchmarks/', 1)[0])
 
 from configs import default  # noqa: E402
-from mae_jax import loop, optim  # noqa: E402
+from mae_jax import optim, train_state  # noqa: E402
 from mae_jax.models import from_config  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -81,10 +81,10 @@ def main(argv):
   fns = {
       'plain': jax.jit(plain, donate_argnums=0),
       'plain+norm': jax.jit(plain_and_norm, donate_argnums=0),
-      'guarded': jax.jit(lambda s, g: loop.guarded_update(s, loss, g, tx, 10)[:2], donate_argnums=0),
+      'guarded': jax.jit(lambda s, g: train_state.guarded_update(s, loss, g, tx, 10)[:2], donate_argnums=0),
       'select': jax.jit(lambda s, g: select_guard(s, loss, g, tx, 10), donate_argnums=0),
   }
-  init = jax.jit(lambda p: loop.new_state(p, tx))
+  init = jax.jit(lambda p: train_state.new_state(p, tx))
   states = {name: init(params) for name in fns}
   def call(name):
     out = jax.block_until_ready(fns[name](states[name], grads))

@@ -2,9 +2,10 @@ r"""Train-step throughput of MAE ViT-Ti/B/L/H on the current backend, compile ex
 
   python benchmarks/bench_train_step.py --models=tiny,B,L,H [--batch=8] [--steps=5] [--json_out=rows.json]
 
-Builds the step exactly as the trainer does (mae_jax.aot.make_train_step: mesh
-over all devices, partition rules, donated state), on synthetic 224x224x3
-images. Prints images/s, images/s per device, achieved analytic TFLOP/s per
+Builds the step exactly as the trainer does (mae_jax.pretrain_step.build_train_step,
+what mae_jax.aot compiles: mesh over all devices, partition rules, donated
+state), on synthetic 224x224x3 images. Needs no TensorFlow (the GPU suite runs
+it on images without it). Prints images/s, images/s per device, achieved analytic TFLOP/s per
 device and MFU when the device's peak is known (not on CPU). A benchmark: it
 prints figures and never fails on time.
 """
@@ -20,7 +21,8 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from mae_jax import aot, fileio, flops, parallel
+from mae_jax import fileio, flops, parallel, pretrain_step
+from mae_jax.models import from_config
 
 MODELS = {
     'tiny': 'mae_vit_tiny_patch16',
@@ -82,12 +84,12 @@ class StepRunner:
   def __init__(self, config: ml_collections.ConfigDict, devices=None, keep_state: bool = True):
     self.config = config
     mesh = parallel.create_mesh(config.mesh, devices)
-    self.step = aot.make_train_step(config, mesh)
+    self.step = pretrain_step.build_train_step(config, mesh, pretrain_step.NOMINAL_TRAIN_EXAMPLES)
     self.num_devices = mesh.devices.size
     start = time.perf_counter()
     self.compiled = self.step.jitted.lower(self.step.abstract_state, self.step.abstract_batch).compile()
     self.compile_seconds = time.perf_counter() - start
-    self.flops_per_image = aot.train_flops_per_image(config)
+    self.flops_per_image = pretrain_step.train_flops_per_image(from_config.build_mae(config), config.mask_ratio)
     self.state = self.batch = None
     if keep_state:
       self.load()

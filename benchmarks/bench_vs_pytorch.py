@@ -3,8 +3,8 @@ r"""The MAE pretraining step in mae_jax and in PyTorch, timed side by side in on
   python benchmarks/bench_vs_pytorch.py [--model=b16] [--batch=8] [--rounds=5] [--skip_compile] \
       [--json_out=vs_pytorch.json]
 
-mae_jax: the step exactly as the trainer runs it (`train.build_train_step` via
-`aot.make_train_step`: the config's optimizer and schedule, the non-finite
+mae_jax: the step exactly as the trainer runs it (`pretrain_step.build_train_step`,
+what `mae_jax.aot` compiles: the config's optimizer and schedule, the non-finite
 guard, the step's metrics, donated state), on one device.
 
 PyTorch: Hugging Face `transformers.ViTMAEForPreTraining` with the same sizes

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import study_report  # noqa: E402  # pylint: disable=g-import-not-at-top
 
-from mae_jax import console  # noqa: E402  # pylint: disable=g-import-not-at-top
+from mae_jax import console, pretrain_step  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'workdirs/fm_study', 'Study directory (one workdir per stage inside).')
@@ -150,12 +150,12 @@ class Study:
     import jax  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
 
-    from mae_jax import features, train  # pylint: disable=g-import-not-at-top
+    from mae_jax import features  # pylint: disable=g-import-not-at-top
     from mae_jax.models import from_config  # pylint: disable=g-import-not-at-top
     kwargs, params, _ = features.load_encoder(workdir=pretrain_dir)
-    if not pretrained:  # The same seed and initialisers as train.build_train_step: its step-0 weights.
+    if not pretrained:  # The same seed and initialisers as pretrain_step.build_train_step: its step-0 weights.
       init_rng, _ = jax.random.split(jax.random.key(config.seed))
-      state = train.init_state(from_config.build_mae(config), optax.identity(), config, init_rng)
+      state = pretrain_step.init_state(from_config.build_mae(config), optax.identity(), config, init_rng)
       params = jax.device_get(state.params['encoder'])
     mean, std = config.dataset.mean[0], config.dataset.std[0]
     return lambda: self.eval.encoder_rows(kwargs, params, self.data, mean, std)

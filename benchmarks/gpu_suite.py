@@ -258,6 +258,9 @@ def machine_meta(python: str, workdir: str, command: str) -> dict:
 
 def write_text(path: str, text: str) -> None:
   # mae_jax (and so jax) is imported only here: argument checks and --dry_run run before the setup.
+  # This checkout's, as the rows import it, also where it is not installed.
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
   from mae_jax import fileio  # pylint: disable=g-import-not-at-top
   fileio.write_text(path, text)
 

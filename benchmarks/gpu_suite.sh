@@ -73,9 +73,9 @@ check() {  # check gpu|cpu PYTHON: mae_jax's step imports and JAX has the backen
 import sys
 try:
   import jax
-  from mae_jax import train  # noqa: F401
+  from mae_jax import pretrain_step  # noqa: F401  (the step the benchmarks build; no TensorFlow)
 except Exception as e:  # pylint: disable=broad-except
-  sys.exit(f'cannot import mae_jax.train: {type(e).__name__}: {e}')
+  sys.exit(f'cannot import mae_jax.pretrain_step: {type(e).__name__}: {e}')
 if jax.default_backend() != sys.argv[1]:
   sys.exit(f'JAX sees no {sys.argv[1].upper()}: default backend {jax.default_backend()}, devices {jax.devices()}')
 EOF

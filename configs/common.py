@@ -172,16 +172,15 @@ DOWNSTREAM_KINDS = ('finetune', 'linprobe')
 PRETRAIN_ONLY_KEYS = ('mask_ratio', 'norm_pix_loss', 'visualize_every_steps', 'model.encoder_mask_tokens')
 
 
-def downstream_base(kind: str, variant: str) -> ml_collections.ConfigDict:
-  """The keys shared by fine-tuning and linear probing, set to neutral values.
+def downstream_base(kind: str, variant: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The keys shared by fine-tuning and linear probing, set to neutral values, on `config` (default.py's).
 
   configs/finetune.py and configs/linprobe.py fill in their recipes; the
   entry point (mae_jax.main) reads `downstream` to pick the trainer: mae_jax.finetune or mae_jax.linprobe.
+  Returns `config`, changed in place.
   """
-  from configs import default  # pylint: disable=g-import-not-at-top
   if kind not in DOWNSTREAM_KINDS:
     raise ValueError(f'downstream={kind!r}: must be one of {DOWNSTREAM_KINDS}')
-  config = default.get_config()
   for key in PRETRAIN_ONLY_KEYS:
     node, name = _parent_and_name(config, key)
     del node[name]

@@ -13,15 +13,15 @@ and the reconstructions are not recognisable; plain targets keep the
 silhouette. The kNN monitor (mean-pooled patch tokens) runs 4 times a run.
 """
 
-from configs import default
+from configs import common, default
 
 
 def get_config(arg=None):
-  """A mini ViT (28x28, 4x4 patches, width 128, depth 4) on Fashion-MNIST."""
+  """A mini ViT (28x28, 4x4 patches, width 128, depth 4) on Fashion-MNIST; `steps=N,data_dir=DIR`."""
+  args = common.parse_arg(arg, steps=600, data_dir='.data/tensorflow_datasets', runlocal=False)
   config = default.get_config()
-  args = dict(item.split('=', 1) for item in (arg or '').split(',') if item)
   config.dataset.name = 'fashion_mnist'
-  config.dataset.data_dir = args.get('data_dir', '.data/tensorflow_datasets')
+  config.dataset.data_dir = args.data_dir
   config.dataset.image_size = 28
   config.dataset.channels = 1
   config.dataset.mean = (0.2860,)
@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.mask_ratio = 0.75
   config.norm_pix_loss = False  # Plain pixels: recognisable reconstructions (see the module doc).
   config.batch_size = 256
-  config.num_train_steps = int(args.get('steps', 600))
+  config.num_train_steps = args.steps
   config.log_every_steps = min(50, max(1, config.num_train_steps))
   config.checkpoint_every_steps = 200
   config.eval_every_steps = max(1, config.num_train_steps // 4)  # kNN monitor: eval/knn_top1 as it trains.
@@ -41,4 +41,6 @@ def get_config(arg=None):
   config.knn.eval_examples = 5_000  # Queries: the first 5,000 test images (about 30 s an evaluation on 2 cores).
   config.optim.base_lr = 1.5e-4 * 10  # short schedule: a higher lr than the 800-epoch recipe
   config.optim.warmup_steps = min(50, max(1, config.num_train_steps // 12))  # 50 of the default 600
+  if args.runlocal:
+    common.apply_runlocal(config)
   return config

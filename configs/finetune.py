@@ -20,7 +20,7 @@ takes the center 224 crop (above 224: no zoom, the center crop of the image
 resized to SIZE).
 """
 
-from configs import common
+from configs import common, default
 from mae_jax import optim as optim_lib
 from mae_jax.models import mae as mae_models
 
@@ -60,7 +60,7 @@ def get_config(arg=None):
   base, image_size = split_variant(arg.variant)
   common.variant_settings(base)  # Names close matches for a typo.
   epochs, base_lr, layer_decay, drop_path_rate = RECIPES[base]
-  config = common.downstream_base('finetune', base)
+  config = common.downstream_base('finetune', base, default.get_config())
 
   config.batch_size = 1024  # Effective batch; lr = base_lr * batch_size / 256.
   config.num_epochs = epochs

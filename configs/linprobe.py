@@ -13,13 +13,13 @@ then cosine to 0, 90 epochs; RandomResizedCrop(224, bicubic) + flip only;
 eval resizes the shorter side to 256 and takes the center 224 crop.
 """
 
-from configs import common
+from configs import common, default
 
 
 def get_config(arg=None):
   """The linear-probe recipe of `variant`."""
   arg = common.parse_arg(arg, variant='L/16', runlocal=False)
-  config = common.downstream_base('linprobe', arg.variant)
+  config = common.downstream_base('linprobe', arg.variant, default.get_config())
 
   config.batch_size = 16384  # Effective batch; lr = base_lr * batch_size / 256.
   config.num_epochs = 90

@@ -5,7 +5,7 @@
 
 With libtpu installed (`pip install "jax[tpu]"`), `get_topology_desc` gives
 compile-only devices of any slice shape. The train step is the one the
-trainer runs: for pretraining `train.build_train_step` (as `train.train_and_evaluate`),
+trainer runs: for pretraining `pretrain_step.build_train_step` (as `train.train_and_evaluate`),
 for a fine-tuning config (config.downstream='finetune', configs/finetune.py)
 `finetune.build_train_step` (as `finetune.finetune`; mixup / cutmix, drop path,
 layer decay; config.num_classes sets the head): mesh and partition rules from
@@ -36,7 +36,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mae_jax import config_tools, console, finetune, loop, parallel, supervised, train
+from mae_jax import config_tools, console, finetune, parallel, pretrain_step, supervised, train_state
 from mae_jax import flops as flops_lib
 from mae_jax.accelerators import (  # noqa: F401  pylint: disable=unused-import
   GENERATION_ALIASES,
@@ -49,9 +49,6 @@ from mae_jax.accelerators import (  # noqa: F401  pylint: disable=unused-import
 from mae_jax.models import from_config
 
 # Topologies live in accelerators; aot.parse_topology and the rest above stay importable from here.
-
-# Only the schedule's length depends on it, never a shape of the compiled step.
-NOMINAL_TRAIN_EXAMPLES = 1_281_167  # ImageNet-1k train split.
 
 
 class DoesNotFitError(RuntimeError):
@@ -71,17 +68,17 @@ def _downstream(config: ml_collections.ConfigDict) -> str | None:
   return kind
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train.TrainStep:
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> pretrain_step.TrainStep:
   """The train step exactly as the trainer builds and runs it, for `mesh`.
 
-  Pretraining: `train.build_train_step`, as `train.train_and_evaluate` calls
+  Pretraining: `pretrain_step.build_train_step`, as `train.train_and_evaluate` calls
   it; fine-tuning (config.downstream='finetune'): `finetune.build_train_step`,
   as `finetune.finetune` calls it (with config.num_classes). The same function,
   shardings and batch structure; only the schedule's length assumes ImageNet-1k.
   """
   if _downstream(config) == 'finetune':
-    return finetune.build_train_step(config, mesh, NOMINAL_TRAIN_EXAMPLES)
-  return train.build_train_step(config, mesh, NOMINAL_TRAIN_EXAMPLES)
+    return finetune.build_train_step(config, mesh, pretrain_step.NOMINAL_TRAIN_EXAMPLES)
+  return pretrain_step.build_train_step(config, mesh, pretrain_step.NOMINAL_TRAIN_EXAMPLES)
 
 
 def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
@@ -92,7 +89,7 @@ def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
   """
   if _downstream(config) == 'finetune':
     return finetune.train_flops_per_image(config, finetune.config_num_classes(config))
-  return train.train_flops_per_image(from_config.build_mae(config), config.mask_ratio)
+  return pretrain_step.train_flops_per_image(from_config.build_mae(config), config.mask_ratio)
 
 
 # ----------------------------------------------------------------------------
@@ -179,7 +176,7 @@ def _parse_exhausted(message: str) -> tuple[int | None, int | None]:
   return int(float(needed) * _UNITS[unit]), int(float(available) * _UNITS[unit2])
 
 
-def _argument_bytes_per_device(step: train.TrainStep) -> int:
+def _argument_bytes_per_device(step: pretrain_step.TrainStep) -> int:
   """Bytes of one device's shard of the state and the batch: a lower bound (TPU layouts pad to tiles)."""
   total = 0
   for tree, shardings in ((step.abstract_state, step.state_shardings),
@@ -280,7 +277,7 @@ def compile_report(config: ml_collections.ConfigDict, spec: TopologySpec,
       hbm_bandwidth_per_chip=chip.hbm_bandwidth)
   start = time.perf_counter()
   try:
-    with loop.mesh_context(mesh):
+    with train_state.mesh_context(mesh):
       compiled = step.jitted.lower(step.abstract_state, step.abstract_batch).compile()
   except Exception as e:  # pylint: disable=broad-except
     message = str(e)

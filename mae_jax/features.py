@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from mae_jax import checkpoint, fileio, loop, parallel
+from mae_jax import checkpoint, fileio, parallel, train_state
 from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, input_pipeline, prepare, preprocess, sources
 from mae_jax.models import from_config, mae, vit
 from mae_jax.weights import files, layout
@@ -352,7 +352,7 @@ def extract(features_fn, params, batches: Iterator[dict], *, num_batches: int, t
     bar = tqdm.tqdm(total=total, desc='features', unit='img', file=sys.stderr, dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
   start = time.time()
-  with loop.mesh_context(mesh):
+  with train_state.mesh_context(mesh):
     for b, local in enumerate(batches):
       batch = parallel.global_batch_from_local({'image': local['image'], 'index': local['index'],
                                                 'label': local['label']}, mesh)

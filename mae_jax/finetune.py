@@ -31,14 +31,14 @@ import optax
 from absl import logging
 
 from mae_jax import checkpoint as ckpt_lib
+from mae_jax import data, parallel, pretrain_step, supervised, train_state
 from mae_jax import flops as flops_lib
-from mae_jax import loop, parallel, supervised, train
 from mae_jax.data import augment, inputs
 from mae_jax.models import from_config
 from mae_jax.weights import pretrained
 
 
-def finetune_step(state: loop.TrainState, batch: dict, frozen=None, *, model, tx, lr_fn, num_classes: int,
+def finetune_step(state: train_state.TrainState, batch: dict, frozen=None, *, model, tx, lr_fn, num_classes: int,
                   label_smoothing: float, mix: Callable, accum_steps: int, max_nonfinite: int, base_rng,
                   micro_sharding=None):
   """One fine-tuning step: smoothed targets, mixup / cutmix, drop path, AdamW with layer decay."""
@@ -52,11 +52,11 @@ def finetune_step(state: loop.TrainState, batch: dict, frozen=None, *, model, tx
     logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean(), batch_stats
 
-  loss, _, grads = loop.value_and_grad(loss_fn, state.params, state.batch_stats, (images, targets), drop_key,
-                                       accum_steps, micro_sharding)
-  new_state, grad_norm, finite = loop.guarded_update(state, loss, grads, tx, max_nonfinite,
-                                                     batch_stats=state.batch_stats)
-  return new_state, loop.step_metrics(loss, grad_norm, finite, lr_fn(state.step), batch)
+  loss, _, grads = train_state.value_and_grad(loss_fn, state.params, state.batch_stats, (images, targets), drop_key,
+                                              accum_steps, micro_sharding)
+  new_state, grad_norm, finite = train_state.guarded_update(state, loss, grads, tx, max_nonfinite,
+                                                            batch_stats=state.batch_stats)
+  return new_state, train_state.step_metrics(loss, grad_norm, finite, lr_fn(state.step), batch)
 
 
 def mixer(config, mesh) -> Callable:
@@ -74,7 +74,7 @@ BATCH_KEYS = ('image', 'label', 'corrupt')
 
 
 @dataclasses.dataclass
-class FinetuneStep(train.TrainStep):
+class FinetuneStep(pretrain_step.TrainStep):
   """The fine-tuning step as it runs: what `finetune` trains with and `mae_jax.aot` compiles.
 
   `jitted` takes (state, batch); `step_fn` is the same function unjitted, with
@@ -110,14 +110,14 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   supervised.validate_config(config, mesh)
   num_classes = config_num_classes(config) if num_classes is None else int(num_classes)
   model = from_config.build_classifier(config, num_classes)
-  steps_per_epoch, total_steps = loop.train_steps(config, num_examples)
-  image_shape = inputs.image_shape(config)
+  steps_per_epoch, total_steps = train_state.train_steps(config, num_examples)
+  image_shape = data.image_shape(config)
   abstract_params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape))))['params']
   tx, lr_fn = supervised.make_optimizer(config, abstract_params, model.encoder['depth'], steps_per_epoch,
                                         total_steps)
 
   def init_fn(rng):  # A pretrained encoder is merged after init (supervised.Task.pretrained).
-    return loop.new_state(model.init({'params': rng}, jnp.zeros((1, *image_shape)))['params'], tx)
+    return train_state.new_state(model.init({'params': rng}, jnp.zeros((1, *image_shape)))['params'], tx)
 
   init_rng = jax.random.key(config.seed)  # As supervised.run initialises.
   abstract_state = jax.eval_shape(init_fn, init_rng)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mae_jax import loop, metrics, parallel
+from mae_jax import data, loop, metrics, parallel, train_state
 from mae_jax.data import input_pipeline, inputs
 from mae_jax.models import from_config
 from mae_jax.weights import pretrained
@@ -84,7 +84,7 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
 
   params = jax.tree.map(on_mesh, params)
   features, labels, count = [], [], 0
-  with loop.mesh_context(mesh):
+  with train_state.mesh_context(mesh):
     for local in batches:
       local = dict(local)
       local.setdefault('mask', np.ones(len(local['label']), bool))
@@ -257,7 +257,7 @@ def knn_monitor(model, params, config, mesh=None, **overrides) -> dict:
 
 def frozen_encoder_params(config, encoder, mesh):
   """(params on the mesh, source) of the frozen encoder: pretrained, else random (seed) with a warning."""
-  images = jnp.zeros((1, *inputs.image_shape(config)))
+  images = jnp.zeros((1, *data.image_shape(config)))
   encoder_params, source = pretrained.load_pretrained_encoder(config)
   if encoder_params is None:
     logging.warning('No pretrained_workdir / pretrained_path: a randomly initialised encoder (seed %d)',

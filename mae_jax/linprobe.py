@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mae_jax import fileio, knn, loop, parallel, supervised
+from mae_jax import fileio, knn, parallel, supervised, train_state
 from mae_jax.data import augment, inputs
 from mae_jax.models import from_config, vit
 
@@ -67,7 +67,7 @@ def probe_feature_fn(config) -> tuple[Callable, vit.VisionTransformer]:
   return feature_fn, encoder
 
 
-def linprobe_step(state: loop.TrainState, batch: dict, encoder_params, *, head, feature_fn, tx, lr_fn,
+def linprobe_step(state: train_state.TrainState, batch: dict, encoder_params, *, head, feature_fn, tx, lr_fn,
                   num_classes: int, label_smoothing: float, accum_steps: int, max_nonfinite: int,
                   base_rng):
   """One linear-probe step: frozen features (or precomputed ones), BatchNorm + Linear, LARS."""
@@ -84,13 +84,13 @@ def linprobe_step(state: loop.TrainState, batch: dict, encoder_params, *, head, 
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     return loss, updates['batch_stats']
 
-  loss, batch_stats, grads = loop.value_and_grad(
+  loss, batch_stats, grads = train_state.value_and_grad(
       loss_fn, state.params, state.batch_stats, (features, targets), jax.random.fold_in(base_rng, state.step),
       accum_steps)
-  new_state, grad_norm, finite = loop.guarded_update(state, loss, grads, tx, max_nonfinite,
-                                                     batch_stats=batch_stats)
+  new_state, grad_norm, finite = train_state.guarded_update(state, loss, grads, tx, max_nonfinite,
+                                                            batch_stats=batch_stats)
   logits = head.apply({'params': state.params, 'batch_stats': state.batch_stats}, features)
-  metrics = loop.step_metrics(loss, grad_norm, finite, lr_fn(state.step), batch)
+  metrics = train_state.step_metrics(loss, grad_norm, finite, lr_fn(state.step), batch)
   metrics['train/top1'] = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   return new_state, metrics
 
@@ -166,7 +166,7 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   feature_fn, encoder = probe_feature_fn(config)
   head = ProbeHead(num_classes=num_classes, batchnorm=bool(config.head_batchnorm),
                    batchnorm_eps=float(config.head_batchnorm_eps), init_std=float(config.head_init_std))
-  steps_per_epoch, total_steps = loop.train_steps(config, inputs.num_train_examples(config))
+  steps_per_epoch, total_steps = train_state.train_steps(config, inputs.num_train_examples(config))
   encoder_params, source = knn.frozen_encoder_params(config, encoder, mesh)
   width = encoder.embed_dim
   abstract_head = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((2, width))))
@@ -178,7 +178,7 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def init_fn(rng):
     variables = head.init(rng, jnp.zeros((2, width)))
-    return loop.new_state(variables['params'], tx, variables.get('batch_stats', {}))
+    return train_state.new_state(variables['params'], tx, variables.get('batch_stats', {}))
 
   step_fn = functools.partial(
       linprobe_step, head=head, feature_fn=feature_fn, tx=tx, lr_fn=lr_fn, num_classes=num_classes,

@@ -1,11 +1,11 @@
-"""The training loop every trainer shares: state, guarded update, resume, preemption, logging.
+"""The training loop every trainer shares: resume, preemption, logging.
 
 Pretraining (`train`), fine-tuning (`finetune`) and linear probing (`linprobe`)
-build their model, optimizer, jitted step and input, then hand them to
-`train_loop`. What they share lives here and nowhere else:
+build their model, optimizer, jitted step (from `train_state`) and input, then
+hand them to `train_loop`. What they share lives here and nowhere else:
 
-* `TrainState` (with optional BatchNorm statistics) and `guarded_update`, the
-  optimizer step that skips non-finite steps;
+* `check_loop_settings`: the step's settings and the metric writers', before
+  anything is read or compiled;
 * `restore_or_init`: resume from the workdir's newest checkpoint, else
   initialise straight into the shardings;
 * `PreemptionFlag` and `save_or_stop`: SIGTERM saves one step (agreed across
@@ -20,206 +20,23 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from clu import periodic_actions
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import console, fileio, parallel, wandb_writer
+from mae_jax import console, fileio, parallel, train_state, wandb_writer
 from mae_jax import flops as flops_lib
-from mae_jax.models import vit
 
 RESULTS_FILE = 'results.json'
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # Optimizer steps taken (skipped non-finite steps count too).
-  params: Any  # What trains.
-  opt_state: Any
-  nonfinite_run: jax.Array  # Consecutive non-finite steps.
-  nonfinite_total: jax.Array  # All skipped steps.
-  halted: jax.Array  # Set when nonfinite_run reached the limit: the state stops changing.
-  batch_stats: Any = flax.struct.field(default_factory=dict)  # BatchNorm statistics (the probe's head).
-
-
-def new_state(params, tx: optax.GradientTransformation, batch_stats=None) -> TrainState:
-  """Step 0 of `params` with a fresh optimizer state."""
-  zero = jnp.zeros([], jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_run=zero,
-                    nonfinite_total=zero, halted=jnp.zeros([], jnp.bool_),
-                    batch_stats={} if batch_stats is None else batch_stats)
-
-
-class NonFiniteLossError(RuntimeError):
-  """Raised when too many consecutive steps had non-finite loss or gradients."""
-
-
-def guarded_update(state: TrainState, loss, grads, tx, max_nonfinite: int, **other_fields):
-  """Applies the optimizer step unless the loss or gradients are non-finite.
-
-  `other_fields` (e.g. batch_stats) are new values of further state fields,
-  kept only when the step is applied. Returns (new_state, grad_norm, finite).
-
-  The choice is a `lax.cond`: a finite step costs the optimizer update and
-  nothing more, where selecting between new and old values of every
-  parameter and moment would read and write them all a second time.
-  """
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state.halted
-  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
-
-  def apply(operand):
-    params, opt_state, _ = operand
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, dict(other_fields)
-
-  def skip(operand):
-    # As the reference, a skipped step leaves the moments (and Adam's bias-correction count)
-    # alone, but the learning-rate schedule follows the iteration: its counters advance.
-    params, opt_state, others = operand
-    advance = lambda x: x._replace(count=optax.safe_increment(x.count)) if is_schedule(x) else x
-    return params, jax.tree.map(advance, opt_state, is_leaf=is_schedule), others
-
-  others = {name: getattr(state, name) for name in other_fields}
-  params, opt_state, others = jax.lax.cond(finite, apply, skip, (state.params, state.opt_state, others))
-  nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
-  new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, nonfinite_run=nonfinite_run,
-      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-      halted=state.halted | (nonfinite_run >= max_nonfinite), **others)
-  return new_state, grad_norm, finite
-
-
-def value_and_grad(loss_fn, params, aux, inputs: tuple, rng, accum_steps: int, micro_sharding=None):
-  """(loss, aux, grads) of loss_fn(params, aux, *inputs, key) -> (loss, new aux), over accum_steps micro-batches.
-
-  With accum_steps > 1 every input splits into strided micro-batches (every
-  device's rows in every micro-batch), micro-batch i draws its randomness from
-  fold_in(rng, i), aux (e.g. BatchNorm statistics) threads through them in
-  order, and loss and grads are the micro-batches' means.
-  """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if accum_steps == 1:
-    (loss, aux), grads = grad_fn(params, aux, *inputs, rng)
-    return loss, aux, grads
-
-  def split(x):  # [B, ...] -> [accum_steps, B / accum_steps, ...], strided.
-    x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-
-  def accumulate(carry, xs):
-    loss_sum, grad_sum, aux = carry
-    index, first, *rest = xs
-    if micro_sharding is not None:
-      first = jax.lax.with_sharding_constraint(first, micro_sharding)
-    (loss, aux), grads = grad_fn(params, aux, first, *rest, jax.random.fold_in(rng, index))
-    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), aux), None
-
-  zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params), aux)
-  (loss, grads, aux), _ = jax.lax.scan(accumulate, zeros,
-                                       (jnp.arange(accum_steps), *[split(x) for x in inputs]))
-  return loss / accum_steps, aux, jax.tree.map(lambda g: g / accum_steps, grads)
-
-
-def step_metrics(loss, grad_norm, finite, lr, batch: dict) -> dict:
-  """The metrics every train step reports (and the corrupt-image count when the batch has one)."""
-  metrics = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': lr,
-             'train/skipped': (~finite).astype(jnp.float32)}
-  if 'corrupt' in batch:
-    metrics['train/corrupt_images'] = jnp.sum(batch['corrupt'].astype(jnp.int32))
-  return metrics
-
-
-# ----------------------------------------------------------------------------
-# Settings every trainer reads, checked before anything compiles.
-
-# (key, what it does).
-LOOP_SETTINGS = (
-    ('log_every_steps', 'train metrics are averaged and written every log_every_steps steps'),
-    ('max_nonfinite_steps', 'the run stops after this many non-finite steps in a row'),
-    ('preemption_sync_every_steps', 'processes agree on a SIGTERM every this many steps'),
-)
-
-
 def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
-  """Loop settings, the batch against processes and mesh, the attention backend, W&B (if enabled)."""
+  """What every trainer checks before it reads data or compiles: W&B (if enabled), then the step's settings."""
   wandb_writer.check(config)  # An enabled W&B without the package fails here, on every process.
-  for key, meaning in LOOP_SETTINGS:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f'{key}={value!r}: must be an integer >= 1 ({meaning})')
-  if config.batch_size <= 0 or config.batch_size % jax.process_count():
-    raise ValueError(f'batch_size={config.batch_size}: must be a positive multiple of the '
-                     f'{jax.process_count()} processes')
-  accum = config.grad_accum_steps
-  if accum < 1 or config.batch_size % accum:
-    raise ValueError(f'grad_accum_steps={accum}: must be >= 1 and divide batch_size={config.batch_size}')
-  if mesh is not None:
-    dp = parallel.batch_axis_size(mesh)
-    micro = config.batch_size // accum
-    if micro % dp:
-      raise ValueError(
-          f'batch_size={config.batch_size} (micro-batch {micro} with grad_accum_steps={accum}) is not '
-          f'divisible by the data-parallel size {dp} = mesh data x fsdp {dict(mesh.shape)}')
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
-  if mesh is not None:
-    check_mesh_feeds_whole_rows(np.vectorize(lambda d: d.process_index)(mesh.devices), mesh.axis_names,
-                                config.mesh.num_devices, jax.device_count(), jax.process_count())
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  vit.check_attention_platform(config.model.attention_impl, platform)
-
-
-def check_mesh_feeds_whole_rows(process_grid: np.ndarray, axis_names, num_devices_setting: int,
-                                device_count: int, process_count: int) -> None:
-  """Each process must own whole rows of the batch: else its local batch lands on the wrong rows.
-
-  `process_grid` holds the process index of each device of the mesh (shape
-  of the mesh). The batch is split over every axis but `tensor`, so the
-  devices along `tensor` (which hold the same rows) must belong to one
-  process, and with several processes every device must be in the mesh.
-  """
-  if process_count == 1:
-    return
-  if num_devices_setting not in (-1, device_count):
-    raise ValueError(f'mesh.num_devices={num_devices_setting} with {device_count} devices over several processes '
-                     'leaves devices out, so some processes would feed rows no device holds: set '
-                     'mesh.num_devices=-1')
-  if 'tensor' in axis_names:
-    rows = np.moveaxis(process_grid, list(axis_names).index('tensor'), -1)
-    if (rows != rows[..., :1]).any():
-      raise ValueError(f'mesh.tensor={rows.shape[-1]} spans processes: the devices that hold the same batch '
-                       'rows must be in one process (each process feeds its own rows); lower mesh.tensor to '
-                       'at most the devices per process')
-
-
-def train_steps(config, num_examples: int) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps) from num_train_steps or num_epochs; total_steps >= 1."""
-  steps_per_epoch = max(1, num_examples // config.batch_size)
-  if config.num_train_steps > 0:
-    return steps_per_epoch, int(config.num_train_steps)
-  if config.num_epochs <= 0:
-    raise ValueError('num_train_steps and num_epochs are both <= 0: set one of them')
-  total_steps = round(config.num_epochs * steps_per_epoch)
-  if total_steps < 1:
-    raise ValueError(
-        f'num_epochs={config.num_epochs} x {steps_per_epoch} steps per epoch ({num_examples} examples '
-        f'of dataset.train_split // batch_size={config.batch_size}) is {total_steps} training steps: '
-        'raise num_epochs or set num_train_steps > 0')
-  return steps_per_epoch, total_steps
-
-
-def mesh_context(mesh: jax.sharding.Mesh):
-  """The context steps are traced and run under: sets the (abstract) mesh, so
-  activation sharding constraints inside the model see it."""
-  return jax.set_mesh(mesh)
+  train_state.check_step_settings(config, mesh)
 
 
 # ----------------------------------------------------------------------------
@@ -356,7 +173,7 @@ def check_resume(config, workdir: str) -> None:
 
 def restore_or_init(checkpointer, init_fn: Callable, init_rng, abstract_state, shardings, mesh, *,
                     saved_tree: Callable = lambda s: s.params,
-                    from_saved: Callable = lambda saved: (saved, None)) -> tuple[TrainState, bool]:
+                    from_saved: Callable = lambda saved: (saved, None)) -> tuple[train_state.TrainState, bool]:
   """(state, resumed): the newest checkpoint onto `shardings`, else init_fn(init_rng) computed into them.
 
   `abstract_state` is jax.eval_shape(init_fn, init_rng), which the caller has
@@ -366,14 +183,14 @@ def restore_or_init(checkpointer, init_fn: Callable, init_rng, abstract_state, s
   """
   latest = checkpointer.latest_step()
   if latest is None:
-    with mesh_context(mesh):
+    with train_state.mesh_context(mesh):
       return jax.jit(init_fn, out_shardings=shardings)(init_rng), False
   saved, opt_state, meta = checkpointer.restore(
       ckpt_lib.abstract_like(saved_tree(abstract_state), saved_tree(shardings)),
       ckpt_lib.abstract_like(abstract_state.opt_state, shardings.opt_state), latest)
   params, batch_stats = from_saved(saved)
   put = lambda value, sharding: parallel.host_to_global(np.asarray(value, np.int32), sharding)
-  state = TrainState(
+  state = train_state.TrainState(
       step=put(meta['step'], shardings.step), params=params, opt_state=opt_state,
       nonfinite_run=put(meta.get('nonfinite_run', 0), shardings.nonfinite_run),
       nonfinite_total=put(meta.get('nonfinite_total', 0), shardings.nonfinite_total),
@@ -420,7 +237,7 @@ def write_results(workdir: str, results: dict) -> None:
 
 @dataclasses.dataclass
 class LoopResult:
-  state: TrainState
+  state: train_state.TrainState
   metrics: dict  # The last logged train metrics and evaluations.
   evals: dict  # The last evaluation's metrics.
   status: str  # 'done' or 'preempted'.
@@ -506,7 +323,7 @@ def _check_corrupt(corrupt: int, seen: int, config) -> None:
         f'or raise the setting')
 
 
-def checkpoint_meta(state: TrainState, config, **extra) -> dict:
+def checkpoint_meta(state: train_state.TrainState, config, **extra) -> dict:
   """What a checkpoint's 'meta' item holds: the counters, the config and `extra`."""
   return {'step': int(jax.device_get(state.step)),
           'nonfinite_run': int(jax.device_get(state.nonfinite_run)),
@@ -514,7 +331,7 @@ def checkpoint_meta(state: TrainState, config, **extra) -> dict:
           'process_count': jax.process_count(), **extra, 'config': config_dict(config)}
 
 
-def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callable, batches: Iterator[dict],
+def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, step_fn: Callable, batches: Iterator[dict],
                total_steps: int, checkpointer, writer, saved_tree: Callable = lambda s: s.params,
                extra_meta: Callable[[dict], dict] = lambda evals: {},
                evaluate: Callable | None = None, flops_per_image: float | None = None) -> LoopResult:
@@ -542,7 +359,7 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
   window = Window(start_step)
   step, saved_step = start_step, None
   try:
-    with mesh_context(mesh):
+    with train_state.mesh_context(mesh):
       while step < total_steps:
         wait_start = time.time()
         batch = next(batches)
@@ -564,7 +381,7 @@ def train_loop(config, workdir: str, mesh, *, state: TrainState, step_fn: Callab
           pending = []
           window.restart(step)
           if bool(jax.device_get(state.halted)):
-            raise NonFiniteLossError(
+            raise train_state.NonFiniteLossError(
                 f'{config.max_nonfinite_steps} consecutive steps had a non-finite loss or gradients '
                 f'(at step {step}); the last good checkpoint is step {checkpointer.latest_step()}. '
                 'Lower optim.base_lr, set optim.grad_clip_norm, or check the input data.')

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, loop, supervised, train
+from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, supervised, train, train_state
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
@@ -69,7 +69,7 @@ def main(argv):
                jax.local_devices())
   try:
     result = run_experiment(FLAGS.config, FLAGS.workdir)
-  except loop.NonFiniteLossError as e:
+  except train_state.NonFiniteLossError as e:
     # A distinct status, so that launchers stop instead of replaying the same divergence.
     logging.error('Halted on non-finite losses (exit status %d, not retried): %s', NONFINITE_EXIT_CODE, e)
     sys.exit(NONFINITE_EXIT_CODE)

@@ -17,7 +17,7 @@ import optax
 from absl import logging
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import loop, metrics, optim, parallel
+from mae_jax import loop, metrics, optim, parallel, train_state
 from mae_jax.data import augment
 
 KINDS = ('finetune', 'linprobe', 'knn')
@@ -159,7 +159,7 @@ def pretrained_record(config) -> dict:
 class Task:
   """What differs between fine-tuning and linear probing."""
   kind: str
-  init_fn: Callable  # rng -> loop.TrainState
+  init_fn: Callable  # rng -> train_state.TrainState
   step_fn: Callable  # (state, batch, frozen) -> (state, metrics)
   eval_fn: Callable  # (state, frozen) -> metrics dict
   batches_fn: Callable  # start_step -> local batches
@@ -219,7 +219,7 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
       evaluate=evaluate_now)
   evals = result.evals
   if result.status == 'done' and not evals:  # Resumed at the end: evaluate the final state again.
-    with loop.mesh_context(mesh):
+    with train_state.mesh_context(mesh):
       evals = task.eval_fn(result.state, frozen)
   out = {**result.metrics, **evals, 'status': result.status, 'step': result.step,
          'saved_step': result.saved_step}

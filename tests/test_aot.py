@@ -15,7 +15,7 @@ import pytest
 from configs import default, mae_pretrain
 from configs import finetune as finetune_recipe
 from configs import test as test_config
-from mae_jax import aot, finetune, flops, loop, train
+from mae_jax import aot, finetune, flops, loop, pretrain_step, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,8 +146,8 @@ def test_aot_compiles_the_step_the_trainer_runs(tmp_path, monkeypatch):
   """
   config = test_config.get_config('steps=1')
   built, fed = [], []
-  build, prefetch = train.build_train_step, loop.prefetch_to_mesh
-  monkeypatch.setattr(train, 'build_train_step', lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+  build, prefetch = pretrain_step.build_train_step, loop.prefetch_to_mesh
+  monkeypatch.setattr(pretrain_step, 'build_train_step', lambda *a, **k: built.append(build(*a, **k)) or built[-1])
 
   def recording_prefetch(*args, **kwargs):
     for batch in prefetch(*args, **kwargs):
@@ -160,12 +160,12 @@ def test_aot_compiles_the_step_the_trainer_runs(tmp_path, monkeypatch):
   compiled = aot.make_train_step(config, ran.mesh)
 
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
-  assert set(ran.abstract_batch) == set(train.BATCH_KEYS) == set(compiled.abstract_batch)
+  assert set(ran.abstract_batch) == set(pretrain_step.BATCH_KEYS) == set(compiled.abstract_batch)
   assert shapes(fed[0]) == shapes(ran.abstract_batch) == shapes(compiled.abstract_batch)
   assert jax.tree.structure(ran.abstract_state) == jax.tree.structure(compiled.abstract_state)
   assert shapes(ran.abstract_state) == shapes(compiled.abstract_state)
   assert jax.tree.leaves(ran.state_shardings) == jax.tree.leaves(compiled.state_shardings)
-  with loop.mesh_context(ran.mesh):
+  with train_state.mesh_context(ran.mesh):
     texts = [step.jitted.lower(step.abstract_state, step.abstract_batch).as_text() for step in (ran, compiled)]
   assert texts[0] == texts[1]
 
@@ -236,14 +236,14 @@ def test_aot_compiles_the_step_the_finetune_trainer_runs(tmp_path, monkeypatch):
   monkeypatch.undo()
   ran, (trainer_jit,) = built[0], jits
   compiled = aot.make_train_step(config, ran.mesh)
-  assert isinstance(compiled, finetune.FinetuneStep) and isinstance(compiled, train.TrainStep)
+  assert isinstance(compiled, finetune.FinetuneStep) and isinstance(compiled, pretrain_step.TrainStep)
 
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
   assert set(fed[0]) == set(finetune.BATCH_KEYS) == set(compiled.abstract_batch)
   assert shapes(fed[0]) == shapes(ran.abstract_batch) == shapes(compiled.abstract_batch)
   assert shapes(ran.abstract_state) == shapes(compiled.abstract_state)
   assert jax.tree.leaves(ran.state_shardings) == jax.tree.leaves(compiled.state_shardings)
-  with loop.mesh_context(ran.mesh):
+  with train_state.mesh_context(ran.mesh):
     trainer_text = trainer_jit.lower(ran.abstract_state, ran.abstract_batch, None).as_text()
     aot_text = compiled.jitted.lower(compiled.abstract_state, compiled.abstract_batch).as_text()
   assert trainer_text == aot_text

@@ -129,6 +129,10 @@ def test_the_base_config_refuses_an_argument_it_would_ignore():
     common.load_config('configs/default.py:variant=L/16')
   assert common.load_config('configs/default.py').model.name == 'mae_vit_tiny_patch4'
   assert common.load_config('configs/default.py:runlocal=True').model.name == common.RUNLOCAL_MODEL
+  # The demo's config reads its arguments the same way: a typo is named, not ignored.
+  with pytest.raises(ValueError, match=r"unknown argument 'step'; close matches: steps"):
+    common.load_config('configs/demo.py:step=100')
+  assert common.load_config('configs/demo.py:steps=100,data_dir=/d').num_train_steps == 100
 
 
 # ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from configs import finetune as finetune_recipe
 from configs import test as test_config
-from mae_jax import checkpoint, loop, parallel, train
+from mae_jax import checkpoint, loop, parallel, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,12 +21,12 @@ def test_skipped_steps_keep_the_moments_but_not_the_schedule():
   schedule = lambda count: 0.1 * (count + 1)
   tx = optax.adam(schedule)
   params = {'w': jnp.ones((3,))}
-  state = loop.TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+  state = train_state.TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                            nonfinite_run=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32),
                            halted=jnp.zeros([], bool))
   for loss in (1.0, np.inf, 1.0, np.nan, 1.0):
     before = state.params
-    state, _, finite = loop.guarded_update(state, jnp.float32(loss), {'w': jnp.ones((3,))}, tx, 10)
+    state, _, finite = train_state.guarded_update(state, jnp.float32(loss), {'w': jnp.ones((3,))}, tx, 10)
     if not finite:
       np.testing.assert_array_equal(state.params['w'], before['w'])
   adam, schedule_state = state.opt_state
@@ -36,18 +36,18 @@ def test_skipped_steps_keep_the_moments_but_not_the_schedule():
 
 def test_guarded_update_keeps_batch_stats_of_skipped_steps_only():
   tx = optax.sgd(0.1)
-  state = loop.new_state({'w': jnp.ones((2,))}, tx, batch_stats={'mean': jnp.zeros((2,))})
-  applied, _, finite = loop.guarded_update(state, jnp.float32(1.0), {'w': jnp.ones((2,))}, tx, 3,
-                                           batch_stats={'mean': jnp.ones((2,))})
+  state = train_state.new_state({'w': jnp.ones((2,))}, tx, batch_stats={'mean': jnp.zeros((2,))})
+  applied, _, finite = train_state.guarded_update(state, jnp.float32(1.0), {'w': jnp.ones((2,))}, tx, 3,
+                                                  batch_stats={'mean': jnp.ones((2,))})
   assert bool(finite) and np.allclose(applied.batch_stats['mean'], 1.0)
-  skipped, _, finite = loop.guarded_update(state, jnp.float32(np.nan), {'w': jnp.ones((2,))}, tx, 3,
-                                           batch_stats={'mean': jnp.ones((2,))})
+  skipped, _, finite = train_state.guarded_update(state, jnp.float32(np.nan), {'w': jnp.ones((2,))}, tx, 3,
+                                                  batch_stats={'mean': jnp.ones((2,))})
   assert not bool(finite) and np.allclose(skipped.batch_stats['mean'], 0.0)
   assert int(skipped.step) == 1 and int(skipped.nonfinite_run) == 1
 
 
 def test_new_state_has_no_batch_stats_unless_given():
-  state = loop.new_state({'w': jnp.ones((2,))}, optax.adam(1e-3))
+  state = train_state.new_state({'w': jnp.ones((2,))}, optax.adam(1e-3))
   assert state.batch_stats == {} and int(state.step) == 0 and not bool(state.halted)
 
 
@@ -78,10 +78,10 @@ def test_loop_settings_are_checked_the_same_for_every_trainer(get_config, key, v
 
 def test_train_steps_from_epochs_or_steps():
   config = test_config.get_config('steps=5')
-  assert loop.train_steps(config, 64) == (4, 5)
+  assert train_state.train_steps(config, 64) == (4, 5)
   config.num_train_steps = -1
   config.num_epochs = 2.5
-  assert loop.train_steps(config, 64) == (4, 10)
+  assert train_state.train_steps(config, 64) == (4, 10)
 
 
 def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
@@ -109,10 +109,10 @@ def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
 def test_a_mesh_that_feeds_overlapping_or_missing_rows_fails(grid, num_devices, count, processes, match):
   axes = ('data', 'fsdp', 'tensor')
   if match is None:
-    loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count, processes)
+    train_state.check_mesh_feeds_whole_rows(grid, axes, num_devices, count, processes)
   else:
     with pytest.raises(ValueError, match=match):
-      loop.check_mesh_feeds_whole_rows(grid, axes, num_devices, count, processes)
+      train_state.check_mesh_feeds_whole_rows(grid, axes, num_devices, count, processes)
 
 
 def test_window_means_leave_skipped_steps_out_and_count_them():

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from mae_jax import aot, loop, parallel, train
+from mae_jax import aot, parallel, pretrain_step, train_state
 from mae_jax.models import tpu_attention, vit
 
 pytestmark = pytest.mark.skipif(not tpu_attention.interpret_supported(),
@@ -94,10 +94,10 @@ def test_needs_a_tpu_backend():
   config = tiny_config()
   config.model.attention_impl = 'tpu_flash'
   with pytest.raises(ValueError, match=r"model.attention_impl='tpu_flash' needs a TPU backend.*'xla'"):
-    train.validate_config(config, parallel.create_mesh(config.mesh))
+    pretrain_step.validate_config(config, parallel.create_mesh(config.mesh))
   config.model.attention_impl = 'cudnn'
   with pytest.raises(ValueError, match=r"model.attention_impl='cudnn' needs a GPU backend"):
-    train.validate_config(config, parallel.create_mesh(config.mesh))
+    pretrain_step.validate_config(config, parallel.create_mesh(config.mesh))
   with pytest.raises(ValueError, match='must be one of'):
     vit.check_attention_platform('flash', 'tpu')
 
@@ -113,7 +113,7 @@ def test_compiles_for_a_tpu_slice():
   config.batch_size = 8 * len(devices)
   mesh = parallel.create_mesh(config.mesh, devices)
   step = aot.make_train_step(config, mesh)
-  with loop.mesh_context(mesh):
+  with train_state.mesh_context(mesh):
     compiled = step.jitted.lower(step.abstract_state, step.abstract_batch).compile()
   text = compiled.as_text()
   assert 'tpu_custom_call' in text  # the Mosaic kernel

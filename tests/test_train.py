@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax import checkpoint, loop, metrics, optim, train
+from mae_jax import checkpoint, metrics, optim, parallel, pretrain_step, train, train_state
 from mae_jax.models import from_config
 from tests import two_processes
 from tests.configs import tiny_synthetic
@@ -62,13 +62,13 @@ def test_same_losses_on_every_mesh(reference_run, tmp_path):
 
 def test_fsdp_params_are_sharded():
   config = _config(data=2, fsdp=4)
-  mesh = train.parallel.create_mesh(config.mesh)
+  mesh = parallel.create_mesh(config.mesh)
   model = from_config.build_mae(config)
-  tx, _ = train.optim.create_optimizer(config.optim, global_batch=16, steps_per_epoch=10, total_steps=20)
-  abstract = jax.eval_shape(lambda r: train.init_state(model, tx, config, r), jax.random.key(0))
-  shardings = train.parallel.tree_shardings(abstract, mesh, train.parallel.DEFAULT_RULES, 1)
+  tx, _ = optim.create_optimizer(config.optim, global_batch=16, steps_per_epoch=10, total_steps=20)
+  abstract = jax.eval_shape(lambda r: pretrain_step.init_state(model, tx, config, r), jax.random.key(0))
+  shardings = parallel.tree_shardings(abstract, mesh, parallel.DEFAULT_RULES, 1)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda r: train.init_state(model, tx, config, r), out_shardings=shardings)(
+    state = jax.jit(lambda r: pretrain_step.init_state(model, tx, config, r), out_shardings=shardings)(
         jax.random.key(0))
   kernel = state.params['encoder']['blocks_0']['mlp']['fc1']['kernel']  # [32, 128]
   assert 'fsdp' in kernel.sharding.spec
@@ -135,7 +135,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
   config.optim.warmup_steps = 1
   config.max_nonfinite_steps = 3
   config.checkpoint_every_steps = 1
-  with pytest.raises(loop.NonFiniteLossError, match='consecutive steps'):
+  with pytest.raises(train_state.NonFiniteLossError, match='consecutive steps'):
     train.train_and_evaluate(config, str(tmp_path))
   records = metrics.read_metrics(str(tmp_path))
   assert any(r['train/skipped'] > 0 for r in records)
@@ -172,19 +172,19 @@ def test_grad_accumulation_matches_full_batch(monkeypatch):
   config = _config(data=8, fsdp=1)
   model = from_config.build_mae(config)
   tx, lr_fn = optim.create_optimizer(config.optim, global_batch=16, steps_per_epoch=10, total_steps=20)
-  state = train.init_state(model, tx, config, jax.random.key(0))
+  state = pretrain_step.init_state(model, tx, config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
   base_rng = jax.random.key(2)
   captured = {}
 
   def capture(state, loss, grads, tx, max_nonfinite):
     captured['loss'], captured['grads'] = loss, grads
-    return loop.guarded_update.__wrapped__(state, loss, grads, tx, max_nonfinite)
+    return train_state.guarded_update.__wrapped__(state, loss, grads, tx, max_nonfinite)
 
-  capture.__wrapped__ = loop.guarded_update
-  monkeypatch.setattr(loop, 'guarded_update', capture)
-  train.train_step(state, {'image': images}, model=model, tx=tx, lr_fn=lr_fn, mask_ratio=0.75, accum_steps=2,
-                   max_nonfinite=10, base_rng=base_rng)  # eagerly, so the captured values are arrays
+  capture.__wrapped__ = train_state.guarded_update
+  monkeypatch.setattr(train_state, 'guarded_update', capture)
+  pretrain_step.train_step(state, {'image': images}, model=model, tx=tx, lr_fn=lr_fn, mask_ratio=0.75, accum_steps=2,
+                           max_nonfinite=10, base_rng=base_rng)  # eagerly, so the captured values are arrays
 
   def loss_fn(params, chunk, key):
     return model.apply({'params': params}, chunk, mask_ratio=0.75, rngs={'mask': key}, train=True)[0]

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mae_jax import checkpoint, metrics, parallel, train, warm_start, weights
+from mae_jax import checkpoint, metrics, parallel, pretrain_step, train, warm_start, weights
 from mae_jax.data import inputs
 from mae_jax.weights import layout
 from tests import two_processes
@@ -152,7 +152,7 @@ def test_encoder_only_safetensors_gives_the_files_encoder_and_a_fresh_decoder(so
   # The decoder is the one a run without init_from starts with (same seed and mesh).
   config.init_from = ''
   mesh = parallel.create_mesh(config.mesh)
-  random = train.build_train_step(config, mesh, inputs.num_train_examples(config)).init_state().params
+  random = pretrain_step.build_train_step(config, mesh, inputs.num_train_examples(config)).init_state().params
   _assert_equal(jax.device_get(random), params, parts=('decoder',))
   assert not np.allclose(_flat(random)['encoder/cls_token'], _flat(params)['encoder/cls_token'])
   assert 'From the file: encoder (' in log and 'initialised afresh: decoder' in log
@@ -209,7 +209,7 @@ def test_file_that_does_not_fit_fails_before_compile_naming_tensor_and_key(
 def _prepare(config, workdir):
   """warm_start.prepare as train_and_evaluate calls it (nothing compiles): (WarmStart, state shardings, log)."""
   mesh = parallel.create_mesh(config.mesh)
-  step = train.build_train_step(config, mesh, inputs.num_train_examples(config))
+  step = pretrain_step.build_train_step(config, mesh, inputs.num_train_examples(config))
   with _logs() as lines:
     warm = warm_start.prepare(config, workdir, step.abstract_state.params, step.state_shardings.params)
   return warm, step.state_shardings.params, '\n'.join(lines)

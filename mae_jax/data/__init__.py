@@ -12,9 +12,19 @@ Import the submodules directly (they load TensorFlow):
 * `preprocess` (decode, crop, resize, normalise), `augment` (RandAugment,
   random erasing, mixup / CutMix, label smoothing), `sources` (config.dataset
   and the TFDS builder) and `prepare` (the prepare command).
+
+This package itself loads no TensorFlow: it holds ImageNet's statistics and
+`image_shape`, which the train steps read.
 """
 
 # ImageNet's per-channel statistics in [0, 1] pixel units: the reference's normalisation, and what
 # weights whose metadata names no data set are shown with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  """(height, width, channels) of the model's input: dataset.image_size is a side or (height, width)."""
+  size = config.dataset.image_size
+  height, width = (size, size) if isinstance(size, int) else tuple(size)
+  return int(height), int(width), int(config.dataset.channels)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from mae_jax import data
 from mae_jax.data import augment, input_pipeline, preprocess, sources, synthetic
 
 SYNTHETIC = 'synthetic'  # config.dataset.name of the in-memory source.
@@ -63,13 +64,6 @@ def dataset_config(config) -> sources.DatasetConfig:
         values[key] = ((values[key] or (0.0 if key == 'mean' else 1.0))[0],) * values['channels']
     return sources.DatasetConfig.from_config(values)
   return sources.resolve_stats(sources.DatasetConfig.from_config(values))
-
-
-def image_shape(config) -> tuple[int, int, int]:
-  """(height, width, channels) of the model's input: dataset.image_size is a side or (height, width)."""
-  size = config.dataset.image_size
-  height, width = (size, size) if isinstance(size, int) else tuple(size)
-  return int(height), int(width), int(config.dataset.channels)
 
 
 def resolve_dataset_stats(config):
@@ -180,7 +174,7 @@ def create_eval_iterator(config, num_classes: int, split: str, batch_size: int) 
   ds = synthetic.labelled_examples(config.dataset, num_classes, tf.data.Dataset.range(start, stop), seed)
   ds = ds.map(lambda ex: {'image': eval_fn(ex['image']), 'label': ex['label']})
   return pad_batches(ds.batch(local).as_numpy_iterator(), local, -(-per_process // local),
-                     (local, *image_shape(config)))
+                     (local, *data.image_shape(config)))
 
 
 def pad_batches(batches: Iterator[dict], local: int, num_batches: int, image_shape) -> Iterator[dict]:

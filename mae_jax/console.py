@@ -90,14 +90,19 @@ class _FileHandler(logging.FileHandler):
   """The run's log file (a class of its own, so that a second `setup` replaces it)."""
 
 
-def log_dir(workdir: str | None) -> str:
-  """WORKDIR/logs for a local workdir; a local temporary folder for gs:// workdirs and runs without one."""
-  if workdir and not fileio.is_remote(workdir):
+def log_dir(workdir: str | None, reads_only: bool = False) -> str:
+  """WORKDIR/logs for a local workdir; a local temporary folder for gs:// workdirs and runs without one.
+
+  `reads_only`: the entry point only reads the workdir (export, visualize,
+  features): a workdir that does not exist (a typo) is not created for its logs.
+  """
+  if workdir and not fileio.is_remote(workdir) and not (reads_only and not os.path.isdir(workdir)):
     return os.path.join(os.path.abspath(workdir), LOGS_DIR)
   return os.path.join(tempfile.gettempdir(), 'mae_jax_logs')
 
 
-def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None, announce: bool = True) -> str:
+def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None, announce: bool = True,
+          reads_only: bool = False) -> str:
   """Sends log records to a file (INFO and up) and only warnings and errors to the terminal; returns the path.
 
   Args:
@@ -105,10 +110,11 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
     workdir: the run's workdir (local: the file goes to WORKDIR/logs/; gs://: to a local folder).
     verbose: show everything on the terminal too (default: the --verbose flag).
     announce: write one line naming the file to stderr.
+    reads_only: the entry point only reads `workdir`; one that does not exist gets no logs/ folder.
   """
   if verbose is None:
     verbose = bool(FLAGS.verbose) if FLAGS.is_parsed() and 'verbose' in FLAGS else False
-  directory = log_dir(workdir)
+  directory = log_dir(workdir, reads_only)
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f'{entry}.{time.strftime("%Y%m%d-%H%M%S")}.{socket.gethostname()}.{os.getpid()}.log')
   root = logging.getLogger()
@@ -179,42 +185,70 @@ class ProgressHook:
     self.step = self.start_step
     self.loss = None
     self._bar = None
-    self._last = (time.time(), self.start_step)  # Lines mode: the previous line's time and step.
+    # The training rate is measured from (time, step) since the first step (its compile left out) or the last
+    # evaluation; the evaluations' time, per step trained, goes into the ETA, as they recur.
+    self._last = None
+    self._step_time = time.time()  # When the newest step was handed to the device.
+    self._eval_seconds = 0.0
     if self.mode == 'bar' and self.start_step < self.total_steps:
+      # Steps are counted as they are dispatched; the rate and ETA (in the postfix) are updated at the log
+      # periods, where the loop waits for the device, so they do not count steps still queued.
       self._bar = tqdm.tqdm(total=self.total_steps, initial=self.start_step, file=self.stream, unit='step',
-                            dynamic_ncols=True, smoothing=0.1, leave=True, desc='train')
+                            dynamic_ncols=True, leave=True, desc='train',
+                            bar_format='{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]')
 
   def __call__(self, step: int, t: float | None = None) -> None:
-    del t  # clu's signature; the bar keeps its own clock.
+    del t  # clu's signature; the hook keeps its own clock.
+    now = time.time()
+    if self._last is None:  # The first step: its compile is not training speed.
+      self._last = (now, step)
     if self._bar is not None and step > self.step:
       self._bar.update(step - self.step)
     self.step = max(self.step, step)
+    self._step_time = now
+
+  def _rate_and_eta(self, step: int) -> tuple[float, float] | None:
+    """(steps/s of training, seconds left with the evaluations still to come), None before a rate exists."""
+    now = time.time()
+    if self._last is None:
+      return None
+    then, last_step = self._last
+    if step <= last_step or now <= then:
+      return None
+    rate = (step - last_step) / (now - then)
+    eval_per_step = self._eval_seconds / max(1, step - self.start_step)
+    return rate, (self.total_steps - step) * (1 / rate + eval_per_step)
+
+  def _postfix(self, step: int) -> str:
+    measured = self._rate_and_eta(step)
+    parts = [f'{measured[0]:.2f} step/s', f'ETA {_duration(measured[1])}'] if measured else []
+    return ', '.join(parts + ([f'loss={_format(self.loss)}'] if self.loss is not None else []))
 
   def update_metrics(self, step: int, scalars: dict) -> None:
     """Shows the loss of `scalars` (train/loss) and writes a line for each eval/* metric."""
     if self.mode == 'off':
       return
     evals = {k: v for k, v in scalars.items() if k.startswith('eval/')}
-    if 'train/loss' in scalars:
+    if 'train/loss' in scalars:  # The loop has waited for the device: the steps so far have run.
       self.loss = float(scalars['train/loss'])
+      self._step_time = time.time()
       if self._bar is not None:
-        self._bar.set_postfix_str(f'loss={_format(self.loss)}', refresh=True)
+        self._bar.set_postfix_str(self._postfix(step), refresh=True)
       elif self.mode == 'lines':
         self._write(self._line(step))
     if evals:
       self._write(f'step {step}: ' + ', '.join(f'{k} {_format(float(v))}' for k, v in sorted(evals.items())))
-      # The evaluation's time is not training time: steps/s and the ETA restart from here.
-      self._last = (time.time(), step)
-      if self._bar is not None:
-        self._bar.unpause()
+      # The evaluation's time is not training speed: the rate restarts from here, and the ETA counts it.
+      now = time.time()
+      self._eval_seconds += max(0.0, now - self._step_time)
+      self._last = (now, step)
+      self._step_time = now
 
   def _line(self, step: int) -> str:
-    now, (then, last_step) = time.time(), self._last
-    self._last = (now, step)
     parts = [f'step {step}/{self.total_steps}', f'loss {_format(self.loss)}']
-    if step > last_step and now > then:
-      rate = (step - last_step) / (now - then)
-      parts += [f'{rate:.2f} steps/s', f'ETA {_duration((self.total_steps - step) / rate)}']
+    measured = self._rate_and_eta(step)
+    if measured:
+      parts += [f'{measured[0]:.2f} steps/s', f'ETA {_duration(measured[1])}']
     return ', '.join(parts)
 
   def _write(self, line: str) -> None:

@@ -10,6 +10,8 @@ the TensorBoard command. Library logs go to WORKDIR/logs/ (--verbose: here too).
 
 import os
 import shlex
+import shutil
+import sys
 
 from absl import app, flags
 
@@ -22,6 +24,7 @@ flags.DEFINE_string('workdir', 'workdirs/demo', 'Run directory (resumes if it ho
 flags.DEFINE_string('data_dir', '.data/tensorflow_datasets', 'Where the prepared data set goes.')
 flags.DEFINE_string('source_dir', None, 'Fashion-MNIST IDX files (default: Debian dataset-fashion-mnist).')
 flags.DEFINE_integer('steps', 600, 'Training steps.')
+flags.DEFINE_bool('overwrite', False, 'Prepare the data set again even if it is already prepared.')
 console.define_flags()  # --verbose, --progress.
 
 
@@ -33,7 +36,14 @@ def knn_history(workdir: str) -> list[tuple[int, float]]:
 def summary(config, workdir: str, result: dict, history: list, pixels: float, picture: str) -> list[str]:
   """The closing lines: what was learned, in words, and where to look."""
   s = config.knn
-  lines = [f'Done: {result["step"]} steps of {config.batch_size} images ({result["status"]}).']
+  if result['status'] != 'done':
+    lines = [f'Stopped at step {result["step"]} of {config.num_train_steps} ({result["status"]}): run the same '
+             'command again to resume.']
+  elif 'train/loss' not in result:  # Nothing was trained: the workdir held the finished run.
+    lines = [f'{workdir} already holds this run, finished ({result["step"]} steps of {config.batch_size} images); '
+             'nothing was trained. For a new run: --workdir=ANOTHER_FOLDER.']
+  else:
+    lines = [f'Done: {result["step"]} steps of {config.batch_size} images.']
   if 'train/loss' in result:
     lines.append(f'Reconstruction error of the hidden patches: {result["train/loss"]:.3f} (mean squared, in units '
                  'of the pixel variance: 1.0 is guessing the average pixel).')
@@ -52,8 +62,16 @@ def summary(config, workdir: str, result: dict, history: list, pixels: float, pi
   logdir = os.fspath(fileio.path(workdir))
   lines += [f'Reconstructions (original | masked | reconstruction | + visible patches): {picture}',
             f'TensorBoard logs (loss, kNN, pictures): {logdir}',
-            f'  open them with: tensorboard --logdir {shlex.quote(logdir)}']
+            f'  open them with: {tensorboard_command()} --logdir {shlex.quote(logdir)}']
   return lines
+
+
+def tensorboard_command() -> str:
+  """`tensorboard` when the shell finds it, else the one installed beside this Python (a venv not activated)."""
+  beside = os.path.join(os.path.dirname(sys.executable), 'tensorboard')
+  if shutil.which('tensorboard') is None and os.access(beside, os.X_OK):
+    return shlex.quote(os.path.relpath(beside) if not os.path.relpath(beside).startswith('..') else beside)
+  return 'tensorboard'
 
 
 def main(argv):
@@ -63,7 +81,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
 
   source_dir = FLAGS.source_dir or sources.DEFAULT_FASHION_MNIST_DIR
-  prepare.prepare_fashion_mnist(FLAGS.data_dir, source_dir=source_dir)
+  prepare.prepare_fashion_mnist(FLAGS.data_dir, source_dir=source_dir, overwrite=FLAGS.overwrite)
   config = demo.get_config(f'steps={FLAGS.steps},data_dir={FLAGS.data_dir}')
   print(f'Pretraining a tiny MAE ({config.model.name}, plain pixel targets, {config.mask_ratio:.0%} of patches '
         f'hidden) for {config.num_train_steps} steps; kNN accuracy every {config.eval_every_steps} steps.',

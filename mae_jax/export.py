@@ -69,7 +69,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
-  console.setup('export', flag_values.workdir)  # Orbax's INFO lines to a log file (--verbose: here too).
+  console.setup('export', flag_values.workdir, reads_only=True)  # Orbax's INFO lines to a log file (--verbose: here).
   if bool(flag_values.workdir) == bool(flag_values.import_from):
     raise app.UsageError('pass exactly one of --workdir and --import_from')
   try:

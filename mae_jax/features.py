@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from mae_jax import checkpoint, fileio, parallel, train_state
+from mae_jax import checkpoint, console, fileio, parallel, train_state
 from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, input_pipeline, prepare, preprocess, sources
 from mae_jax.models import from_config, mae, vit
 from mae_jax.weights import files, layout
@@ -526,6 +526,7 @@ def _define_flags():
 
 def main(argv):
   del argv
+  console.setup('features', FLAGS.workdir, reads_only=True)  # Library INFO lines to a log file (--verbose: here).
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads images; the accelerators are JAX's.
   try:
     out = write_embeddings(
@@ -541,6 +542,7 @@ def main(argv):
 
 def run():
   _define_flags()
+  console.define_flags()  # --verbose (this entry point's --progress is its own bar's switch).
   app.run(main)
 
 

@@ -150,6 +150,10 @@ def _dotted(tree: dict, key: str):
   return tree
 
 
+class ResumeError(ValueError):
+  """The workdir holds a run with other settings; the message says what changed and what to do."""
+
+
 def check_resume(config, workdir: str) -> None:
   """Before anything is restored or compiled: a resume keeps the data order and the schedule.
 
@@ -165,7 +169,7 @@ def check_resume(config, workdir: str) -> None:
   if meta.get('process_count', jax.process_count()) != jax.process_count():
     changed.append(f'process count: {meta["process_count"]} -> {jax.process_count()}')
   if changed:
-    raise ValueError(
+    raise ResumeError(
         f'{workdir} holds a run (step {meta.get("step")}) with other settings that fix the data order or the lr '
         f'schedule: {"; ".join(changed)}. Use a new --workdir, put the settings back, or set '
         '--config.resume_allow_changes=True to resume with them on purpose')

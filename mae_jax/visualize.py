@@ -22,6 +22,7 @@ look better than the model is).
 
 import io
 import os
+import sys
 from typing import Sequence
 
 import jax
@@ -30,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from mae_jax import checkpoint, fileio, weights
+from mae_jax import checkpoint, console, fileio, weights
 from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, arrays, input_pipeline, preprocess, sources, synthetic
 from mae_jax.models import from_config
 from mae_jax.models import mae as mae_lib
@@ -316,20 +317,23 @@ def main(argv):
   del argv
   if bool(FLAGS.workdir) == bool(FLAGS.weights):
     raise app.UsageError('give exactly one of --workdir (a pretraining run) and --weights (exported weights)')
-  if FLAGS.weights:
-    out = FLAGS.out or 'reconstructions.png'
-    path = visualize_weights(FLAGS.weights, FLAGS.images, out, model_name=FLAGS.model, seed=FLAGS.seed,
-                             mask_ratio=0.75 if FLAGS.mask_ratio is None else FLAGS.mask_ratio,
-                             norm_pix_loss=FLAGS.norm_pix_loss, bands=FLAGS.bands)
-    print(f'Reconstructions written to {path}')
-    return
-  path = visualize_checkpoint(FLAGS.workdir, FLAGS.out, step=FLAGS.step, image_files=FLAGS.images,
-                              num_images=FLAGS.num_images, seed=FLAGS.seed, mask_ratio=FLAGS.mask_ratio,
-                              bands=FLAGS.bands)
+  console.setup('visualize', FLAGS.workdir, reads_only=True)  # Library INFO lines to a log file (--verbose: here).
+  try:
+    if FLAGS.weights:
+      path = visualize_weights(FLAGS.weights, FLAGS.images, FLAGS.out or 'reconstructions.png', model_name=FLAGS.model,
+                               seed=FLAGS.seed, mask_ratio=0.75 if FLAGS.mask_ratio is None else FLAGS.mask_ratio,
+                               norm_pix_loss=FLAGS.norm_pix_loss, bands=FLAGS.bands)
+    else:
+      path = visualize_checkpoint(FLAGS.workdir, FLAGS.out, step=FLAGS.step, image_files=FLAGS.images,
+                                  num_images=FLAGS.num_images, seed=FLAGS.seed, mask_ratio=FLAGS.mask_ratio,
+                                  bands=FLAGS.bands)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f'mae_jax.visualize: {e}')  # A user error: the message says what to change, no traceback.
   print(f'Reconstructions written to {path}')
 
 
 def run():
+  console.define_flags()  # --verbose.
   _define_flags()
   app.run(main)
 

@@ -95,6 +95,16 @@ def test_setup_again_replaces_the_file_and_a_gs_workdir_logs_locally(tmp_path, r
   os.remove(second)
 
 
+def test_entry_points_that_only_read_a_workdir_do_not_create_a_missing_one(tmp_path, restored_logging):
+  missing, existing = tmp_path / 'typo', tmp_path / 'run'
+  existing.mkdir()
+  assert console.setup('visualize', str(existing), reads_only=True, announce=False).startswith(str(existing / 'logs'))
+  in_tmp = console.setup('visualize', str(missing), reads_only=True, announce=False)
+  assert in_tmp.startswith(console.log_dir(None)) and not missing.exists()
+  os.remove(in_tmp)
+  assert console.setup('main', str(missing), announce=False).startswith(str(missing / 'logs'))  # A run makes it.
+
+
 def _drive(hook, total):
   for step in range(hook.start_step + 1, total + 1):
     hook(step)
@@ -109,7 +119,7 @@ def test_progress_bar_shows_steps_per_second_eta_loss_and_keeps_eval_lines():
   _drive(hook, 20)
   hook.close()
   out = stream.getvalue()
-  assert re.search(r'20/20 \[\d+:\d+<\d+:\d+, .*(step/s|s/step), loss=0.0500\]', out), out  # elapsed<ETA.
+  assert re.search(r'20/20 \[\d+:\d+, [\d.]+ step/s, ETA \d+:\d+, loss=0.0500\]', out), out  # elapsed, rate, ETA.
   assert 'step 20: eval/knn_top1 0.7125, eval/knn_top5 0.9500' in out
 
 
@@ -134,11 +144,12 @@ def test_progress_is_silent_when_off_and_on_other_processes(monkeypatch):
   assert stream.getvalue() == ''
 
 
-def test_progress_rate_after_an_evaluation_leaves_the_evaluation_out(monkeypatch):
+def test_progress_rate_leaves_evaluations_and_compile_out_and_the_eta_counts_evaluations(monkeypatch):
   clock = [1000.0]
   monkeypatch.setattr(console.time, 'time', lambda: clock[0])
   stream = io.StringIO()
   hook = console.ProgressHook(20, 0, mode='lines', stream=stream)
+  clock[0] += 30.0  # The first step compiles.
   for step in range(1, 11):
     clock[0] += 1.0  # One second a step.
     hook(step)
@@ -148,6 +159,7 @@ def test_progress_rate_after_an_evaluation_leaves_the_evaluation_out(monkeypatch
       clock[0] += 100.0  # A 100-second evaluation.
       hook.update_metrics(step, {'eval/knn_top1': 0.7})
   lines = stream.getvalue().splitlines()
-  assert lines[0].startswith('step 5/20') and '1.00 steps/s' in lines[0]
+  assert lines[0].startswith('step 5/20') and '1.00 steps/s, ETA 0:15' in lines[0]  # Compile left out.
   assert lines[1].startswith('step 5: eval/knn_top1')
-  assert lines[2].startswith('step 10/20') and '1.00 steps/s' in lines[2] and 'ETA 0:10' in lines[2]
+  # 10 steps left at 1 s each, and the evaluations so far cost 100 s per 10 steps: 10 + 100 s.
+  assert lines[2].startswith('step 10/20') and '1.00 steps/s, ETA 1:50' in lines[2], lines[2]

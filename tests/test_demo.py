@@ -17,7 +17,7 @@ def test_summary_says_how_the_features_compare_with_raw_pixels_and_where_to_look
   history = [(150, 0.702), (600, 0.781)]
   lines = demo.summary(config, str(tmp_path), result, history, 0.809, str(tmp_path / 'reconstructions.png'))
   text = '\n'.join(lines)
-  assert 'Done: 600 steps of 256 images (done).' in text
+  assert lines[0] == 'Done: 600 steps of 256 images.'
   assert '0.234 (mean squared' in text
   assert 'bank: 10,000 training images, queries: 5,000 test images' in text
   assert '78.1% at step 600 (from 70.2% at step 150)' in text
@@ -31,4 +31,21 @@ def test_summary_says_how_the_features_compare_with_raw_pixels_and_where_to_look
 def test_summary_of_a_run_that_trained_nothing_names_no_accuracy(tmp_path):
   config = demo_config.get_config('steps=600')
   lines = demo.summary(config, str(tmp_path), {'step': 600, 'status': 'done'}, [], 0.8, 'p.png')
-  assert not any('accuracy' in line for line in lines) and lines[0].startswith('Done: 600 steps')
+  assert not any('accuracy' in line for line in lines)
+  assert lines[0] == (f'{tmp_path} already holds this run, finished (600 steps of 256 images); nothing was '
+                      'trained. For a new run: --workdir=ANOTHER_FOLDER.')
+  stopped = demo.summary(config, str(tmp_path), {'step': 200, 'status': 'preempted'}, [], 0.8, 'p.png')
+  assert stopped[0] == 'Stopped at step 200 of 600 (preempted): run the same command again to resume.'
+
+
+def test_the_tensorboard_command_works_without_an_activated_venv(tmp_path, monkeypatch):
+  venv_bin = tmp_path / 'venv' / 'bin'
+  venv_bin.mkdir(parents=True)
+  (venv_bin / 'tensorboard').write_text('#!/bin/sh\n')
+  (venv_bin / 'tensorboard').chmod(0o755)
+  monkeypatch.setattr(demo.sys, 'executable', str(venv_bin / 'python'))
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(demo.shutil, 'which', lambda name: None)  # The venv is not on PATH.
+  assert demo.tensorboard_command() == 'venv/bin/tensorboard'
+  monkeypatch.setattr(demo.shutil, 'which', lambda name: '/usr/bin/' + name)  # It is.
+  assert demo.tensorboard_command() == "tensorboard"

@@ -93,11 +93,17 @@ def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
   changed = test_config.get_config('steps=2')
   changed.batch_size = 32
   changed.seed = 3
-  with pytest.raises(ValueError, match=r"batch_size: 16 -> 32.*seed|seed: 0 -> 3.*batch_size: 16 -> 32"):
+  with pytest.raises(loop.ResumeError, match=r"batch_size: 16 -> 32.*seed|seed: 0 -> 3.*batch_size: 16 -> 32"):
     train.train_and_evaluate(changed, workdir)
   assert checkpoint.latest_step(workdir) == 1  # Refused before anything ran.
   changed.resume_allow_changes = True
   loop.check_resume(changed, workdir)
+  # The entry point says it in one line, without a traceback.
+  done = subprocess.run([sys.executable, '-m', 'mae_jax.main', '--config=configs/test.py:steps=2',
+                         f'--workdir={workdir}', '--config.batch_size=32'], capture_output=True, text=True,
+                        timeout=300, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1].startswith(f'Error: {workdir} holds a run (step 1) with other settings')
 
 
 @pytest.mark.parametrize('grid,num_devices,count,processes,match', [

@@ -57,7 +57,7 @@ def summary(config, workdir: str, result: dict, history: list, pixels: float, pi
         + (f' (from {100 * first:.1f}% at step {first_step})' if first_step != last_step else ''),
         f'  raw pixels, same images:     {100 * pixels:.1f}%  -> the features are {verdict} raw pixels'
         + ('' if verdict == 'above' else
-           ' after this short run (longer pretraining narrows the gap: the Fashion-MNIST study in the README)'),
+           ' after this short run (longer pretraining overtakes them: the Fashion-MNIST study in the README)'),
     ]
   logdir = os.fspath(fileio.path(workdir))
   lines += [f'Reconstructions (original | masked | reconstruction | + visible patches): {picture}',

@@ -19,12 +19,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 usage() {
-  sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
 Options of this script (the others go to benchmarks/gpu_suite.py, listed below):
   --setup=auto|always|never  install the GPU environment when needed (auto), always, or never
-  --python=PATH              interpreter with mae_jax installed (default .venv/bin/python)
+  --python=PATH              interpreter with JAX (default .venv/bin/python; python3 where there is no .venv)
 EOF
   echo
   "${bootstrap}" benchmarks/gpu_suite.py --help | sed -n '/^options:/,$p; /^optional arguments:/,$p'
@@ -97,7 +97,7 @@ fi
 
 if [ "${cpu_smoke}" -eq 1 ]; then
   export JAX_PLATFORMS=cpu
-  if [ ! -x "${python}" ]; then python="${bootstrap}"; fi
+  if [ "${python_given}" -eq 0 ] && [ ! -x "${python}" ]; then python="${bootstrap}"; fi
   if ! check cpu "${python}"; then
     echo "error: ${python}: ${check_error}" >&2
     echo "fix: run 'bash .ci/setup dev,torch' or pass --python=PATH" >&2

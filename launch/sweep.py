@@ -78,7 +78,7 @@ if __package__ in (None, ''):
 
 from configs import common as config_common  # pylint: disable=g-import-not-at-top
 from launch import common  # pylint: disable=g-import-not-at-top
-from mae_jax import fileio, train_state  # pylint: disable=g-import-not-at-top
+from mae_jax import fileio  # pylint: disable=g-import-not-at-top
 
 MODES = ('local', 'tpu')
 LOCAL_RUNNERS = ('subprocess', 'inprocess')
@@ -235,6 +235,7 @@ class TrainerRunner(common.Runner):
 
 def _finished_all_steps(config, run: Run) -> bool:
   """True when the run logged its last step (a trainer stopped by SIGTERM exits 0 too)."""
+  from mae_jax import train_state  # pylint: disable=g-import-not-at-top
   from mae_jax.data import inputs  # pylint: disable=g-import-not-at-top
   _, total_steps = train_state.train_steps(config, inputs.num_train_examples(config))
   return read_metrics(run).get('step', 0) >= total_steps

@@ -164,6 +164,8 @@ def _load(workdir, step, abstract_params, with_params=True):
     if step is None:
       raise FileNotFoundError(f'no complete checkpoint in {directory}')
     if step not in manager.all_steps():
+      manager.reload()  # Its list is read when it opens: a run still training may have finished the step since.
+    if step not in manager.all_steps():
       raise FileNotFoundError(f'step {step} is not in {directory}; available: {manager.all_steps()}')
     items = {'meta': ocp.args.JsonRestore()}
     if with_params:

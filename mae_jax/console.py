@@ -1,6 +1,6 @@
 """What a run shows on the terminal: warnings, errors, a progress bar and results; library logs go to a file.
 
-Every entry point (main, downstream, demo, export, aot) calls `setup(entry, workdir)`
+Every entry point (main, downstream, demo, export, visualize, features, aot) calls `setup(entry, workdir)`
 first thing in its `main`: INFO lines of absl, Orbax, TensorFlow, jax and this
 package then go to `WORKDIR/logs/ENTRY.TIME.HOST.PID.log` (a local workdir; with
 a gs:// workdir or none, to `$TMPDIR/mae_jax_logs/`, and the terminal says
@@ -188,8 +188,8 @@ class ProgressHook:
     # The training rate is measured from (time, step) since the first step (its compile left out) or the last
     # evaluation; the evaluations' time, per step trained, goes into the ETA, as they recur.
     self._last = None
-    self._step_time = time.time()  # When the newest step was handed to the device.
-    self._eval_seconds = 0.0
+    self._step_time = time.time()  # When the newest step was handed to the device (or the loop last waited).
+    self._evals = []  # (step, seconds) of each evaluation so far.
     if self.mode == 'bar' and self.start_step < self.total_steps:
       # Steps are counted as they are dispatched; the rate and ETA (in the postfix) are updated at the log
       # periods, where the loop waits for the device, so they do not count steps still queued.
@@ -216,12 +216,27 @@ class ProgressHook:
     if step <= last_step or now <= then:
       return None
     rate = (step - last_step) / (now - then)
-    eval_per_step = self._eval_seconds / max(1, step - self.start_step)
-    return rate, (self.total_steps - step) * (1 / rate + eval_per_step)
+    return rate, (self.total_steps - step) / rate + self._eval_seconds_left(step)
+
+  def _eval_seconds_left(self, step: int) -> float:
+    """The evaluations still to come (the one due at `step` too), at the mean time of those seen so far.
+
+    They recur every `period` steps, read from the last two (or, in a run from step 0, the first), and the
+    loop evaluates at the last step as well.
+    """
+    if not self._evals:
+      return 0.0
+    mean = sum(seconds for _, seconds in self._evals) / len(self._evals)
+    steps = [s for s, _ in self._evals]
+    period = steps[-1] - steps[-2] if len(steps) > 1 else (steps[0] if self.start_step == 0 else 0)
+    if period <= 0:  # One evaluation after a resume: its share per step trained.
+      return (self.total_steps - step) * mean / max(1, step - self.start_step)
+    due = self.total_steps // period - (step - 1) // period  # Multiples of the period in [step, total].
+    return mean * (due + (1 if self.total_steps % period else 0))
 
   def _postfix(self, step: int) -> str:
     measured = self._rate_and_eta(step)
-    parts = [f'{measured[0]:.2f} step/s', f'ETA {_duration(measured[1])}'] if measured else []
+    parts = [f'{measured[0]:.2f} steps/s', f'ETA {_duration(measured[1])}'] if measured else []
     return ', '.join(parts + ([f'loss={_format(self.loss)}'] if self.loss is not None else []))
 
   def update_metrics(self, step: int, scalars: dict) -> None:
@@ -240,7 +255,7 @@ class ProgressHook:
       self._write(f'step {step}: ' + ', '.join(f'{k} {_format(float(v))}' for k, v in sorted(evals.items())))
       # The evaluation's time is not training speed: the rate restarts from here, and the ETA counts it.
       now = time.time()
-      self._eval_seconds += max(0.0, now - self._step_time)
+      self._evals.append((step, max(0.0, now - self._step_time)))
       self._last = (now, step)
       self._step_time = now
 

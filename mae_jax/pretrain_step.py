@@ -61,7 +61,7 @@ def train_step(state: train_state.TrainState, batch: dict, *, model, tx, lr_fn, 
     return loss, aux
 
   loss, _, grads = train_state.value_and_grad(loss_fn, state.params, {}, (batch['image'],), rng, accum_steps,
-                                       micro_sharding)
+                                              micro_sharding)
 
   new_state, grad_norm, finite = train_state.guarded_update(state, loss, grads, tx, max_nonfinite)
   return new_state, train_state.step_metrics(loss, grad_norm, finite, lr_fn(state.step), batch)

@@ -53,6 +53,10 @@ def validate_config(config, mesh) -> None:
                        f'{key}={value!r}: leave it at that')
   if which == 'knn':
     return
+  if which == 'linprobe' and config.probe_cached_features and (config.randaug.num_layers or config.reprob):
+    raise ValueError(f'probe_cached_features=True encodes every image once, with the eval transform: '
+                     f'randaug.num_layers={config.randaug.num_layers} and reprob={config.reprob} would do nothing; '
+                     'set them to 0, or probe_cached_features=False')
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'label_smoothing={config.label_smoothing}: must be in [0, 1)')
   if which != 'finetune':
@@ -119,40 +123,57 @@ def pin_pretrained_step(config, workdir: str):
   """A copy of `config` whose pretrained_step names one checkpoint: the encoder this run trains on.
 
   A linear probe's checkpoints hold only its head; the frozen encoder is read
-  again at every start. So a resumed probe takes the step its checkpoint
-  recorded (`meta['pretrained']`), not the newest one of a pretraining run that
-  went on in the meantime; a fresh one takes the newest there is now.
+  again at every start. So a resumed probe takes the encoder its checkpoint
+  recorded (`meta['pretrained']`, pretrained_record): the same step, not the
+  newest one of a pretraining run that went on in the meantime, and the same
+  source; a fresh one takes the newest step there is now.
   """
   config = config.copy_and_resolve_references()
-  if not config.pretrained_workdir:
-    return config
   saved = ckpt_lib.latest_step(workdir)
   recorded = (ckpt_lib.load_meta(workdir, saved).get('pretrained') or {}) if saved is not None else {}
-  if not recorded:  # A fresh run (or a checkpoint from before the record): the newest step now.
-    newest = ckpt_lib.latest_step(config.pretrained_workdir) if config.pretrained_step < 0 else None
-    if newest is not None:  # None: loading names what is missing.
-      config.pretrained_step = newest
+  if recorded:
+    where = f'the run in {workdir} (step {saved}) was trained on the encoder of {_encoder_name(recorded)}'
+    same_source = (_same_path(recorded.get('workdir', ''), config.pretrained_workdir)
+                   and _same_path(recorded.get('path', ''), config.pretrained_path))
+    if not same_source or (config.pretrained_workdir and config.pretrained_step >= 0
+                           and config.pretrained_step != recorded.get('step')):
+      current = _encoder_name(pretrained_record(config).get('pretrained') or {})
+      raise loop.ResumeError(f'{where}, this one asks for {current}. Resume with that encoder, or start the '
+                             'new one in a new workdir')
+    if not config.pretrained_workdir:
+      return config
+    try:
+      ckpt_lib.load_meta(recorded['workdir'], recorded['step'])
+    except FileNotFoundError as e:
+      raise loop.ResumeError(f'{where}, which is gone ({e}); start a new workdir to train on another step') from None
+    if config.pretrained_step < 0:
+      logging.info('Resuming on the encoder the checkpoint records: %s step %d', recorded['workdir'], recorded['step'])
+    config.pretrained_step = int(recorded['step'])
     return config
-  where = f'{workdir} (step {saved}) was trained on the encoder of {recorded["workdir"]} step {recorded["step"]}'
-  if recorded['workdir'] != config.pretrained_workdir or config.pretrained_step not in (-1, recorded['step']):
-    raise ValueError(f'pretrained_workdir={config.pretrained_workdir!r}, pretrained_step={config.pretrained_step}: '
-                     f'the run in {where}. Resume with that encoder, or start the new one in a new workdir')
-  try:
-    ckpt_lib.load_meta(recorded['workdir'], recorded['step'])
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f'the run in {where}, which is gone ({e}); start a new workdir to train on '
-                            'another step') from None
-  if config.pretrained_step < 0:
-    logging.info('Resuming on the encoder the checkpoint records: %s step %d', recorded['workdir'], recorded['step'])
-  config.pretrained_step = int(recorded['step'])
+  # A fresh run (or a checkpoint from before the record): the newest step now.
+  newest = ckpt_lib.latest_step(config.pretrained_workdir) if config.pretrained_workdir else None
+  if config.pretrained_step < 0 and newest is not None:  # None: loading names what is missing.
+    config.pretrained_step = int(newest)
   return config
 
 
 def pretrained_record(config) -> dict:
   """What a checkpoint's meta['pretrained'] holds (pin_pretrained_step reads it back)."""
-  if not config.pretrained_workdir:
-    return {}
-  return {'pretrained': {'workdir': config.pretrained_workdir, 'step': int(config.pretrained_step)}}
+  if config.pretrained_workdir:
+    return {'pretrained': {'workdir': config.pretrained_workdir, 'step': int(config.pretrained_step)}}
+  if config.pretrained_path:
+    return {'pretrained': {'path': config.pretrained_path}}
+  return {'pretrained': {'random_init': True}}
+
+
+def _encoder_name(record: dict) -> str:
+  if 'workdir' in record:
+    return f'{record["workdir"]} step {record["step"]}'
+  return record.get('path') or 'a random initialisation'
+
+
+def _same_path(a: str, b: str) -> bool:
+  return a.rstrip('/') == b.rstrip('/')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,14 +18,14 @@ from absl import logging
 from clu import parameter_overview
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import knn, loop, metrics, parallel, pretrain_step, visualize, warm_start
+from mae_jax import knn, loop, metrics, parallel, pretrain_step, visualize, wandb_writer, warm_start
 from mae_jax.data import inputs
 
 # ----------------------------------------------------------------------------
 # Input.
 
 def batches_with_corrupt_flags(iterator):
-  """Local batches with BATCH_KEYS: sources that cannot fail to decode mark no row corrupt."""
+  """Local batches with pretrain_step.BATCH_KEYS: sources that cannot fail to decode mark no row corrupt."""
   for local in iterator:
     corrupt = local.get('corrupt', np.zeros((len(local['image']),), bool))
     yield {'image': local['image'], 'corrupt': corrupt}
@@ -40,7 +40,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   The returned dict also holds 'status' ('done' or 'preempted') and 'step'.
   """
   mesh = parallel.create_mesh(config.mesh)
-  loop.check_loop_settings(config, mesh)  # Before the data set is read: a bad setting is named first.
+  wandb_writer.check(config)  # Before the data set is read: a bad setting is named first.
   pretrain_step.validate_config(config, mesh)
   config = inputs.resolve_dataset_stats(config)  # dataset.mean / std = (): the data set's stored ones.
   loop.check_resume(config, workdir)

@@ -29,7 +29,10 @@ CONFIGS = {
 # The configs whose runs reach each module's config reads.
 MODULE_CONFIGS = {
     'mae_jax/loop.py': ('pretrain', 'finetune', 'linprobe'),
+    'mae_jax/train_state.py': ('pretrain', 'finetune', 'linprobe'),
     'mae_jax/train.py': ('pretrain',),
+    'mae_jax/pretrain_step.py': ('pretrain',),
+    'mae_jax/data/__init__.py': ('pretrain', 'finetune', 'linprobe'),
     'mae_jax/knn.py': ('pretrain', 'finetune', 'linprobe'),
     'mae_jax/supervised.py': ('finetune', 'linprobe'),
     'mae_jax/finetune.py': ('finetune',),

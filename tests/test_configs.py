@@ -18,7 +18,7 @@ VARIANTS = ('B/16', 'L/16', 'H/14')
 MODEL_NAMES = {'B/16': 'mae_vit_base_patch16', 'L/16': 'mae_vit_large_patch16',
                'H/14': 'mae_vit_huge_patch14'}
 IMAGENET_TRAIN = 1_281_167
-# Config files with a `runlocal` argument (default.py and others may have none).
+# The recipes, whose `runlocal` argument keeps what the recipe means (default.py and demo.py take it too).
 RECIPE_FILES = ('configs/mae_pretrain.py', 'configs/finetune.py', 'configs/linprobe.py', 'configs/test.py')
 
 

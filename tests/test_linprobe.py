@@ -13,7 +13,7 @@ import pytest
 
 from configs import linprobe as linprobe_recipe
 from configs import test as test_config
-from mae_jax import checkpoint, knn, linprobe, train
+from mae_jax import checkpoint, knn, linprobe, loop, train
 from mae_jax.data import inputs
 
 pytestmark = pytest.mark.usefixtures('jit_cache')
@@ -65,11 +65,15 @@ def test_a_resumed_probe_keeps_the_encoder_it_was_trained_on(pretrained, tmp_pat
   # Asking for another encoder in the same workdir, or resuming once the encoder's step is gone, is an error.
   config.num_train_steps = 3
   config.pretrained_step = 2
-  with pytest.raises(ValueError, match=rf'pretrained_step=2: the run in {probe} \(step 2\) was trained on the '
-                                       rf'encoder of {pre} step 1\. Resume with that encoder'):
+  with pytest.raises(loop.ResumeError, match=rf'the run in {probe} \(step 2\) was trained on the encoder of '
+                                            rf'{pre} step 1, this one asks for {pre} step 2\. Resume with that'):
     linprobe.linear_probe(config, probe)
   config.pretrained_step = -1
+  config.pretrained_workdir = ''  # Nor another kind of encoder: a random one here.
+  with pytest.raises(loop.ResumeError, match=rf'{pre} step 1, this one asks for a random initialisation'):
+    linprobe.linear_probe(config, probe)
+  config.pretrained_workdir = pre
   shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(pre), '1'))  # As keep_checkpoints prunes it.
-  with pytest.raises(FileNotFoundError, match=rf'encoder of {pre} step 1, which is gone \(step 1 is not in'):
+  with pytest.raises(loop.ResumeError, match=rf'encoder of {pre} step 1, which is gone \(step 1 is not in'):
     linprobe.linear_probe(config, probe)
   assert checkpoint.latest_step(probe) == 2

@@ -22,8 +22,8 @@ def test_skipped_steps_keep_the_moments_but_not_the_schedule():
   tx = optax.adam(schedule)
   params = {'w': jnp.ones((3,))}
   state = train_state.TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                           nonfinite_run=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32),
-                           halted=jnp.zeros([], bool))
+                                 nonfinite_run=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32),
+                                 halted=jnp.zeros([], bool))
   for loss in (1.0, np.inf, 1.0, np.nan, 1.0):
     before = state.params
     state, _, finite = train_state.guarded_update(state, jnp.float32(loss), {'w': jnp.ones((3,))}, tx, 10)
@@ -182,3 +182,14 @@ def test_a_preemption_during_a_scheduled_save_keeps_it_instead_of_saving_twice(t
   finally:
     checkpointer.close()
   assert checkpointer.all_steps() == [5, 8]
+
+
+def test_every_process_takes_process_0s_newest_checkpoint(monkeypatch):
+  """A run still training may finish a checkpoint between two processes' looks: they take process 0's."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sent = []
+  monkeypatch.setattr(checkpoint.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', lambda x: sent.append(int(x)) or np.int32(7))
+  assert checkpoint._agreed_step(5) == 7 and sent == [5]  # pylint: disable=protected-access
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', lambda x: sent.append(int(x)) or np.int32(-1))
+  assert checkpoint._agreed_step(None) is None and sent == [5, -1]  # pylint: disable=protected-access

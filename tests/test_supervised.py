@@ -62,10 +62,15 @@ def test_loop_settings_that_cannot_work_fail_before_any_compile(recipe, key, val
     (finetune_recipe, 'head_batchnorm', True, 'head_batchnorm=True has no effect with downstream=finetune'),
     (finetune_recipe, 'probe_cached_features', True, 'probe_cached_features=True has no effect'),
     (finetune_recipe, 'freeze_encoder', True, 'freeze_encoder=True with downstream=finetune: use downstream=linprobe'),
+    (linprobe_recipe, 'probe_cached_features', True, None),  # Passes alone; with reprob below it does not.
 ], ids=lambda v: v.__name__.split('.')[-1] if hasattr(v, '__name__') else None)
 def test_settings_the_trainer_would_ignore_or_misread_are_refused(recipe, key, value, match):
   config = recipe.get_config('variant=B/16,runlocal=True')
   supervised.validate_config(config, None)  # The recipe itself passes.
   config[key] = value
+  if match is None:
+    supervised.validate_config(config, None)
+    config.reprob = 0.25
+    match = r'probe_cached_features=True encodes every image once.*reprob=0.25 would do nothing'
   with pytest.raises(ValueError, match=match):
     supervised.validate_config(config, None)

@@ -50,6 +50,8 @@ def head_init(std: float) -> nn.initializers.Initializer:
 
   (flax's truncated_normal(std) cuts at +-2 std, which narrows the draw to 0.88 std.)
   """
+  if std <= 0:
+    return nn.initializers.zeros  # std 0: a zero head (no draw at all).
   return nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
 
 

@@ -219,24 +219,26 @@ class ProgressHook:
     return rate, (self.total_steps - step) / rate + self._eval_seconds_left(step)
 
   def _eval_seconds_left(self, step: int) -> float:
-    """The evaluations still to come (the one due at `step` too), at the mean time of those seen so far.
+    """The evaluations still to come (the one due at `step` too), each as long as the latest one.
 
-    They recur every `period` steps, read from the last two (or, in a run from step 0, the first), and the
-    loop evaluates at the last step as well.
+    (The latest, not the mean: the first one also compiles.) They recur every `period` steps, read from
+    the last two (or, in a run from step 0, the first), and the loop evaluates at the last step as well.
     """
     if not self._evals:
       return 0.0
-    mean = sum(seconds for _, seconds in self._evals) / len(self._evals)
+    latest = self._evals[-1][1]
     steps = [s for s, _ in self._evals]
     period = steps[-1] - steps[-2] if len(steps) > 1 else (steps[0] if self.start_step == 0 else 0)
     if period <= 0:  # One evaluation after a resume: its share per step trained.
-      return (self.total_steps - step) * mean / max(1, step - self.start_step)
+      return (self.total_steps - step) * latest / max(1, step - self.start_step)
     due = self.total_steps // period - (step - 1) // period  # Multiples of the period in [step, total].
-    return mean * (due + (1 if self.total_steps % period else 0))
+    return latest * (due + (1 if self.total_steps % period else 0))
 
   def _postfix(self, step: int) -> str:
     measured = self._rate_and_eta(step)
-    parts = [f'{measured[0]:.2f} steps/s', f'ETA {_duration(measured[1])}'] if measured else []
+    parts = [f'{measured[0]:.2f} steps/s'] if measured else []
+    if measured and step < self.total_steps:  # At the end the bar stays on the terminal: no stale ETA in it.
+      parts.append(f'ETA {_duration(measured[1])}')
     return ', '.join(parts + ([f'loss={_format(self.loss)}'] if self.loss is not None else []))
 
   def update_metrics(self, step: int, scalars: dict) -> None:
@@ -263,7 +265,7 @@ class ProgressHook:
     parts = [f'step {step}/{self.total_steps}', f'loss {_format(self.loss)}']
     measured = self._rate_and_eta(step)
     if measured:
-      parts += [f'{measured[0]:.2f} steps/s', f'ETA {_duration(measured[1])}']
+      parts += [f'{measured[0]:.2f} steps/s'] + ([f'ETA {_duration(measured[1])}'] if step < self.total_steps else [])
     return ', '.join(parts)
 
   def _write(self, line: str) -> None:

@@ -119,7 +119,8 @@ def test_progress_bar_shows_steps_per_second_eta_loss_and_keeps_eval_lines():
   _drive(hook, 20)
   hook.close()
   out = stream.getvalue()
-  assert re.search(r'20/20 \[\d+:\d+, [\d.]+ steps/s, ETA \d+:\d+, loss=0.0500\]', out), out  # elapsed, rate, ETA.
+  assert re.search(r'15/20 \[\d+:\d+, [\d.]+ steps/s, ETA \d+:\d+, loss=0.0667\]', out), out  # elapsed, rate, ETA.
+  assert re.search(r'20/20 \[\d+:\d+, [\d.]+ steps/s, loss=0.0500\]', out), out  # No stale ETA at the end.
   assert 'step 20: eval/knn_top1 0.7125, eval/knn_top5 0.9500' in out
 
 
@@ -161,12 +162,12 @@ def test_progress_rate_leaves_evaluations_and_compile_out_and_the_eta_counts_eva
   lines = stream.getvalue().splitlines()
   assert lines[0].startswith('step 5/20') and '1.00 steps/s, ETA 0:15' in lines[0]  # Compile left out.
   assert lines[1].startswith('step 5: eval/knn_top1')
-  # 10 steps left at 1 s each, and evaluations every 5 steps at 100 s (the first one's), due at 10, 15, 20.
+  # 10 steps left at 1 s each, and evaluations every 5 steps at 100 s (the latest one's), due at 10, 15, 20.
   assert lines[2].startswith('step 10/20') and '1.00 steps/s, ETA 5:10' in lines[2], lines[2]
 
 
 def test_the_evaluations_left_recur_at_the_period_seen_and_at_the_last_step():
   hook = console.ProgressHook(400, 100, mode='off')  # Resumed at step 100, evaluating every 150 steps.
-  hook._evals = [(150, 60.0), (300, 60.0)]  # pylint: disable=protected-access
+  hook._evals = [(150, 90.0), (300, 60.0)]  # pylint: disable=protected-access  # The first one also compiled.
   assert hook._eval_seconds_left(310) == 60.0  # pylint: disable=protected-access  # The last step's only.
   assert hook._eval_seconds_left(300) == 120.0  # pylint: disable=protected-access  # 300's is due, then 400's.

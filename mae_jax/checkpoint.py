@@ -121,20 +121,21 @@ def _isdir_everywhere(directory: str) -> bool:
   Opening a CheckpointManager runs collective barriers, so processes must agree on
   whether to open one: another process may create the folder between their checks.
   """
-  found = fileio.isdir(directory)
-  if jax.process_count() == 1:
-    return found
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  return bool(_from_process_0(int(fileio.isdir(directory))))
 
 
 def _agreed_step(step: int | None) -> int | None:
   """Process 0's `step` on every process: another run may finish a checkpoint between their looks."""
-  if jax.process_count() == 1:
-    return step
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  agreed = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
+  agreed = _from_process_0(-1 if step is None else step)
   return None if agreed < 0 else agreed
+
+
+def _from_process_0(value: int) -> int:
+  """Process 0's `value` on every process (all processes call it together); `value` itself with one."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def latest_step(workdir: str) -> int | None:

@@ -96,7 +96,7 @@ def log_dir(workdir: str | None, reads_only: bool = False) -> str:
   `reads_only`: the entry point only reads the workdir (export, visualize,
   features): a workdir that does not exist (a typo) is not created for its logs.
   """
-  if workdir and not fileio.is_remote(workdir) and not (reads_only and not os.path.isdir(workdir)):
+  if workdir and not fileio.is_remote(workdir) and (not reads_only or os.path.isdir(workdir)):
     return os.path.join(os.path.abspath(workdir), LOGS_DIR)
   return os.path.join(tempfile.gettempdir(), 'mae_jax_logs')
 
@@ -234,12 +234,15 @@ class ProgressHook:
     due = self.total_steps // period - (step - 1) // period  # Multiples of the period in [step, total].
     return latest * (due + (1 if self.total_steps % period else 0))
 
-  def _postfix(self, step: int) -> str:
+  def _speed(self, step: int) -> list[str]:
+    """['R steps/s', 'ETA m:ss'] as far as measured; at the end no ETA (the bar stays on the terminal)."""
     measured = self._rate_and_eta(step)
-    parts = [f'{measured[0]:.2f} steps/s'] if measured else []
-    if measured and step < self.total_steps:  # At the end the bar stays on the terminal: no stale ETA in it.
-      parts.append(f'ETA {_duration(measured[1])}')
-    return ', '.join(parts + ([f'loss={_format(self.loss)}'] if self.loss is not None else []))
+    if not measured:
+      return []
+    return [f'{measured[0]:.2f} steps/s'] + ([f'ETA {_duration(measured[1])}'] if step < self.total_steps else [])
+
+  def _postfix(self, step: int) -> str:
+    return ', '.join(self._speed(step) + ([f'loss={_format(self.loss)}'] if self.loss is not None else []))
 
   def update_metrics(self, step: int, scalars: dict) -> None:
     """Shows the loss of `scalars` (train/loss) and writes a line for each eval/* metric."""
@@ -262,11 +265,7 @@ class ProgressHook:
       self._step_time = now
 
   def _line(self, step: int) -> str:
-    parts = [f'step {step}/{self.total_steps}', f'loss {_format(self.loss)}']
-    measured = self._rate_and_eta(step)
-    if measured:
-      parts += [f'{measured[0]:.2f} steps/s'] + ([f'ETA {_duration(measured[1])}'] if step < self.total_steps else [])
-    return ', '.join(parts)
+    return ', '.join([f'step {step}/{self.total_steps}', f'loss {_format(self.loss)}'] + self._speed(step))
 
   def _write(self, line: str) -> None:
     if self._bar is not None:

@@ -69,9 +69,10 @@ def summary(config, workdir: str, result: dict, history: list, pixels: float, pi
 def tensorboard_command() -> str:
   """`tensorboard` when the shell finds it, else the one installed beside this Python (a venv not activated)."""
   beside = os.path.join(os.path.dirname(sys.executable), 'tensorboard')
-  if shutil.which('tensorboard') is None and os.access(beside, os.X_OK):
-    return shlex.quote(os.path.relpath(beside) if not os.path.relpath(beside).startswith('..') else beside)
-  return 'tensorboard'
+  if shutil.which('tensorboard') is not None or not os.access(beside, os.X_OK):
+    return 'tensorboard'
+  relative = os.path.relpath(beside)
+  return shlex.quote(beside if relative.startswith('..') else relative)
 
 
 def main(argv):

@@ -135,8 +135,7 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     'corrupt': jax.ShapeDtypeStruct((batch,), jnp.bool_)}
   batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
   # The jit supervised.run applies to step_fn (frozen=None adds no argument to the program).
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  jitted = train_state.jit_step(step_fn, state_shardings, batch_shardings, mesh)
   return FinetuneStep(jitted=jitted, abstract_state=abstract_state, state_shardings=state_shardings,
                       abstract_batch=abstract_batch, batch_shardings=batch_shardings, mesh=mesh, model=model,
                       init_fn=init_fn, init_rng=init_rng, base_rng=base_rng, steps_per_epoch=steps_per_epoch,

@@ -70,7 +70,7 @@ def train_step(state: train_state.TrainState, batch: dict, *, model, tx, lr_fn, 
 @dataclasses.dataclass
 class TrainStep:
   """The pretraining step as it runs: what `train_and_evaluate` trains with and `aot` compiles."""
-  jitted: Any  # jax.jit(train_step, in_shardings, out_shardings, donate_argnums=(0,))
+  jitted: Any  # train_state.jit_step(train_step, ...): (state, batch) -> (state, metrics), state donated
   abstract_state: Any  # train_state.TrainState of ShapeDtypeStructs
   state_shardings: Any
   abstract_batch: dict  # BATCH_KEYS -> ShapeDtypeStruct of the global batch
@@ -114,8 +114,7 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       'image': jax.ShapeDtypeStruct((config.batch_size, *data.image_shape(config)), jnp.float32),
       'corrupt': jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_)}
   batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  jitted = train_state.jit_step(step_fn, state_shardings, batch_shardings, mesh)
   return TrainStep(jitted=jitted, abstract_state=abstract_state, state_shardings=state_shardings,
                    abstract_batch=abstract_batch, batch_shardings=batch_shardings, mesh=mesh, model=model,
                    init_fn=init_fn, init_rng=init_rng, base_rng=base_rng, steps_per_epoch=steps_per_epoch,

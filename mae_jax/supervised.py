@@ -216,8 +216,7 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
   writer = metrics.create_writer(workdir, start_step, config)
   frozen = task.frozen
   frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
-  jit_step = jax.jit(task.step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
-                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  jit_step = train_state.jit_step(task.step_fn, shardings, parallel.batch_sharding(mesh), mesh, frozen_shardings)
   every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
 
   def evaluate_now(step, state, batch):

@@ -9,7 +9,8 @@ do (the GPU benchmarks run on images without TensorFlow):
   optimizer step that skips non-finite steps;
 * `value_and_grad` over accumulated micro-batches, and `step_metrics`;
 * `check_step_settings`, run before anything compiles; `train_steps`, the
-  schedule's length; `mesh_context`, the mesh steps are traced under.
+  schedule's length; `jit_step`, the jit every step runs under (donated state);
+  `mesh_context`, the mesh steps are traced under.
 """
 
 from typing import Any
@@ -199,6 +200,15 @@ def train_steps(config, num_examples: int) -> tuple[int, int]:
         f'of dataset.train_split // batch_size={config.batch_size}) is {total_steps} training steps: '
         'raise num_epochs or set num_train_steps > 0')
   return steps_per_epoch, total_steps
+
+
+def jit_step(step_fn, state_shardings, batch_shardings, mesh: jax.sharding.Mesh, *other_shardings):
+  """jit of step_fn(state, batch, *others) -> (state, metrics) as every trainer runs it.
+
+  The state is donated and stays in its shardings; the metrics come back replicated.
+  """
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, *other_shardings),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
 def mesh_context(mesh: jax.sharding.Mesh):

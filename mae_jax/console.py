@@ -156,7 +156,18 @@ def progress_mode(requested: str | None = None, stream=None) -> str:
   if requested != 'auto':
     return requested
   stream = stream or sys.stderr
-  return 'bar' if hasattr(stream, 'isatty') and stream.isatty() else 'lines'
+  return 'bar' if _terminal_columns(stream) >= _BAR_MIN_COLUMNS else 'lines'
+
+
+_BAR_MIN_COLUMNS = 40  # Narrower (a pseudo-terminal that reports 0 columns, as `script` makes): lines.
+
+
+def _terminal_columns(stream) -> int:
+  """The width of the terminal `stream` writes to; 0 when it is not a terminal or reports no size."""
+  try:
+    return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+  except (AttributeError, OSError, ValueError):  # No fileno (StringIO), or no size to read.
+    return 0
 
 
 def _format(value) -> str:

@@ -137,6 +137,22 @@ def test_progress_lines_without_a_terminal_one_per_log_period():
   assert lines[2] == 'step 20: eval/knn_top1 0.7125, eval/knn_top5 0.9500'
 
 
+def test_progress_auto_draws_a_bar_only_on_a_terminal_wide_enough_for_it():
+  import fcntl
+  import struct
+  import termios
+  master, slave = os.openpty()  # A fresh pseudo-terminal reports 0 rows and 0 columns (as `script` makes).
+  try:
+    with os.fdopen(slave, 'w', closefd=False) as stream:
+      assert stream.isatty() and console.progress_mode('auto', stream) == 'lines'
+      fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 30, 100, 0, 0))
+      assert console.progress_mode('auto', stream) == 'bar'
+      assert console.progress_mode('lines', stream) == 'lines'
+  finally:
+    os.close(master)
+    os.close(slave)
+
+
 def test_progress_is_silent_when_off_and_on_other_processes(monkeypatch):
   stream = io.StringIO()
   _drive(console.ProgressHook(10, 0, mode='off', stream=stream), 10)

@@ -194,6 +194,9 @@ def downstream_base(kind: str, variant: str, config: ml_collections.ConfigDict) 
   config.pretrained_path = ''
   config.pretrained_step = -1  # With pretrained_workdir: this step; -1 = the newest.
   config.freeze_encoder = kind == 'linprobe'  # No gradients into the encoder.
+  # downstream='knn' (a kNN evaluation as a job) uses DINO's protocol: the whole train split is the feature
+  # bank. The pretraining monitor's 10,000 images (default.py) is about 10 per class on ImageNet-1k.
+  config.knn.train_examples = -1
 
   config.num_classes = 1000  # ImageNet-1k.
   config.drop_path_rate = 0.0  # Stochastic depth, linear in depth up to this rate.

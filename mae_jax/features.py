@@ -49,6 +49,7 @@ from absl import app, flags, logging
 from mae_jax import checkpoint, console, fileio, parallel, train_state
 from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, input_pipeline, prepare, preprocess, sources
 from mae_jax.models import from_config, mae, vit
+from mae_jax.models import pos_embed as pos_tables
 from mae_jax.weights import files, layout
 
 POOLS = ('cls', 'mean', 'none')
@@ -172,9 +173,34 @@ def load_encoder(*, weights: str | None = None, workdir: str | None = None, step
                               attention_impl='xla')
   for field in ('image_size', 'in_channels'):  # Fields a model name may leave at the class default.
     kwargs.setdefault(field, mae.MaskedAutoencoder.__dataclass_fields__[field].default)
+  encoder = _with_position_table(dict(params['encoder']), kwargs, source)
   facts = {'model_name': name, 'model_overrides': structural, 'source': source,
            'dataset': dict(run_config.get('dataset') or {})}
-  return kwargs, params['encoder'], facts
+  return kwargs, encoder, facts
+
+
+def _with_position_table(encoder: dict, kwargs: dict, source: str) -> dict:
+  """A trained position table (fine-tuned weights, timm's) is used: kwargs get pos_embed='learned'.
+
+  The table is resized bicubically to the images' grid when it was trained at
+  another one; a MAE encoder (no table) keeps its fixed sin-cos table.
+  """
+  table = encoder.get('pos_embed')
+  if table is None:
+    kwargs['pos_embed'] = 'sincos'
+    return encoder
+  kwargs['pos_embed'] = 'learned'
+  size, patch = pos_tables.as_grid(kwargs['image_size']), kwargs['patch_size']
+  target = (size[0] // patch, size[1] // patch)
+  table = np.asarray(table, np.float32)
+  try:
+    grid = pos_tables.table_grid(table.shape[-2], (target,), what=f'the position table of {source}')
+  except ValueError as e:
+    raise FeaturesError(str(e)) from None
+  if grid != target:
+    logging.info('Position table of %s: interpolated bicubically from %dx%d to %dx%d', source, *grid, *target)
+    encoder['pos_embed'] = pos_tables.resize_pos_embed(table, grid, target)
+  return encoder
 
 
 def make_features_fn(encoder_kwargs: dict, layers: tuple[int, ...] | None, pool: str, final_norm: bool = True):

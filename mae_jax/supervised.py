@@ -57,6 +57,9 @@ def validate_config(config, mesh) -> None:
     raise ValueError(f'probe_cached_features=True encodes every image once, with the eval transform: '
                      f'randaug.num_layers={config.randaug.num_layers} and reprob={config.reprob} would do nothing; '
                      'set them to 0, or probe_cached_features=False')
+  if not config.randaug.increasing:
+    raise ValueError('randaug.increasing=False: only timm\'s increasing op variants (rand-...-inc1, the '
+                     'reference\'s recipe) are implemented; leave randaug.increasing=True')
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'label_smoothing={config.label_smoothing}: must be in [0, 1)')
   if which != 'finetune':

@@ -183,6 +183,7 @@ def test_linprobe_recipe_matches_reference(variant):
   assert config.mixup == 0 and config.cutmix == 0 and config.randaug.num_layers == 0
   assert config.label_smoothing == 0 and config.reprob == 0
   assert 'b2' not in config.optim  # Adam settings would mean nothing to LARS.
+  assert config.knn.train_examples == -1  # downstream=knn: DINO's protocol, the whole train split as the bank.
 
 
 # ----------------------------------------------------------------------------

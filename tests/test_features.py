@@ -190,6 +190,26 @@ def test_workdir_checkpoint_gives_its_export_features(pretrained, folder, tmp_pa
 # ----------------------------------------------------------------------------
 
 
+def test_fine_tuned_weights_keep_their_trained_position_table(tmp_path):
+  """A classifier's export (learned pos_embed): its features are the classifier's own (cls head, final norm)."""
+  classifier = models.get_classifier(MODEL, 10, False, 'learned')
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  params = jax.tree.map(np.asarray, classifier.init({'params': jax.random.key(0)}, images)['params'])
+  table = params['encoder']['pos_embed']
+  params['encoder']['pos_embed'] = np.random.default_rng(0).normal(0, 1, table.shape).astype(np.float32)
+  path = weights.export_weights(params, MODEL, 'safetensors', str(tmp_path / 'finetuned.safetensors'))
+  kwargs, encoder, _ = features.load_encoder(weights=path)
+  assert kwargs['pos_embed'] == 'learned'
+  got = features.make_features_fn(kwargs, None, 'cls')(encoder, images)[0]
+  want = classifier.apply({'params': params}, images, return_features=True)[1]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+  # A table trained at another grid (2x2 patches) is resized to the images' 4x4, as fine-tuning resizes it.
+  small = {'pos_embed': np.random.default_rng(1).normal(size=(1, 5, 32)).astype(np.float32)}
+  resized = features._with_position_table(small, {'image_size': 32, 'patch_size': 8}, 'w')['pos_embed']
+  assert resized.shape == (1, 17, 32)
+  np.testing.assert_array_equal(resized[0, 0], small['pos_embed'][0, 0])  # The cls entry is kept.
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(images='FOLDER'), 'exactly one of --weights'),
     (dict(weights='WEIGHTS', workdir='/tmp/run', images='FOLDER'), 'exactly one of --weights'),

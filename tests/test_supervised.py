@@ -74,3 +74,10 @@ def test_settings_the_trainer_would_ignore_or_misread_are_refused(recipe, key, v
     match = r'probe_cached_features=True encodes every image once.*reprob=0.25 would do nothing'
   with pytest.raises(ValueError, match=match):
     supervised.validate_config(config, None)
+
+
+def test_randaugment_variants_not_implemented_are_refused():
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  config.randaug.increasing = False  # timm's inc0 ops: only the reference's inc1 ops exist here.
+  with pytest.raises(ValueError, match='randaug.increasing=False: only timm'):
+    supervised.validate_config(config, None)

@@ -86,6 +86,36 @@ def plan(workdir: str, cpu_smoke: bool = False, python: str = sys.executable) ->
   return rows
 
 
+# cuDNN's fused attention, forward and backward, at the suite's shapes (tokens, heads, head dim: the encoders'
+# and decoders' of B/16, L/16 and H/14), in bfloat16: a cuDNN that refuses them (a new CUDA or driver) would
+# fail every row, so the rows then run XLA's attention and the table says so.
+CUDNN_PREFLIGHT = '''
+import jax, jax.numpy as jnp
+for tokens, heads, dim in [(50, 12, 64), (50, 16, 64), (65, 16, 80), (197, 16, 32), (257, 16, 32)]:
+  x = jnp.ones((2, tokens, heads, dim), jnp.bfloat16)
+  loss = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='cudnn').astype(jnp.float32).sum()
+  jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, x, x))
+'''
+
+
+def cudnn_preflight(python: str, timeout_s: float = 180) -> str:
+  """'' when cuDNN attention runs at the suite's shapes in `python`'s JAX, else why not (one line)."""
+  try:
+    result = subprocess.run([python, '-c', CUDNN_PREFLIGHT], capture_output=True, text=True, timeout=timeout_s,
+                            cwd=REPO)
+  except subprocess.TimeoutExpired:
+    return f'timed out after {timeout_s:.0f} s'
+  except OSError as e:
+    return f'could not start: {e}'
+  return '' if result.returncode == 0 else last_error_line(result.stdout + result.stderr)
+
+
+def use_xla_attention(rows: list[Row]) -> None:
+  """The rows run XLA's attention instead of cuDNN's."""
+  for row in rows:
+    row.argv = ['--attention_impl=xla' if arg == '--attention_impl=cudnn' else arg for arg in row.argv]
+
+
 def command_line(row: Row) -> str:
   env = ' '.join(f'{k}={shlex.quote(v)}' for k, v in sorted(row.env.items()))
   return f'timeout {row.timeout_s}s env {env} {shlex.join(row.argv)}'
@@ -219,7 +249,8 @@ def render(meta: dict, results: list[dict]) -> str:
            f'- machine: {meta["machine"]}',
            f'- software: {meta["software"]}',
            f'- code: {meta["commit"]}',
-           f'- command: `{meta["command"]}`', '',
+           f'- command: `{meta["command"]}`',
+           *([f'- note: {meta["note"]}'] if meta.get('note') else []), '',
            TABLE_HEADER]
   for result in sorted(results, key=lambda r: GROUPS.index(r['group']) if r['group'] in GROUPS else len(GROUPS)):
     lines += table_rows(result)
@@ -302,6 +333,9 @@ def main(argv=None) -> int:
                                           + datetime.datetime.now().strftime('%Y%m%d_%H%M%S')))
   rows = [row for row in plan(workdir, args.cpu_smoke, args.python) if row.group in args.only]
   if args.dry_run:
+    if any('--attention_impl=cudnn' in row.argv for row in rows):
+      print(f'# first: a cuDNN attention preflight ({args.python} -c ...); if it fails, the rows run '
+            '--attention_impl=xla')
     for row in rows:
       print(command_line(row))
     print(f'# then: the table to {args.out}; logs and JSON in {workdir}')
@@ -310,7 +344,17 @@ def main(argv=None) -> int:
   command = 'bash benchmarks/gpu_suite.sh ' + shlex.join(argv if argv is not None else sys.argv[1:])
   meta = machine_meta(args.python, workdir, command.strip())
   print(f'# {meta["machine"]}\n# {meta["software"]}\n# logs and JSON in {workdir}', flush=True)
-  results = run_suite(rows, workdir, args.budget_s)
+  budget_s = args.budget_s
+  if any('--attention_impl=cudnn' in row.argv for row in rows):
+    start = time.monotonic()
+    print('[preflight] cuDNN attention, forward and backward, at the suite\'s shapes', flush=True)
+    error = cudnn_preflight(args.python, timeout_s=min(180.0, budget_s))
+    budget_s -= time.monotonic() - start
+    if error:
+      use_xla_attention(rows)
+      meta['note'] = f'cuDNN attention failed a preflight ({error}); every row ran XLA\'s attention instead'
+    print(f'[preflight] {meta.get("note") or "ok"} ({time.monotonic() - start:.0f} s)', flush=True)
+  results = run_suite(rows, workdir, budget_s)
   text = render(meta, results)
   write_text(os.path.join(workdir, 'results.json'), json.dumps({'meta': meta, 'results': results}, indent=1))
   write_text(args.out, text)

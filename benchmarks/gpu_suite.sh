@@ -13,7 +13,8 @@
 # GPU; otherwise `bash .ci/setup dev,gpu,torch` installs jax[cuda12], torch and transformers into .venv
 # first (needs the package index; not counted in the budget). Every benchmark runs
 # in its own process under a timeout within --budget_s seconds; one that fails is marked in the table and
-# the suite goes on. Exit status: 0 when every row is ok, 1 when one is not (the table is written either
+# the suite goes on. A preflight runs cuDNN's attention at the suite's shapes first; if it fails, every row
+# runs XLA's attention and the table's header says why. Exit status: 0 when every row is ok, 1 when one is not (the table is written either
 # way), 2 for a bad argument.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -107,9 +108,14 @@ else
   echo "# nvidia-smi"
   nvidia-smi || echo "warning: nvidia-smi failed (no NVIDIA driver?)" >&2
   unset JAX_PLATFORMS  # a CPU-only setting from the shell would hide the GPU
-  if [ "${setup}" = auto ] && [ "${python_given}" -eq 0 ] && [ ! -x "${python}" ] && check gpu "${bootstrap}"; then
-    echo "# no .venv: ${bootstrap} imports mae_jax and its JAX sees a GPU; using it as it is"
-    python="${bootstrap}"
+  bootstrap_error=''  # Why python3 on PATH was not used as it is (no .venv), for a failed setup's message.
+  if [ "${setup}" = auto ] && [ "${python_given}" -eq 0 ] && [ ! -x "${python}" ]; then
+    if check gpu "${bootstrap}"; then
+      echo "# no .venv: ${bootstrap} imports mae_jax and its JAX sees a GPU; using it as it is"
+      python="${bootstrap}"
+    else
+      bootstrap_error="${check_error}"
+    fi
   fi
   if [ "${setup}" = always ] || { [ "${setup}" = auto ] && ! check gpu "${python}"; }; then
     if [ "${python}" != "$(pwd)/.venv/bin/python" ]; then
@@ -119,7 +125,15 @@ else
     fi
     echo "# setup: bash .ci/setup dev,gpu,torch"
     start=$(date +%s)
-    bash .ci/setup dev,gpu,torch
+    if ! bash .ci/setup dev,gpu,torch; then
+      echo "error: bash .ci/setup dev,gpu,torch failed (it needs the package index)" >&2
+      if [ -n "${bootstrap_error}" ]; then
+        echo "  ${bootstrap} was not used as it is: ${bootstrap_error}" >&2
+        echo "fix: offline, put what it lacks on PYTHONPATH (pip install --no-index --no-deps --target DIR" \
+             "WHEELS) and pass --python=${bootstrap} --setup=never" >&2
+      fi
+      exit 1
+    fi
     echo "# setup took $(( $(date +%s) - start )) s"
   fi
   if ! check gpu "${python}"; then

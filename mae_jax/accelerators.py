@@ -84,8 +84,11 @@ PEAK_FLOPS = {
     'TPU v5p': TPU_CHIPS['v5p'].peak_flops,
     'TPU v6e': TPU_CHIPS['v6e'].peak_flops,
     'TPU7x': 2307e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,  # SXM.
+    'NVIDIA H200 NVL': 835e12,
+    'NVIDIA H100': 989e12,  # SXM.
+    'NVIDIA H100 NVL': 835e12,
+    'NVIDIA H100 PCIe': 756e12,
     'NVIDIA GH200': 989e12,
     'NVIDIA A100': 312e12,
     'NVIDIA B200': 2250e12,

@@ -32,6 +32,7 @@ def test_devices_per_chip_and_peak_by_kind_prefix():
   assert accelerators.peak_flops('TPU v5 lite') == chips['v5e'].peak_flops  # not v5p's 'TPU v5'
   assert accelerators.peak_flops('TPU v5p chip') == chips['v5p'].peak_flops
   assert accelerators.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert accelerators.peak_flops('NVIDIA H200 NVL') == 835e12  # The PCIe card, not the SXM 'NVIDIA H200'.
   assert accelerators.peak_flops('cpu') is None
 
 

@@ -64,6 +64,7 @@ def test_dry_run_prints_every_benchmark_command_and_runs_nothing(tmp_path):
   assert all(f'--json_out={workdir}/' in line for line in lines)
   assert 'XLA_PYTHON_CLIENT_PREALLOCATE=false' in lines[3]  # PyTorch shares the GPU with JAX there
   assert 'models=H' in lines[-1]  # the longest compile last
+  assert '# first: a cuDNN attention preflight' in result.stdout
   assert 'bash .ci/setup dev,gpu,torch' in result.stdout
   assert not workdir.exists() and not (tmp_path / 't.md').exists()
 
@@ -91,6 +92,18 @@ def test_a_checkout_without_venv_runs_the_setup_then_says_why_jax_sees_no_gpu(tm
   assert f'error: {root}/.venv/bin/python: ' in result.stderr, result.stderr
   assert 'No such file or directory' in result.stderr
   assert '/python sees no GPU' not in result.stderr
+
+
+def test_a_failed_setup_names_what_python3_lacks_and_the_offline_fix(tmp_path):
+  # A machine without the package index: the setup fails; python3 on PATH (here one without JAX) was not used
+  # as it is, and the message says why and how to run with it.
+  root = _checkout_without_venv(tmp_path, 'echo "no network" >&2; exit 1\n')
+  result = subprocess.run(['bash', 'benchmarks/gpu_suite.sh', f'--out={tmp_path / "t.md"}'], capture_output=True,
+                          text=True, timeout=120, cwd=root, env={**os.environ, 'PATH': '/usr/bin:/bin'})
+  assert result.returncode == 1
+  assert 'error: bash .ci/setup dev,gpu,torch failed' in result.stderr, result.stderr
+  assert "cannot import mae_jax.pretrain_step: ModuleNotFoundError: No module named 'jax'" in result.stderr
+  assert '--setup=never' in result.stderr and not (tmp_path / 't.md').exists()
 
 
 def test_an_interpreter_without_mae_jax_s_needs_is_named_with_its_import_error(tmp_path):
@@ -198,6 +211,16 @@ def test_table_has_machine_and_date_and_marks_failed_rows():
       in body[4]
   assert '| 40.0 | 1600.0 |' in body[4]
   assert lines[-1] == '3 of 5 benchmarks ok; not ok: train_H, train_L (logs in /tmp/wd).'
+
+
+def test_a_cudnn_that_fails_the_preflight_sends_every_row_to_xla_attention(tmp_path):
+  error = gpu_suite.cudnn_preflight(sys.executable)  # No cuDNN on this CPU host: the preflight fails.
+  assert error and '\n' not in error, error
+  rows = gpu_suite.plan(str(tmp_path))
+  gpu_suite.use_xla_attention(rows)
+  assert all('--attention_impl=xla' in row.argv and '--attention_impl=cudnn' not in row.argv for row in rows)
+  meta = dict(date='d', machine='m', software='s', commit='c', command='x', workdir='w', note=f'cuDNN: {error}')
+  assert f'- note: cuDNN: {error}' in gpu_suite.render(meta, [])
 
 
 def test_last_error_line_prefers_the_exception():

@@ -114,7 +114,7 @@ def drop_path(x, rate, deterministic: bool, rng_fn: Callable[[], jax.Array]):
   return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
-def rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+def rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
   """nn.Dense's inputs [..., K] x kernel [K, F]: as one [rows, K] x [K, F] matmul on CPUs, as it is elsewhere.
 
   Differentiated over [batch, tokens, width], the weight gradient contracts two
@@ -129,8 +129,8 @@ def rows_product(inputs, kernel, dimension_numbers, precision=None, preferred_el
   (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = dimension_numbers
   if tuple(map(tuple, (lhs_contracting, rhs_contracting, lhs_batch, rhs_batch))) != ((inputs.ndim - 1,), (0,), (), ()):
     raise ValueError(f'rows_product computes nn.Dense products only, not dimension numbers {dimension_numbers}')
-  product = functools.partial(jax.lax.dot_general, precision=precision,
-                              preferred_element_type=preferred_element_type)
+  product = functools.partial(jax.lax.dot_general, precision=precision,  # kwargs: what a newer flax may pass.
+                              preferred_element_type=preferred_element_type, **kwargs)
 
   def as_is(x, w):
     return product(x, w, dimension_numbers)

@@ -14,8 +14,8 @@
 # first (needs the package index; not counted in the budget). Every benchmark runs
 # in its own process under a timeout within --budget_s seconds; one that fails is marked in the table and
 # the suite goes on. A preflight runs cuDNN's attention at the suite's shapes first; if it fails, every row
-# runs XLA's attention and the table's header says why. Exit status: 0 when every row is ok, 1 when one is not (the table is written either
-# way), 2 for a bad argument.
+# runs XLA's attention and the table's header says why. Exit status: 0 when every row is ok, 1 when one is
+# not (the table is written either way), 2 for a bad argument.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -159,6 +159,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   mesh = parallel.create_mesh(config.mesh)
   supervised.validate_config(config, mesh)  # Before the data set is read: a bad setting is named first.
+  inputs.check_eval_split(config)
   num_classes = inputs.resolve_num_classes(config)
   step = build_train_step(config, mesh, inputs.num_train_examples(config), num_classes)
   model = step.model

@@ -139,7 +139,7 @@ def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted,
 # Settings that fix which examples step s reads (and, through the batch size, the lr scaling and the
 # steps per epoch): a resumed run must keep them, and the process count. Extending num_train_steps is
 # allowed: it is how a run is continued.
-RESUME_KEYS = ('seed', 'batch_size', 'dataset.name', 'dataset.train_split')
+RESUME_KEYS = ('seed', 'batch_size', 'dataset.name', 'dataset.train_split', 'dataset.shuffle_buffer')
 
 
 def _dotted(tree: dict, key: str):

@@ -13,7 +13,9 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import finetune as finetune_recipe
+from configs import linprobe as linprobe_recipe
 from configs import test as test_config
+from mae_jax import finetune, linprobe, supervised
 from mae_jax.data import inputs, prepare, synthetic
 
 tf.config.set_visible_devices([], 'GPU')
@@ -69,6 +71,19 @@ def test_prepared_data_set_counts_and_classes_come_from_tfds(shades):
   config.num_classes = 5
   with pytest.raises(ValueError, match=r'num_classes=5 .* has 3 classes'):
     inputs.resolve_num_classes(config)
+
+
+@pytest.mark.parametrize('trainer', ['finetune', 'linprobe'])
+def test_an_eval_split_the_data_set_lacks_is_named_before_training(shades, trainer, tmp_path, monkeypatch):
+  recipe = finetune_recipe if trainer == 'finetune' else linprobe_recipe
+  config = recipe.get_config('variant=B/16,runlocal=True')
+  config.dataset.update(shades)
+  config.dataset.eval_split = 'validation'  # A prepared folder has only 'train'.
+  monkeypatch.setattr(supervised, 'run', lambda *a, **k: pytest.fail('reached the training loop'))
+  run = finetune.finetune if trainer == 'finetune' else linprobe.linear_probe
+  with pytest.raises(ValueError, match=r"dataset.eval_split='validation' is not a valid split of data set "
+                                       r"'shades' \(splits: \['train'\]\)"):
+    run(config, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------

@@ -96,6 +96,10 @@ def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
   with pytest.raises(loop.ResumeError, match=r"batch_size: 16 -> 32.*seed|seed: 0 -> 3.*batch_size: 16 -> 32"):
     train.train_and_evaluate(changed, workdir)
   assert checkpoint.latest_step(workdir) == 1  # Refused before anything ran.
+  reshuffled = test_config.get_config('steps=2')
+  reshuffled.dataset.shuffle_buffer = reshuffled.dataset.get('shuffle_buffer', 0) + 7  # Another order in an epoch.
+  with pytest.raises(loop.ResumeError, match=r'dataset.shuffle_buffer: '):
+    loop.check_resume(reshuffled, workdir)
   changed.resume_allow_changes = True
   loop.check_resume(changed, workdir)
   # The entry point says it in one line, without a traceback.

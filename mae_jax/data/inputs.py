@@ -39,6 +39,17 @@ def num_train_examples(config) -> int:
   return input_pipeline.num_examples(config.dataset, config.dataset.train_split)
 
 
+def check_eval_split(config) -> None:
+  """Names a config.dataset.eval_split the data set lacks (or an empty one) now, not at the first evaluation."""
+  if _is_synthetic(config):
+    return
+  split = config.dataset.eval_split
+  builder = sources.get_builder(config.dataset)
+  if sources.split_num_examples(builder, split, 'dataset.eval_split') == 0:
+    raise ValueError(f'dataset.eval_split={split!r} of {builder.name!r} has no examples; evaluate on another '
+                     "split, e.g. 'train[95%:]' with dataset.train_split='train[:95%]'")
+
+
 def create_pretrain_iterator(config, start_step: int) -> Iterator[dict]:
   """This process's local pretraining batches from `start_step` on; a pure function of (seed, step)."""
   kwargs = dict(global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,

@@ -180,12 +180,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   @jax.jit
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch['image'], train=False)
-    return supervised.classification_counts(logits, batch['label'], batch['mask'])
+    return supervised.classification_counts(logits, batch['label'], batch['mask'], batch.get('corrupt'))
 
   def eval_fn(state, frozen):
     del frozen
     batches = inputs.create_eval_iterator(config, num_classes, config.dataset.eval_split, eval_batch)
-    return supervised.evaluate(eval_step, batches, mesh, state.params)
+    return supervised.evaluate(eval_step, batches, mesh, state.params, config=config)
 
   preprocess_fn = inputs.make_train_preprocess_fn(config)
   task = supervised.Task(

@@ -67,11 +67,14 @@ def _to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = -1):
+def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = -1, *,
+                     max_corrupt_fraction: float = 1.0, what: str = 'the split'):
   """Runs encode_fn(params, images) -> [B, D] over padded batches; returns (features, labels).
 
-  `batches` yields {'image', 'label', 'mask'?} local batches; only rows with
-  mask True are kept, in order, and at most `max_examples` (<= 0: all).
+  `batches` yields {'image', 'label', 'mask'?, 'corrupt'?} local batches; only
+  rows with mask True are kept, in order, and at most `max_examples` (<= 0:
+  all). Rows flagged corrupt (undecodable images) are counted: a warning
+  naming `what`, an error above `max_corrupt_fraction` of the images read.
   """
   mesh = mesh or parallel.data_parallel_mesh()
   encode = encode_fn if hasattr(encode_fn, 'lower') else jax.jit(encode_fn)
@@ -83,7 +86,7 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
     return parallel.host_to_global(x, parallel.replicated(mesh))
 
   params = jax.tree.map(on_mesh, params)
-  features, labels, count = [], [], 0
+  features, labels, count, corrupt = [], [], 0, 0
   with train_state.mesh_context(mesh):
     for local in batches:
       local = dict(local)
@@ -94,8 +97,11 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
       features.append(_to_host(out)[mask])
       labels.append(_to_host(batch['label'])[mask])
       count += int(mask.sum())
+      if 'corrupt' in batch:
+        corrupt += int(_to_host(batch['corrupt']).sum())
       if 0 < max_examples <= count:
         break
+  inputs.check_eval_corrupt(corrupt, count + corrupt, max_corrupt_fraction, what)
   features = np.concatenate(features) if features else np.zeros((0, 0), np.float32)
   labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
   if max_examples > 0:
@@ -142,7 +148,7 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
 
 def knn_eval(encode_fn, params, train_iter, eval_iter, *, num_classes: int, k: int = 20,
              temperature: float = 0.07, max_train_examples: int = -1, max_eval_examples: int = -1,
-             mesh=None) -> dict:
+             mesh=None, max_corrupt_fraction: float = 1.0, splits=('the train split', 'the eval split')) -> dict:
   """Weighted kNN accuracy of frozen features.
 
   Args:
@@ -156,12 +162,16 @@ def knn_eval(encode_fn, params, train_iter, eval_iter, *, num_classes: int, k: i
     max_train_examples / max_eval_examples: stop reading after this many
       (<= 0: all).
     mesh: where the batches go (default: every device data-parallel).
+    max_corrupt_fraction, splits: undecodable images of the two iterators
+      (named by `splits`) are left out with a warning, an error above this share.
 
   Returns:
     {'top1', 'top5', 'num_train', 'num_eval'}.
   """
-  train_features, train_labels = extract_features(encode_fn, params, train_iter, mesh, max_train_examples)
-  eval_features, eval_labels = extract_features(encode_fn, params, eval_iter, mesh, max_eval_examples)
+  train_features, train_labels = extract_features(encode_fn, params, train_iter, mesh, max_train_examples,
+                                                  max_corrupt_fraction=max_corrupt_fraction, what=splits[0])
+  eval_features, eval_labels = extract_features(encode_fn, params, eval_iter, mesh, max_eval_examples,
+                                                max_corrupt_fraction=max_corrupt_fraction, what=splits[1])
   scores = knn_classify(train_features, train_labels, eval_features, num_classes=num_classes, k=k,
                         temperature=temperature)
   return {**topk_accuracy(scores, eval_labels), 'num_train': len(train_labels),
@@ -237,7 +247,9 @@ class KnnMonitor:
     result = knn_eval(self.encode_fn, params, self._batches('train'), self._batches('eval'),
                       num_classes=self.num_classes, k=s['k'], temperature=s['temperature'],
                       max_train_examples=s['train_examples'], max_eval_examples=s['eval_examples'],
-                      mesh=self.mesh)
+                      mesh=self.mesh, max_corrupt_fraction=self.config.dataset.get('max_corrupt_fraction', 1.0),
+                      splits=tuple(f'the kNN {role} (dataset.{which}_split)'
+                                   for role, which in (('bank', 'train'), ('queries', 'eval'))))
     logging.info('kNN (k=%d, T=%g, %s pooling) on %d train / %d eval examples: top-1 %.4f (%.1f s)',
                  s['k'], s['temperature'], s['pool'], result['num_train'], result['num_eval'],
                  result['top1'], time.time() - start)

@@ -199,7 +199,9 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return saved
       start = time.time()
       batches = inputs.create_eval_iterator(config, num_classes, split, eval_batch)
-      features_cache[split] = knn.extract_features(encode, encoder_params, batches, mesh)
+      features_cache[split] = knn.extract_features(
+          encode, encoder_params, batches, mesh, max_corrupt_fraction=config.dataset.max_corrupt_fraction,
+          what=f'split {split!r}')
       logging.info('Encoded %d examples of %s in %.1f s', len(features_cache[split][1]), split,
                    time.time() - start)
       _save_features(path, source, *features_cache[split])
@@ -209,12 +211,12 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def eval_step(params, batch_stats, encoder_params, batch):
     features = batch['features'] if 'features' in batch else feature_fn(encoder_params, batch['image'])
     logits = head.apply({'params': params, 'batch_stats': batch_stats}, features)
-    return supervised.classification_counts(logits, batch['label'], batch['mask'])
+    return supervised.classification_counts(logits, batch['label'], batch['mask'], batch.get('corrupt'))
 
   def eval_fn(state, frozen):
     if not cached:
       batches = inputs.create_eval_iterator(config, num_classes, config.dataset.eval_split, eval_batch)
-      return supervised.evaluate(eval_step, batches, mesh, state.params, state.batch_stats, frozen)
+      return supervised.evaluate(eval_step, batches, mesh, state.params, state.batch_stats, frozen, config=config)
     features, labels = cached_features(config.dataset.eval_split)
     metrics = supervised.evaluate(eval_step, _feature_batches(features, labels, eval_batch), mesh,
                                   state.params, state.batch_stats, frozen)

@@ -18,7 +18,7 @@ from absl import logging
 
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import loop, metrics, optim, parallel, train_state
-from mae_jax.data import augment
+from mae_jax.data import augment, inputs
 
 KINDS = ('finetune', 'linprobe', 'knn')
 
@@ -88,35 +88,53 @@ def eval_batch_size(config, mesh) -> int:
 # ----------------------------------------------------------------------------
 # Metrics.
 
-def classification_counts(logits, labels, mask) -> dict:
-  """Sums over real examples: correct top-1, correct top-5 (top-K for K < 5 classes), loss, count."""
+def classification_counts(logits, labels, mask, corrupt=None) -> dict:
+  """Sums over real examples: correct top-1, correct top-5 (top-K for K < 5 classes), loss, count.
+
+  With the batch's `corrupt` flags, also the images left out as undecodable.
+  """
   logits = logits.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
   k = min(5, logits.shape[-1])
   _, top = jax.lax.top_k(logits, k)
   hits = top == labels[:, None]
   loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
-  return {'correct1': jnp.sum(hits[:, 0] * mask), 'correct5': jnp.sum(jnp.any(hits, axis=1) * mask),
-          'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
+  counts = {'correct1': jnp.sum(hits[:, 0] * mask), 'correct5': jnp.sum(jnp.any(hits, axis=1) * mask),
+            'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
+  if corrupt is not None:
+    counts['corrupt'] = jnp.sum(corrupt.astype(jnp.int32))
+  return counts
 
 
 def summarize_counts(totals: dict, prefix: str = 'eval/') -> dict:
   count = max(float(totals['count']), 1.0)
-  return {f'{prefix}top1': float(totals['correct1']) / count,
-          f'{prefix}top5': float(totals['correct5']) / count,
-          f'{prefix}loss': float(totals['loss']) / count,
-          f'{prefix}num_examples': float(totals['count'])}
+  out = {f'{prefix}top1': float(totals['correct1']) / count,
+         f'{prefix}top5': float(totals['correct5']) / count,
+         f'{prefix}loss': float(totals['loss']) / count,
+         f'{prefix}num_examples': float(totals['count'])}
+  if totals.get('corrupt'):
+    out[f'{prefix}corrupt_images'] = float(totals['corrupt'])
+  return out
 
 
-def evaluate(eval_step, batches, mesh, *args) -> dict:
-  """Sums eval_step(*args, batch) counts over padded global batches."""
+def evaluate(eval_step, batches, mesh, *args, config=None) -> dict:
+  """Sums eval_step(*args, batch) counts over padded global batches.
+
+  With `config`, undecodable images (the counts' 'corrupt') are checked against
+  config.dataset.max_corrupt_fraction and reported as eval/corrupt_images.
+  """
   totals = None
   for batch in loop.prefetch_to_mesh(batches, mesh):
     counts = eval_step(*args, batch)
     totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
   if totals is None:
     raise ValueError('the eval split is empty: check dataset.eval_split')
-  return summarize_counts(jax.device_get(totals))
+  totals = jax.device_get(totals)
+  if config is not None and 'corrupt' in totals:
+    corrupt = int(totals['corrupt'])
+    inputs.check_eval_corrupt(corrupt, int(totals['count']) + corrupt, config.dataset.max_corrupt_fraction,
+                              f'dataset.eval_split={config.dataset.eval_split!r}')
+  return summarize_counts(totals)
 
 
 # ----------------------------------------------------------------------------

@@ -519,3 +519,31 @@ def test_eval_skips_and_counts_corrupt_images(garbled):
                                   batch['label'][real])
     assert (batch['label'][~real] == -1).all()
     assert (batch['image'][~real] == 0).all()
+
+
+def test_evaluations_report_corrupt_images_and_stop_above_the_limit(garbled):
+  """Fine-tuning's and the probe's evaluate, and kNN's features: 4 of 40 eval images are undecodable."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from mae_jax import knn, parallel, supervised  # pylint: disable=g-import-not-at-top
+  dataset, _ = garbled
+  batches = lambda: input_pipeline.create_eval_iterator(dataset, split='train', batch_size=16, process_index=0,
+                                                        process_count=1)
+  mesh = parallel.data_parallel_mesh()
+  eval_step = lambda batch: supervised.classification_counts(
+      jax.nn.one_hot(batch['label'], GARBLED), batch['label'], batch['mask'], batch['corrupt'])
+  config = ml_collections.ConfigDict({'dataset': {'eval_split': 'train', 'max_corrupt_fraction': 0.2}})
+  result = supervised.evaluate(eval_step, batches(), mesh, config=config)
+  assert result['eval/corrupt_images'] == len(CORRUPT) and result['eval/num_examples'] == GARBLED - len(CORRUPT)
+  assert result['eval/top1'] == 1.0  # The corrupt rows are out of the accuracy, not counted wrong.
+  config.dataset.max_corrupt_fraction = 0.05
+  with pytest.raises(ValueError, match=r"4 of the 40 images of dataset.eval_split='train' \(10.0%\) could not be "
+                                       r'decoded.*dataset.max_corrupt_fraction=0.05'):
+    supervised.evaluate(eval_step, batches(), mesh, config=config)
+  flatten = lambda params, images: jnp.reshape(images, (images.shape[0], -1))
+  _, labels = knn.extract_features(flatten, None, batches(), mesh, max_corrupt_fraction=0.2)
+  assert len(labels) == GARBLED - len(CORRUPT)
+  with pytest.raises(ValueError, match=r'4 of the 40 images of the kNN bank .* more than '):
+    knn.extract_features(flatten, None, batches(), mesh, max_corrupt_fraction=0.05, what='the kNN bank')

@@ -162,3 +162,35 @@ def test_float_arrays_from_tiff_pages_keep_their_values(tmp_path):
   np.testing.assert_allclose(stats['mean'], [p.mean(dtype=np.float64) for p in pages], rtol=1e-9)
   assert stats['units'] == 'stored float units'
   assert os.path.basename(out_dir) == arrays.VERSION
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_arrays_of_varying_sizes_train_and_evaluate(tmp_path, cache):
+  """prepare without --image_size keeps each array's size; training crops and evaluation resizes them."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from mae_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 65535, (20 + i, 24 + 3 * i, CHANNELS), dtype=np.uint16) for i in range(6)]
+  root = tmp_path / 'tiles'
+  root.mkdir()
+  for i, image in enumerate(images):
+    np.save(root / f'tile_{i}.npy', image)
+  data_dir = str(tmp_path / 'tfds')
+  arrays.prepare_arrays(str(root), data_dir, name='tiles', progress=False)
+  dataset = dict(name='tiles', data_dir=data_dir, image_size=16, channels=CHANNELS, mean=(), std=(),
+                 train_split='train', eval_split='train', shuffle_buffer=4, cache=cache)
+  train = input_pipeline.create_pretrain_iterator(dataset, global_batch_size=3, seed=0, process_index=0,
+                                                  process_count=1)
+  for _ in range(4):  # Two epochs.
+    batch = next(train)
+    assert batch['image'].shape == (3, 16, 16, CHANNELS) and not batch['corrupt'].any()
+  evals = list(input_pipeline.create_eval_iterator(dataset, split='train', batch_size=3, process_index=0,
+                                                   process_count=1))
+  got = np.concatenate([b['image'] for b in evals])
+  assert got.shape == (6, 16, 16, CHANNELS) and not any(b['corrupt'].any() for b in evals)
+  config = sources.resolve_stats(sources.DatasetConfig.from_config(dataset), sources.get_builder(dataset))
+  eval_fn = preprocess.make_eval_preprocess_fn(config)
+  want = np.stack([eval_fn(tf.constant(image)).numpy() for image in images])
+  distances = np.abs(got[:, None] - want[None]).max(axis=(2, 3, 4))  # Each read image is one of the arrays.
+  assert sorted(distances.argmin(axis=1)) == list(range(6)) and distances.min(axis=1).max() < 1e-5

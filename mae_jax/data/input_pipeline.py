@@ -171,9 +171,12 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
   ds = ds.skip(offset)  # Still undecoded: resuming decodes nothing extra.
   ds = ds.enumerate(start)  # Position of each example in this process's stream.
 
+  unpack = sources.image_unpacker(builder)
+
   def preprocess_one(position, image):
     return preprocess_fn(
-        image, tf.random.experimental.stateless_fold_in(augment_key, position))
+        unpack(image),
+        tf.random.experimental.stateless_fold_in(augment_key, position))
 
   def preprocess_chunk(positions, examples):
     images, valid = corrupt.guarded_map(preprocess_one,
@@ -238,8 +241,11 @@ def create_eval_iterator(dataset_config: Any, *, split: str, batch_size: int,
   sizes = [sources.split_num_examples(builder, s, 'split') for s in splits]
   num_batches = math.ceil(max(sizes) / local_batch)
 
+  unpack = sources.image_unpacker(builder)
+
   def preprocess_chunk(examples):
-    images, valid = corrupt.guarded_map(preprocess_fn, (examples['image'],))
+    images, valid = corrupt.guarded_map(
+        lambda image: preprocess_fn(unpack(image)), (examples['image'],))
     labels = _labels(examples, tf.size(valid))
     return {'image': images, 'label': tf.where(valid, labels, -1),
             'valid': valid}

@@ -78,14 +78,16 @@ class RecordSource:
       decoders = None
       if sources.image_is_encoded(builder):
         decoders = {'image': tfds.decode.SkipDecoding()}
+      pack = (sources.pack_image if sources.image_is_packed(builder)
+              else lambda example: example)
       filenames = tf.constant(files)
 
       def read(file, skip, take):
         records = tf.data.TFRecordDataset(tf.gather(filenames, file),
                                           buffer_size=_READ_BUFFER)
         return records.skip(skip).take(take).map(
-            lambda record: features.deserialize_example(record,
-                                                        decoders=decoders))
+            lambda record: pack(features.deserialize_example(
+                record, decoders=decoders)))
 
       return cls(spans=spans, read=read, parallel=True)
 

@@ -342,6 +342,30 @@ def image_is_encoded(builder: tfds.core.DatasetBuilder) -> bool:
   return isinstance(builder.info.features['image'], tfds.features.Image)
 
 
+def image_is_packed(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether 'image' is an array of varying size (prepare --source=arrays: without --image_size).
+
+  Such images travel through reading, shuffling, caching and batching as
+  serialized tensors (scalar strings, `pack_image`) and are parsed back
+  where they are preprocessed (`image_unpacker`), under the corrupt-image guard.
+  """
+  feature = builder.info.features['image']
+  return not image_is_encoded(builder) and not all(d is not None for d in feature.shape)
+
+
+def pack_image(example: dict) -> dict:
+  return {**example, 'image': tf.io.serialize_tensor(example['image'])}
+
+
+def image_unpacker(builder: tfds.core.DatasetBuilder):
+  """fn(image as read) -> the image to preprocess: the stored array of a packed one, else as it is."""
+  if not image_is_packed(builder):
+    return lambda image: image
+  feature = builder.info.features['image']
+  dtype, channels = feature.tf_dtype, feature.shape[-1]
+  return lambda image: tf.ensure_shape(tf.io.parse_tensor(image, dtype), [None, None, channels])
+
+
 def split_num_examples(builder: tfds.core.DatasetBuilder, split: Any,
                        setting: str = 'split') -> int:
   """Number of examples of a TFDS split string or sub-split."""
@@ -369,9 +393,10 @@ def read_records(builder: tfds.core.DatasetBuilder, split: Any,
                  *, decode_image: bool = False) -> tf.data.Dataset:
   """Examples of `split` in a fixed order, image bytes left undecoded.
 
-  Elements are {'image': string (JPEG/PNG bytes) or uint8 [H, W, C],
-  'label'?: int64}: parsing a record is cheap, decoding its image is not, so
-  decoding happens later, after examples have been shuffled and skipped.
+  Elements are {'image': string (JPEG/PNG bytes, or a packed array: see
+  `image_is_packed`) or an array [H, W, C], 'label'?: int64}: parsing a record
+  is cheap, decoding its image is not, so decoding happens later, after
+  examples have been shuffled and skipped.
   """
   decoders = None
   if image_is_encoded(builder) and not decode_image:
@@ -383,5 +408,6 @@ def read_records(builder: tfds.core.DatasetBuilder, split: Any,
   ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False,
                           read_config=read_config)
   keys = ['image'] + (['label'] if has_labels(builder) else [])
-  return ds.map(lambda ex: {k: ex[k] for k in keys},
+  pack = pack_image if image_is_packed(builder) and not decode_image else (lambda ex: ex)
+  return ds.map(lambda ex: pack({k: ex[k] for k in keys}),
                 num_parallel_calls=tf.data.AUTOTUNE)

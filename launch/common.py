@@ -16,9 +16,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -208,6 +210,26 @@ class Runner:
       for process in processes:
         if process.poll() is None:
           process.terminate()
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+  """SIGTERM and SIGHUP (a CI timeout, a closed terminal) stop the launcher as Ctrl-C does.
+
+  So its cleanup runs: the ssh commands it started are stopped and the TPU is
+  deleted, where the default action would end the process and leave the TPU
+  running. The former handlers come back on exit.
+  """
+  def interrupt(signum, frame):
+    del frame
+    raise KeyboardInterrupt(f'signal {signal.Signals(signum).name}')
+
+  previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def _not_found(command: Sequence[str]) -> str:

@@ -535,7 +535,8 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
         statuses = run_local(sweep, local_runner=args.local_runner, max_runs=args.max_runs,
                              extra_args=trainer_args, runner=runner)
     else:
-      statuses = run_tpu(sweep, template, runner, steps, args.max_runs)
+      with common.stop_signals_interrupt():  # The TPU is deleted on SIGTERM / SIGHUP too.
+        statuses = run_tpu(sweep, template, runner, steps, args.max_runs)
   except ValueError as e:
     parser.error(str(e))
   except common.LaunchError as e:

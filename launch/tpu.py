@@ -336,8 +336,19 @@ def run_script(job: TpuJob) -> str:
   ])
 
 
-def _create(job: TpuJob, runner: common.Runner) -> None:
-  runner.run(create_command(job))
+def _create(job: TpuJob, runner: common.Runner, reuse: bool = False) -> None:
+  """Creates the TPU and waits until it is up. With `reuse` (a rerun of a launch), one that exists is used."""
+  if runner.run(create_command(job), check=not reuse):
+    returncode, state = runner.capture(describe_command(job))
+    lost = _QR_LOST_STATES if job.use_queued_resource else _VM_LOST_STATES
+    if returncode or state in lost:  # Create failed and there is none to use (or a lost one: replaced).
+      if returncode == 0:
+        runner.echo(f'# {job.tpu_name} exists but is {state}: deleting and creating it again')
+        runner.run(delete_command(job), check=False)
+        _create(job, runner)
+        return
+      raise common.LaunchError(f'creating {job.tpu_name} failed: {shlex.join(create_command(job))}')
+    runner.echo(f'# {job.tpu_name} already exists ({state}): using it (an earlier launch of this job?)')
   if not job.use_queued_resource:
     return  # `tpu-vm create` returns once the VM is READY.
   while True:
@@ -462,7 +473,7 @@ def launch(job: TpuJob, runner: common.Runner, steps: Sequence[str] = STEPS) -> 
     common.job_argv(job.python, job.config, job.workdir)  # Fail before creating anything.
   try:
     if 'create' in steps:
-      _create(job, runner)
+      _create(job, runner, reuse=True)  # Rerunning the command resumes on the TPU it left.
     if 'setup' in steps:
       _setup(job, runner)
     if 'run' in steps:
@@ -559,12 +570,16 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None)
     parser.error(str(e))
   runner = runner or common.Runner(dry_run=args.dry_run)
   try:
-    launch(job, runner, steps)
+    with common.stop_signals_interrupt():
+      launch(job, runner, steps)
   except ValueError as e:
     parser.error(str(e))
   except common.LaunchError as e:
     print(f'error: {e}', file=sys.stderr)
     return e.exit_code
+  except KeyboardInterrupt as e:
+    print(f'error: interrupted ({e or "Ctrl-C"})', file=sys.stderr)
+    return 130
   return 0
 
 

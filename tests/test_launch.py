@@ -313,6 +313,46 @@ def test_nonfinite_halt_is_not_retried(capsys):
   assert 'non-finite' in capsys.readouterr().err
 
 
+def test_rerunning_the_command_uses_the_tpu_that_exists():
+  """create fails (ALREADY_EXISTS: an earlier launch's TPU): it is READY, so the job runs on it, not deleted first."""
+  runner = ScriptedRunner(states=['READY'], failures={'create': (1,)},
+                          job_results=[[common.StreamResult(0, 1, (0,))]])
+  assert tpu.main(tpu_argv(), runner=runner) == 0
+  assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe')] + SETUP + [('tpu-vm', 'ssh'),
+                                                                                    ('tpu-vm', 'delete')]
+  assert 'mae-test already exists (READY): using it' in runner.out.getvalue()
+  # A lost one of that name is replaced; none at all (describe fails): the create's failure stands.
+  runner = ScriptedRunner(states=['PREEMPTED'], failures={'create': (1,)}, job_results=[[common.StreamResult(0, 1)]])
+  assert tpu.main(tpu_argv(), runner=runner) == 0
+  assert kinds(runner)[:4] == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'delete'),
+                               ('tpu-vm', 'create')]
+  runner = ScriptedRunner(failures={'create': (1,)})
+  runner._call_capture = lambda command: (1, '')  # NOT_FOUND
+  assert tpu.main(tpu_argv(), runner=runner) == 1
+  assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'delete')]
+
+
+def test_sigterm_stops_the_launcher_like_ctrl_c_and_deletes_the_tpu(tmp_path):
+  """A CI timeout's SIGTERM: the running ssh is stopped and the TPU deleted, then exit 130."""
+  log = tmp_path / 'gcloud.log'
+  fake = tmp_path / 'bin' / 'gcloud'
+  fake.parent.mkdir()
+  fake.write_text('#!/bin/sh\necho "$*" >> "$GCLOUD_LOG"\n'
+                  'case "$*" in *mae_jax.main*) exec sleep 60 ;; esac\n')
+  fake.chmod(0o755)
+  env = {**os.environ, 'PATH': f'{fake.parent}{os.pathsep}{os.environ["PATH"]}', 'GCLOUD_LOG': str(log)}
+  proc = subprocess.Popen([sys.executable, '-m', 'launch.tpu', *tpu_argv(source_dir=REPO_ROOT)], cwd=REPO_ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while 'mae_jax.main' not in (log.read_text() if log.exists() else '') and time.time() < deadline:
+    time.sleep(0.2)
+  proc.terminate()
+  _, err = proc.communicate(timeout=60)
+  calls = log.read_text().splitlines()
+  assert proc.returncode == 130 and 'error: interrupted (signal SIGTERM)' in err, err
+  assert calls[-1].startswith('compute tpus tpu-vm delete mae-test'), calls
+
+
 def test_trainer_preempted_on_a_healthy_vm_is_rerun():
   """Exit status 75 (it saved and stopped; the VM is READY again): rerun without recreating."""
   runner = ScriptedRunner(states=['READY'], job_results=[

@@ -8,6 +8,7 @@ is never listed by `latest_step()` and never restored.
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -136,6 +137,38 @@ def _from_process_0(value: int) -> int:
     return value
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot serve the run as given (e.g. not shared by its processes); the message says why."""
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """With several processes: each must see what process 0 writes in `workdir`, else a clear error on all.
+
+  A path on each host's own disk (a pod worker's /home, a node's /scratch)
+  would let every process save its own shards where process 0 never sees
+  them; Orbax then waits for them until it times out. Call it on every
+  process together, before anything is restored or saved.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token = _from_process_0(int(time.time_ns() % 2**31))
+  probe = fileio.join(workdir, f'.mae_jax_shared_{token}')
+  if jax.process_index() == 0:
+    fileio.makedirs(workdir)
+    fileio.write_text(probe, 'written by process 0 to check that every process sees this workdir\n')
+  multihost_utils.sync_global_devices('mae_jax_shared_workdir_written')
+  seen = np.asarray(multihost_utils.process_allgather(np.int32(fileio.exists(probe)))).reshape(-1)
+  if jax.process_index() == 0:
+    fileio.remove(probe)
+  multihost_utils.sync_global_devices('mae_jax_shared_workdir_removed')
+  blind = [i for i, s in enumerate(seen) if not s]
+  if blind:
+    raise WorkdirError(f'--workdir={workdir}: process(es) {blind} of {jax.process_count()} do not see the file '
+                     'process 0 wrote there; every process of a multi-host run must write to the same storage: '
+                     'use a gs:// path or a shared file system')
 
 
 def latest_step(workdir: str) -> int | None:

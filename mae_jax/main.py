@@ -21,6 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mae_jax import checkpoint as ckpt_lib
 from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, loop, supervised, train, train_state
 
 FLAGS = flags.FLAGS
@@ -69,7 +70,7 @@ def main(argv):
                jax.local_devices())
   try:
     result = run_experiment(FLAGS.config, FLAGS.workdir)
-  except loop.ResumeError as e:  # A user error, found before anything ran: one line, no traceback.
+  except (loop.ResumeError, ckpt_lib.WorkdirError) as e:  # A user error, found before anything ran: one line.
     sys.exit(f'Error: {e}')
   except train_state.NonFiniteLossError as e:
     # A distinct status, so that launchers stop instead of replaying the same divergence.

@@ -220,6 +220,7 @@ def _best_so_far(workdir: str, default: float) -> float:
 
 def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoch: int) -> dict:
   """Initialises or resumes, trains to total_steps with evals and checkpoints; returns the metrics."""
+  ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
   loop.check_resume(config, workdir)
   init_rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(task.init_fn, init_rng)

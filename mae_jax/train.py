@@ -43,6 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   wandb_writer.check(config)  # Before the data set is read: a bad setting is named first.
   pretrain_step.validate_config(config, mesh)
   config = inputs.resolve_dataset_stats(config)  # dataset.mean / std = (): the data set's stored ones.
+  ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
   loop.check_resume(config, workdir)
   step = pretrain_step.build_train_step(config, mesh, inputs.num_train_examples(config))
   model = step.model

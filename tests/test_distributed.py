@@ -167,3 +167,31 @@ def test_distributed_flag_is_checked_by_the_entry_point(tmp_path):
   assert clash.returncode == 1 and '--distributed=off with --coordinator_address' in clash.stderr, \
       clash.stderr[-2000:]
   assert os.listdir(tmp_path) in ([], ['logs'])  # Stopped before anything ran (the log file aside).
+
+
+_SHARED_WORKDIR_CHECK = '''
+import os, sys
+from mae_jax import checkpoint, distributed
+port, base, flag = sys.argv[1:]
+pid = int(flag.split('=')[1])
+distributed.initialize('on', f'127.0.0.1:{port}', 2, pid)
+checkpoint.check_shared_workdir(base)  # One folder for both: passes, and the probe file is gone.
+print('SHARED OK', sorted(os.listdir(base)))
+try:  # Process 1's "same path" on a disk of its own, as a pod worker's /home.
+  checkpoint.check_shared_workdir(base if pid == 0 else base + '_own_disk')
+except checkpoint.WorkdirError as e:
+  print('REFUSED', e)
+'''
+
+
+def test_a_workdir_the_processes_do_not_share_is_refused_on_every_process(tmp_path):
+  from tests import two_processes  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / 'run')
+  command = [sys.executable, '-c', _SHARED_WORKDIR_CHECK, str(two_processes.free_port()), workdir]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=repo)
+  codes, outputs = two_processes.run(command, env, repo, tmp_path, timeout=120)
+  assert codes == [0, 0], outputs
+  for out in outputs:
+    assert 'SHARED OK []' in out, out
+    assert 'REFUSED --workdir=' in out and 'process(es) [1] of 2 do not see the file process 0 wrote' in out, out

@@ -53,7 +53,7 @@ setuptools.setup(
     long_description=_readme(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["mae_jax", "mae_jax.*", "configs", "configs.*", "launch", "launch.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # JAX >= 0.7; .ci/setup finds or installs 3.11 where python3 is 3.10.
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

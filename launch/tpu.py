@@ -93,7 +93,8 @@ _QR_WAITING_STATES = ('ACCEPTED', 'WAITING_FOR_RESOURCES', 'PROVISIONING', 'CREA
 _MAX_BACKOFF_SECONDS = 900.0
 
 _TARBALL_REMOTE = 'mae-jax-code.tar.gz'
-_PID_FILE = '.mae_jax_job.pid'
+_PID_FILE = '.mae_jax_job_{}.pid'  # In the home folder, beside --remote_dir (which setup replaces).
+_VENV_PYTHON = '.venv/bin/python'  # What .ci/setup makes in --remote_dir: the default interpreter.
 _NAME = re.compile(r'[a-z]([-a-z0-9]{0,52}[a-z0-9])?')
 _ZONE = re.compile(r'[a-z]+-[a-z]+[0-9]+-[a-z]')
 
@@ -120,7 +121,7 @@ class TpuJob:
   repo_url: str = ''
   remote_dir: str = 'mae-jax'
   pip_extras: str = 'tpu'
-  python: str = 'python3'
+  python: str = ''  # '': the .venv that .ci/setup makes (Python 3.11+ even where python3 is 3.10).
   overrides: tuple[str, ...] = ()
   env: tuple[str, ...] = ()
   extra_args: tuple[str, ...] = ()
@@ -286,9 +287,9 @@ def setup_script(job: TpuJob) -> str:
     parts = [f'rm -rf {directory}', f'mkdir -p {directory}',
              f'tar -xzf {q(_TARBALL_REMOTE)} -C {directory}', f'rm -f {q(_TARBALL_REMOTE)}']
   package = f'.[{job.pip_extras}]' if job.pip_extras else '.'
-  parts += [f'cd {directory}',
-            shlex.join([job.python, '-m', 'pip', 'install', '--quiet', '-e', package])]
-  return ' && '.join(parts)
+  install = (shlex.join([job.python, '-m', 'pip', 'install', '--quiet', '-e', package]) if job.python else
+             'SETUP_DEMO_DATA=0 ' + shlex.join(['bash', '.ci/setup', job.pip_extras or 'tpu']))
+  return ' && '.join(parts + [f'cd {directory}', install])
 
 
 def trainer_args(job: TpuJob) -> list[str]:
@@ -309,11 +310,12 @@ def run_script(job: TpuJob) -> str:
   """
   q = shlex.quote
   env = [('PYTHONUNBUFFERED', '1'), *common.parse_env(job.env)]
-  trainer = shlex.join(common.job_argv(job.python, job.config, job.workdir, job.overrides,
+  trainer = shlex.join(common.job_argv(job.python or _VENV_PYTHON, job.config, job.workdir, job.overrides,
                                        trainer_args(job), env))
-  pid_file = q(_PID_FILE)
+  pid_file = '"$pid_file"'
   timeout = int(job.stale_trainer_timeout)
   return '; '.join([
+      'pid_file="$PWD"/' + q(_PID_FILE.format(re.sub(r'[^A-Za-z0-9_.-]', '_', job.remote_dir))),
       f'cd {q(job.remote_dir)} || exit 1',
       # Alive and still a trainer: not a zombie (empty cmdline), not a reused pid.
       "alive() { tr '\\000' ' ' < \"/proc/$1/cmdline\" 2>/dev/null | grep -q -F mae_jax.main; }",
@@ -470,7 +472,7 @@ def launch(job: TpuJob, runner: common.Runner, steps: Sequence[str] = STEPS) -> 
     raise ValueError(f'--steps={",".join(steps)}: unknown step(s) {", ".join(unknown)}; '
                      f'choose from {",".join(STEPS)}')
   if 'run' in steps:
-    common.job_argv(job.python, job.config, job.workdir)  # Fail before creating anything.
+    common.job_argv(job.python or _VENV_PYTHON, job.config, job.workdir)  # Fail before creating anything.
   try:
     if 'create' in steps:
       _create(job, runner, reuse=True)  # Rerunning the command resumes on the TPU it left.
@@ -518,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
       help='git clone this URL on the workers instead of copying --source_dir.')
   add(parser, 'remote_dir', default='mae-jax', help='Code directory on the workers (replaced).')
   add(parser, 'pip_extras', default='tpu', help='Extras for `pip install -e .[EXTRAS]`.')
-  add(parser, 'python', default='python3', help='Python interpreter on the workers.')
+  add(parser, 'python', default='', help='Python on the workers, installed into as it is; default: a .venv '
+      'that .ci/setup makes in --remote_dir (Python 3.11+; TPU VM images have 3.10).')
   add(parser, 'config', default='', help='CONFIG[:ARGS] for mae_jax.main --config.')
   add(parser, 'workdir', default='', help='Checkpoints and logs; gs://... for pods.')
   parser.add_argument('--override', dest='overrides', action='append', default=[],

@@ -137,7 +137,9 @@ def test_single_host_dry_run_prints_every_command_in_order():
                        '--project=my-proj --quiet')
   scp, setup, run = runner.commands[2:5]
   assert '--worker=all' in scp and scp[-4].endswith('.tar.gz')
-  assert "pip install --quiet -e '.[tpu]'" in remote_command(setup)
+  assert remote_command(setup).endswith('&& cd mae-jax && SETUP_DEMO_DATA=0 bash .ci/setup tpu')
+  assert trainer_words(run)[:3] == ['.venv/bin/python', '-m', 'mae_jax.main']  # The venv .ci/setup made.
+  assert "pip install --quiet -e '.[tpu]'" in remote_command(dry_run_tpu('--steps=setup', python='python3').commands[2])
   assert remote_command(run).count(' -m mae_jax.main ') == 1
   assert '--config=configs/mae_pretrain.py:variant=B/16' in shlex.split(remote_command(run))
 
@@ -425,7 +427,7 @@ def _stale_trainer(tmp_path, ignore_sigterm):
     assert time.time() < deadline and old.poll() is None
     time.sleep(0.05)
   (tmp_path / 'mae-jax').mkdir()
-  (tmp_path / 'mae-jax' / '.mae_jax_job.pid').write_text(f'{old.pid}\n')
+  (tmp_path / '.mae_jax_job_mae-jax.pid').write_text(f'{old.pid}\n')  # Beside the code, which setup replaces.
   return old, saved
 
 
@@ -509,7 +511,7 @@ def test_remote_run_script_executes_under_bash(tmp_path, exit_status):
   assert printed['tag'] == value
   assert (common.SUCCESS_MARKER in done.stdout) == (exit_status == 0)
   assert not (tmp_path / 'pwned').exists()
-  assert not (tmp_path / 'mae-jax' / '.mae_jax_job.pid').exists()
+  assert not (tmp_path / '.mae_jax_job_mae-jax.pid').exists()
 
 
 # Bad inputs: the error names the flag.

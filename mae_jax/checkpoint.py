@@ -38,6 +38,7 @@ class Checkpointer:
   """Saves train state every N steps and at the end, keeps the latest K."""
 
   def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 0, async_save: bool = True):
+    self.workdir = workdir
     self.every_steps = every_steps
     self._last_saved = None
     options = ocp.CheckpointManagerOptions(

@@ -121,7 +121,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """
   try:
     check_config_flags(argv)
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    failed = getattr(flags.FLAGS['config'].value, '_error', None) if 'config' in flags.FLAGS else None
+    if failed is not None:  # A config file that did not load says so now, not at its first use.
+      sys.stderr.write(f'error: --config: {" ".join(str(failed).split())}\n')
+      sys.exit(2)
+    return rest
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
     message = str(e).strip().strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
     overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]

@@ -147,6 +147,12 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
   return path
 
 
+def exit_on_error(error: BaseException, prefix: str = 'Error') -> None:
+  """Ends the process with `error` in one line (a setting or file to fix); its traceback goes to the log file."""
+  logging.info('Stopped on this error (the terminal shows its message only):', exc_info=error)
+  sys.exit(f'{prefix}: {error}')
+
+
 def progress_mode(requested: str | None = None, stream=None) -> str:
   """'bar', 'lines' or 'off': the --progress flag (or `requested`), 'auto' resolved for this process."""
   if requested is None:

@@ -10,7 +10,6 @@ Hugging Face folder into another format. Formats: orbax, safetensors (reference
 """
 
 import os
-import sys
 
 from absl import app, flags
 
@@ -80,7 +79,7 @@ def main(argv):
       out = convert(flag_values.import_from, flag_values.format, flag_values.out, model_name=flag_values.model,
                     full=flag_values.full, overwrite=flag_values.overwrite)
   except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError) as e:
-    sys.exit(f'mae_jax.export: {e}')  # A user error: the message says what to change, no traceback.
+    console.exit_on_error(e, 'mae_jax.export')  # A user error: one line; the traceback in the log.
   print(f'wrote {out} (metadata: {metadata_path(out)})')
 
 

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 from clu import periodic_actions
+from flax import traverse_util
 
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import console, fileio, parallel, train_state, wandb_writer
@@ -177,21 +178,27 @@ def check_resume(config, workdir: str) -> None:
 
 def restore_or_init(checkpointer, init_fn: Callable, init_rng, abstract_state, shardings, mesh, *,
                     saved_tree: Callable = lambda s: s.params,
-                    from_saved: Callable = lambda saved: (saved, None)) -> tuple[train_state.TrainState, bool]:
+                    from_saved: Callable = lambda saved: (saved, None),
+                    config=None) -> tuple[train_state.TrainState, bool]:
   """(state, resumed): the newest checkpoint onto `shardings`, else init_fn(init_rng) computed into them.
 
   `abstract_state` is jax.eval_shape(init_fn, init_rng), which the caller has
   already traced to get `shardings`. `saved_tree(state)` is what a
   checkpoint's 'params' item holds (the params, or params and batch_stats);
-  `from_saved` splits it back into (params, batch_stats or None).
+  `from_saved` splits it back into (params, batch_stats or None). A
+  checkpoint that does not fit (a model or optimizer setting changed) is a
+  ResumeError naming the settings that differ from `config`.
   """
   latest = checkpointer.latest_step()
   if latest is None:
     with train_state.mesh_context(mesh):
       return jax.jit(init_fn, out_shardings=shardings)(init_rng), False
-  saved, opt_state, meta = checkpointer.restore(
-      ckpt_lib.abstract_like(saved_tree(abstract_state), saved_tree(shardings)),
-      ckpt_lib.abstract_like(abstract_state.opt_state, shardings.opt_state), latest)
+  try:
+    saved, opt_state, meta = checkpointer.restore(
+        ckpt_lib.abstract_like(saved_tree(abstract_state), saved_tree(shardings)),
+        ckpt_lib.abstract_like(abstract_state.opt_state, shardings.opt_state), latest)
+  except ValueError as e:  # Orbax: the saved trees' structure or shapes differ from this run's.
+    raise _misfit(checkpointer, latest, config, e) from None
   params, batch_stats = from_saved(saved)
   put = lambda value, sharding: parallel.host_to_global(np.asarray(value, np.int32), sharding)
   state = train_state.TrainState(
@@ -216,6 +223,23 @@ def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int = 2) -> Iterator[
       yield queue.pop(0)
   while queue:
     yield queue.pop(0)
+
+
+def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError:
+  """The ResumeError for a checkpoint whose trees do not fit this run: what Orbax found, what changed."""
+  detail = ' '.join(str(error).split())
+  detail = detail if len(detail) <= 240 else detail[:240] + '...'
+  changed = []
+  if config is not None:
+    saved = traverse_util.flatten_dict(ckpt_lib.load_meta(checkpointer.workdir, step).get('config') or {},
+                                            sep='.')
+    current = traverse_util.flatten_dict(config_dict(config), sep='.')
+    changed = [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in sorted(set(saved) | set(current))
+               if k.startswith(('model.', 'optim.')) and saved.get(k) != current.get(k)]
+  return ResumeError(
+      f'{checkpointer.workdir} holds a run (step {step}) whose parameters or optimizer state do not fit this '
+      f'config{": " + "; ".join(changed) if changed else ""}. Use a new --workdir or put the settings back '
+      f'(Orbax: {detail})')
 
 
 def config_dict(config) -> dict:

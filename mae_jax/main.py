@@ -21,8 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import checkpoint as ckpt_lib
-from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, loop, supervised, train, train_state
+from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, supervised, train, train_state
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
@@ -70,12 +69,12 @@ def main(argv):
                jax.local_devices())
   try:
     result = run_experiment(FLAGS.config, FLAGS.workdir)
-  except (loop.ResumeError, ckpt_lib.WorkdirError) as e:  # A user error, found before anything ran: one line.
-    sys.exit(f'Error: {e}')
   except train_state.NonFiniteLossError as e:
     # A distinct status, so that launchers stop instead of replaying the same divergence.
     logging.error('Halted on non-finite losses (exit status %d, not retried): %s', NONFINITE_EXIT_CODE, e)
     sys.exit(NONFINITE_EXIT_CODE)
+  except (ValueError, FileNotFoundError) as e:  # A setting or file to fix (a resume that does not fit, a
+    console.exit_on_error(e)  # batch the devices cannot split, ...): one line here, the traceback in the log.
   logging.info('Finished: %s', result)
   if jax.process_index() == 0:  # The result, on stdout: evaluations, the last loss, where it stopped.
     shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step', 'train/loss')}

@@ -228,7 +228,7 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        every_steps=config.checkpoint_every_steps)
   state, resumed = loop.restore_or_init(checkpointer, task.init_fn, init_rng, abstract_state, shardings, mesh,
-                                        saved_tree=task.saved_tree, from_saved=task.from_saved)
+                                        saved_tree=task.saved_tree, from_saved=task.from_saved, config=config)
   if not resumed and task.pretrained is not None:
     # Leaf by leaf: the pretrained encoder's host arrays go into their shardings, the rest stays
     # as initialised. Nothing is fetched: with FSDP over hosts no process holds all of a param.

@@ -59,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if warm is not None:
     init_fn, init_args = lambda args: step.init_fn(*args), (step.init_rng, warm.params)
   state, resumed = loop.restore_or_init(checkpointer, init_fn, init_args, step.abstract_state,
-                                        step.state_shardings, mesh)
+                                        step.state_shardings, mesh, config=config)
   start_step = int(jax.device_get(state.step))
   loop.write_config(config, workdir)
   writer = metrics.create_writer(workdir, start_step, config)

@@ -22,7 +22,6 @@ look better than the model is).
 
 import io
 import os
-import sys
 from typing import Sequence
 
 import jax
@@ -328,7 +327,7 @@ def main(argv):
                                   num_images=FLAGS.num_images, seed=FLAGS.seed, mask_ratio=FLAGS.mask_ratio,
                                   bands=FLAGS.bands)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    sys.exit(f'mae_jax.visualize: {e}')  # A user error: the message says what to change, no traceback.
+    console.exit_on_error(e, 'mae_jax.visualize')  # A user error: one line; the traceback in the log.
   print(f'Reconstructions written to {path}')
 
 

@@ -100,6 +100,11 @@ def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
   reshuffled.dataset.shuffle_buffer = reshuffled.dataset.get('shuffle_buffer', 0) + 7  # Another order in an epoch.
   with pytest.raises(loop.ResumeError, match=r'dataset.shuffle_buffer: '):
     loop.check_resume(reshuffled, workdir)
+  deeper = test_config.get_config('steps=2')
+  deeper.model.decoder_depth += 1  # The checkpoint's trees no longer fit: one line naming the setting.
+  with pytest.raises(loop.ResumeError, match=rf'model.decoder_depth: {deeper.model.decoder_depth - 1} -> '
+                                             rf'{deeper.model.decoder_depth}\. Use a new --workdir'):
+    train.train_and_evaluate(deeper, workdir)
   changed.resume_allow_changes = True
   loop.check_resume(changed, workdir)
   # The entry point says it in one line, without a traceback.

@@ -37,3 +37,19 @@ def test_each_config_goes_to_its_trainer(monkeypatch):
   probe.downstream = 'knn'
   main.run_experiment(probe, 'unused')
   assert calls == ['train_and_evaluate', 'finetune', 'linear_probe', 'run_knn']
+
+
+def test_a_setting_that_cannot_work_ends_in_one_line_with_the_traceback_in_the_log(tmp_path):
+  workdir = tmp_path / 'run'
+  run = lambda *flags: subprocess.run([sys.executable, '-m', 'mae_jax.main', *flags], cwd=REPO, capture_output=True,
+                                      text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  done = run('--config=configs/test.py:steps=1', f'--workdir={workdir}', '--config.mask_ratio=1.5')
+  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1].startswith('Error: ') and 'mask_ratio' in done.stderr
+  (log,) = os.listdir(workdir / 'logs')
+  assert 'Traceback' in (workdir / 'logs' / log).read_text()  # For a bug report.
+  # A config file that does not load: one line, exit 2, and no workdir made.
+  done = run('--config=configs/no_such_file.py', f'--workdir={tmp_path / "other"}')
+  assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+  assert done.stderr.startswith('error: --config: ')
+  assert 'configs/no_such_file.py' in done.stderr and not (tmp_path / 'other').exists()

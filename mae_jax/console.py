@@ -169,11 +169,15 @@ _BAR_MIN_COLUMNS = 40  # Narrower (a pseudo-terminal that reports 0 columns, as 
 
 
 def _terminal_columns(stream) -> int:
-  """The width of the terminal `stream` writes to; 0 when it is not a terminal or reports no size."""
+  """The width of the terminal `stream` writes to; 0 when it is not a terminal or reports no size.
+
+  A terminal of 0 rows counts as none: tqdm would hide its bar there.
+  """
   try:
-    return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    size = os.get_terminal_size(stream.fileno()) if stream.isatty() else None
   except (AttributeError, OSError, ValueError):  # No fileno (StringIO), or no size to read.
     return 0
+  return size.columns if size and size.lines > 0 else 0
 
 
 def _format(value) -> str:
@@ -283,6 +287,11 @@ class ProgressHook:
 
   def _line(self, step: int) -> str:
     return ', '.join([f'step {step}/{self.total_steps}', f'loss {_format(self.loss)}'] + self._speed(step))
+
+  def note(self, line: str) -> None:
+    """A line of its own that stays on the terminal (not shown when progress is off)."""
+    if self.mode != 'off':
+      self._write(line)
 
   def _write(self, line: str) -> None:
     if self._bar is not None:

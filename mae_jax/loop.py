@@ -17,6 +17,7 @@ hand them to `train_loop`. What they share lives here and nowhere else:
 import dataclasses
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +45,7 @@ def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
 # Preemption.
 
 class PreemptionFlag:
-  """Set by SIGTERM; the loop saves a checkpoint and exits cleanly.
+  """Set by SIGTERM (and, with one process, the first Ctrl-C); the loop saves a checkpoint and exits cleanly.
 
   With several processes every one must stop at the same step (the save is
   collective), but SIGTERM reaches them at different times. When
@@ -64,11 +65,21 @@ class PreemptionFlag:
     self._previous = {}
 
   def install(self):
-    if threading.current_thread() is not threading.main_thread() or jax_preemption_service():
+    if threading.current_thread() is not threading.main_thread():
       return self
-    for sig in (signal.SIGTERM,):
-      self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+    if not jax_preemption_service():
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    if jax.process_count() == 1:  # Ctrl-C saves and stops too (a pod's processes get no terminal's Ctrl-C).
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
     return self
+
+  def _interrupt(self, signum, frame):
+    del signum, frame
+    if self.event.is_set():  # The second Ctrl-C: stop at once.
+      raise KeyboardInterrupt
+    self.event.set()
+    sys.stderr.write('\nCtrl-C: saving a checkpoint after this step, then stopping; rerun the same command to '
+                     'resume (Ctrl-C again stops at once, without saving)\n')
 
   def uninstall(self):
     for sig, handler in self._previous.items():
@@ -376,6 +387,11 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
   """
   start_step = int(jax.device_get(state.step))
   progress = console.ProgressHook(total_steps, start_step)  # A bar on a terminal, else a line per log period.
+  if start_step >= total_steps:
+    progress.note(f'{workdir} already holds step {start_step} (num_train_steps={total_steps}): nothing to train; '
+                  'raise num_train_steps to train on')
+  elif start_step:
+    progress.note(f'Resuming at step {start_step} from the checkpoint in {workdir}')
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps), progress]
   if config.profile_steps > 0 and jax.process_index() == 0:

@@ -145,6 +145,8 @@ def test_progress_auto_draws_a_bar_only_on_a_terminal_wide_enough_for_it():
   try:
     with os.fdopen(slave, 'w', closefd=False) as stream:
       assert stream.isatty() and console.progress_mode('auto', stream) == 'lines'
+      fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 0, 100, 0, 0))  # `stty cols 100`, no rows.
+      assert console.progress_mode('auto', stream) == 'lines'
       fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 30, 100, 0, 0))
       assert console.progress_mode('auto', stream) == 'bar'
       assert console.progress_mode('lines', stream) == 'lines'

@@ -84,10 +84,12 @@ def test_train_steps_from_epochs_or_steps():
   assert train_state.train_steps(config, 64) == (4, 10)
 
 
-def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path):
+def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path, capsys):
   workdir = str(tmp_path)
   config = test_config.get_config('steps=1')
   assert train.train_and_evaluate(config, workdir)['status'] == 'done'
+  assert train.train_and_evaluate(config, workdir)['step'] == 1  # A rerun says that it had nothing to do.
+  assert f'{workdir} already holds step 1 (num_train_steps=1): nothing to train' in capsys.readouterr().err
   config.num_train_steps = 2  # Continuing a run is allowed.
   loop.check_resume(config, workdir)
   changed = test_config.get_config('steps=2')
@@ -171,6 +173,21 @@ def test_a_second_sigterm_during_the_final_save_does_not_lose_it(tmp_path):
   params, _ = checkpoint.load_params(workdir)
   assert checkpoint.latest_step(workdir) == 2 and params['encoder']
 
+
+
+def test_the_first_ctrl_c_asks_for_a_save_and_the_second_stops_at_once(capsys):
+  import signal  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGINT)
+  flag = loop.PreemptionFlag().install()
+  try:
+    signal.raise_signal(signal.SIGINT)
+    assert flag.requested(1)  # The loop saves after this step and stops (exit 75: rerun to resume).
+    assert 'Ctrl-C: saving a checkpoint after this step' in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    flag.uninstall()
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_preemption_during_a_scheduled_save_keeps_it_instead_of_saving_twice(tmp_path):

@@ -141,6 +141,29 @@ def float_value_range(mean, std):
   return mean - 2 * std, mean + 2 * std
 
 
+GRID_COLUMNS = ('original', 'masked', 'reconstruction', 'recon. + visible')  # grid_of's columns.
+
+
+def with_column_titles(grid: np.ndarray, titles=GRID_COLUMNS) -> np.ndarray:
+  """The grid under a white strip naming its equal-width columns (each title shrunk to fit its column)."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  width = grid.shape[1] // len(titles)
+  height = max(14, min(28, width // 6))
+  strip = Image.new('RGB', (grid.shape[1], height), (255, 255, 255))
+  draw = ImageDraw.Draw(strip)
+  for i, title in enumerate(titles):
+    for size in range(height - 4, 5, -1):  # The largest size whose text fits the column.
+      try:
+        font = ImageFont.load_default(size=size)
+      except TypeError:  # Pillow < 10.1: one bitmap size.
+        font = ImageFont.load_default()
+      if draw.textlength(title, font=font) <= width - 4:
+        break
+    left = i * width + (width - draw.textlength(title, font=font)) / 2
+    draw.text((max(i * width + 2, left), 2), title, fill=(0, 0, 0), font=font)
+  return np.concatenate([np.asarray(strip, np.uint8), grid], axis=0)
+
+
 def save_png(grid: np.ndarray, path: str) -> str:
   """Writes the grid as a PNG (local or gs://); returns the path."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -245,7 +268,7 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
   grid = reconstruction_grid(model, params, images, ratio, jax.random.key(seed), mean=mean, std=std,
                              bands=bands, value_range=value_range)
   out = out or fileio.join(workdir, 'reconstructions.png')
-  out = save_png(grid, out)
+  out = save_png(with_column_titles(grid), out)
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     writer = metric_writers.create_default_writer(workdir, asynchronous=False)
@@ -289,7 +312,7 @@ def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_
   bands = bands if bands else dataset.get('display_bands', ())
   grid = reconstruction_grid(model, params, images, mask_ratio, jax.random.key(seed), mean=mean, std=std,
                              bands=bands)
-  return save_png(grid, out)
+  return save_png(with_column_titles(grid), out)
 
 
 FLAGS = flags.FLAGS

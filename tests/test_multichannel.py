@@ -117,7 +117,9 @@ def test_visualises_the_chosen_band_triple(prepared, workdir, tmp_path):
   png = visualize.visualize_checkpoint(workdir, str(tmp_path / 'grid.png'), num_images=2, bands='3,2,1')
   grid = np.asarray(Image.open(png))
   scale = 112 // WIDTH
-  assert grid.shape == (2 * HEIGHT * scale, 4 * WIDTH * scale, 3)
+  titles = grid.shape[0] - 2 * HEIGHT * scale  # A white strip naming the columns, then the grid.
+  assert 14 <= titles <= 28 and grid.shape[1:] == (4 * WIDTH * scale, 3) and grid[:titles].mean() > 200
+  grid = grid[titles:]
   # Column 0 shows bands 3, 2, 1 of the first eval image as red, green, blue, over the uint16 range.
   stats = sources.channel_stats(sources.get_builder(_dataset(prepared[0])))
   run_config = checkpoint.load_params(workdir)[1]
@@ -131,7 +133,7 @@ def test_visualises_the_chosen_band_triple(prepared, workdir, tmp_path):
   out = export.export_from_workdir(workdir, 'safetensors', str(tmp_path / 'full.safetensors'), full=True)
   tile = str(prepared[3] / 'tile_00.npy')
   png = visualize.visualize_weights(out, [tile], str(tmp_path / 'weights.png'))
-  assert np.asarray(Image.open(png)).shape == (HEIGHT * scale, 4 * WIDTH * scale, 3)
+  assert np.asarray(Image.open(png)).shape == (HEIGHT * scale + titles, 4 * WIDTH * scale, 3)
 
 
 def _flatten(tree, prefix=''):

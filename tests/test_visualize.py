@@ -76,6 +76,13 @@ def test_grid_layout_and_png(tmp_path):
   # Column 0 is the original image, de-normalised.
   expected = np.clip(np.asarray(images[0]) * 0.25 + 0.5, 0, 1)
   np.testing.assert_allclose(grid[:64:2, :64:2] / 255.0, expected, atol=1 / 255 + 1e-6)
+  # The picture a user opens names its columns: a white strip with dark text over each column.
+  titled = visualize.with_column_titles(grid)
+  strip = titled.shape[0] - grid.shape[0]
+  assert 14 <= strip <= 28 and np.array_equal(titled[strip:], grid)
+  for column in range(4):
+    text = titled[:strip, column * 64:(column + 1) * 64]
+    assert (text < 128).any() and (text == 255).mean() > 0.5, column
 
 
 def test_load_image_files_converts_modes(tmp_path):

@@ -19,6 +19,7 @@ plain line per log period otherwise (launchers, pipes, tests), nothing on
 processes other than 0; `--progress=bar|lines|off` overrides.
 """
 
+import contextlib
 import logging
 import os
 import socket
@@ -55,27 +56,60 @@ def _verbose_in_argv(argv) -> bool:
   return any(a in ('--verbose', '-verbose', '--verbose=true', '--verbose=True', '--verbose=1') for a in argv[1:])
 
 
-def _import_tensorflow_quietly() -> str:
-  """Imports TensorFlow with its native stderr captured; returns what it printed ('' when not captured)."""
-  if 'tensorflow' in sys.modules or _verbose_in_argv(sys.argv):
-    return ''
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's native INFO lines after import (older TF).
+@contextlib.contextmanager
+def _native_stderr_captured(into: list):
+  """What native code (and Python) writes to file descriptor 2 inside the block is appended to `into`."""
   with tempfile.TemporaryFile() as captured:
     sys.stderr.flush()
     saved = os.dup(2)
     os.dup2(captured.fileno(), 2)
     try:
-      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except ImportError:
-      pass  # Entry points that need TensorFlow fail on their own import, with the message on the terminal.
+      yield
     finally:
       os.dup2(saved, 2)
       os.close(saved)
-    captured.seek(0)
-    return captured.read().decode('utf-8', errors='replace')
+      captured.seek(0)
+      into.append(captured.read().decode('utf-8', errors='replace'))
+
+
+def _import_tensorflow_quietly() -> str:
+  """Imports TensorFlow with its native stderr captured; returns what it printed ('' when not captured)."""
+  if 'tensorflow' in sys.modules or _verbose_in_argv(sys.argv):
+    return ''
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's native INFO lines after import (older TF).
+  output = []
+  with _native_stderr_captured(output):
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass  # Entry points that need TensorFlow fail on their own import, with the message on the terminal.
+  return output[0]
 
 
 _NATIVE_IMPORT_OUTPUT = _import_tensorflow_quietly()
+_LOG_PATH = []  # The file `setup` opened last.
+
+
+def start_backends() -> None:
+  """Starts JAX's backends (after jax.distributed, where it runs) with their native stderr sent to the log file.
+
+  A libtpu installed on a host without TPUs (the test extras put one in
+  .venv) prints its probe's errors there, which read as failures on a
+  terminal. With --verbose, or when a backend fails to start, they are shown.
+  """
+  if _verbose_in_argv(sys.argv) or not _LOG_PATH:
+    jax.devices()
+    return
+  output = []
+  try:
+    with _native_stderr_captured(output):
+      jax.devices()
+  except BaseException:
+    sys.stderr.write(''.join(output))
+    raise
+  if output[0].strip():
+    with open(_LOG_PATH[-1], 'a', encoding='utf-8') as f:
+      f.write(f'(native output while JAX started its backends)\n{output[0]}\n')
 
 
 class _QuietFilter(logging.Filter):
@@ -144,6 +178,7 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
       f.write(f'(native output while TensorFlow was imported)\n{_NATIVE_IMPORT_OUTPUT}\n')
   if announce:
     sys.stderr.write(f'Logs: {path}' + ('' if verbose else ' (--verbose shows them here)') + '\n')
+  _LOG_PATH.append(path)
   return path
 
 

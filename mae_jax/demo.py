@@ -78,6 +78,7 @@ def tensorboard_command() -> str:
 def main(argv):
   del argv
   console.setup('demo', FLAGS.workdir)
+  console.start_backends()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 

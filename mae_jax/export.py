@@ -69,6 +69,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
   console.setup('export', flag_values.workdir, reads_only=True)  # Orbax's INFO lines to a log file (--verbose: here).
+  console.start_backends()  # A stray libtpu's probe errors to the log file.
   if bool(flag_values.workdir) == bool(flag_values.import_from):
     raise app.UsageError('pass exactly one of --workdir and --import_from')
   try:

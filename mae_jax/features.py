@@ -553,6 +553,7 @@ def _define_flags():
 def main(argv):
   del argv
   console.setup('features', FLAGS.workdir, reads_only=True)  # Library INFO lines to a log file (--verbose: here).
+  console.start_backends()  # A stray libtpu's probe errors to the log file.
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads images; the accelerators are JAX's.
   try:
     out = write_embeddings(

@@ -65,6 +65,7 @@ def main(argv):
     distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:  # Contradicting or incomplete flags.
     raise app.UsageError(str(e)) from None
+  console.start_backends()  # A stray libtpu's probe errors go to the log file.
   logging.info('JAX process %d / %d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:

@@ -340,6 +340,7 @@ def main(argv):
   if bool(FLAGS.workdir) == bool(FLAGS.weights):
     raise app.UsageError('give exactly one of --workdir (a pretraining run) and --weights (exported weights)')
   console.setup('visualize', FLAGS.workdir, reads_only=True)  # Library INFO lines to a log file (--verbose: here).
+  console.start_backends()  # A stray libtpu's probe errors to the log file.
   try:
     if FLAGS.weights:
       path = visualize_weights(FLAGS.weights, FLAGS.images, FLAGS.out or 'reconstructions.png', model_name=FLAGS.model,

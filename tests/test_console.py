@@ -189,3 +189,22 @@ def test_the_evaluations_left_recur_at_the_period_seen_and_at_the_last_step():
   hook._evals = [(150, 90.0), (300, 60.0)]  # pylint: disable=protected-access  # The first one also compiled.
   assert hook._eval_seconds_left(310) == 60.0  # pylint: disable=protected-access  # The last step's only.
   assert hook._eval_seconds_left(300) == 120.0  # pylint: disable=protected-access  # 300's is due, then 400's.
+
+
+def test_what_backends_print_natively_at_start_goes_to_the_log_file(tmp_path, restored_logging, monkeypatch,
+                                                                    capfd):
+  path = console.setup('main', str(tmp_path), announce=False, verbose=False)
+  monkeypatch.setattr(console.sys, 'argv', ['main'])
+  monkeypatch.setattr(console.jax, 'devices', lambda: os.write(2, b'E0000 libtpu: unexpected worker hostname\n'))
+  console.start_backends()  # As a stray libtpu's probe on a host without TPUs: not on the terminal.
+  assert 'unexpected worker hostname' not in capfd.readouterr().err
+  with open(path, encoding='utf-8') as f:
+    assert 'E0000 libtpu: unexpected worker hostname' in f.read()
+
+  def failing():
+    os.write(2, b'cannot open the TPU\n')
+    raise RuntimeError('Unable to initialize backend')
+  monkeypatch.setattr(console.jax, 'devices', failing)
+  with pytest.raises(RuntimeError):
+    console.start_backends()
+  assert 'cannot open the TPU' in capfd.readouterr().err  # A backend that fails: what it said is shown.

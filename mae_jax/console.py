@@ -4,8 +4,9 @@ Every entry point (main, downstream, demo, export, visualize, features, aot) cal
 first thing in its `main`: INFO lines of absl, Orbax, TensorFlow, jax and this
 package then go to `WORKDIR/logs/ENTRY.TIME.HOST.PID.log` (a local workdir; with
 a gs:// workdir or none, to `$TMPDIR/mae_jax_logs/`, and the terminal says
-where), warnings and errors reach the terminal as before, and `--verbose` shows
-everything on the terminal too.
+where; main copies it to gs://.../logs/ on its way out, since a pod's local
+disks go with the TPU), warnings and errors reach the terminal as
+before, and `--verbose` shows everything on the terminal too.
 
 TensorFlow's native (C++) logging prints at import, before flags are parsed and
 regardless of TF_CPP_MIN_LOG_LEVEL (TF >= 2.20 logs through absl C++): importing
@@ -179,7 +180,28 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
   if announce:
     sys.stderr.write(f'Logs: {path}' + ('' if verbose else ' (--verbose shows them here)') + '\n')
   _LOG_PATH.append(path)
+  _REMOTE_LOG[:] = ([(path, fileio.join(workdir, LOGS_DIR, os.path.basename(path)))]
+                    if workdir and fileio.is_remote(workdir) and not reads_only else [])
   return path
+
+
+_REMOTE_LOG = []  # (local file, gs:// copy) of a run with a gs:// workdir: the workers' disks go with the TPU.
+
+
+def copy_log_to_workdir() -> None:
+  """Copies the log file of a run with a gs:// workdir there (its entry point calls it on the way out).
+
+  A failure is only reported: the run's own outcome stands.
+  """
+  for path, remote in _REMOTE_LOG:
+    for handler in logging.getLogger().handlers:
+      if isinstance(handler, _FileHandler):
+        handler.flush()
+    try:
+      with open(path, 'rb') as f:
+        fileio.write_bytes(remote, f.read())
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+      sys.stderr.write(f'warning: could not copy the log {path} to {remote}: {e}\n')
 
 
 def exit_on_error(error: BaseException, prefix: str = 'Error') -> None:

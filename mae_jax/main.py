@@ -57,6 +57,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   console.setup('main', FLAGS.workdir)  # Library INFO logs to WORKDIR/logs/, not the terminal (--verbose).
+  try:
+    _run_main()
+  finally:
+    console.copy_log_to_workdir()  # gs:// workdirs: the log outlives the worker's disk.
+
+
+def _run_main():
   # TensorFlow only feeds data: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')

@@ -74,6 +74,8 @@ def test_remote_workdir_pretrain_sigterm_resume_and_read_back(gcs, tmp_path):
   params, saved_config = checkpoint.load_params(workdir)
   assert saved_config['num_train_steps'] == STEPS and 'encoder' in params
   assert not os.path.exists(tmp_path / 'gs:')  # Nothing went to a local folder named after the URL.
+  logs = fileio.glob(fileio.join(workdir, 'logs'), 'main.*.log')  # Each run's log file, copied at exit.
+  assert len(logs) == 2 and all('JAX process 0 / 1' in fileio.read_text(f) for f in logs), _tail(log)
 
 
 def test_remote_workdir_export_and_sweep_summary(gcs, tmp_path):

@@ -38,6 +38,7 @@ _EXIT_LINE = re.compile(re.escape(EXIT_MARKER) + r'(\d+)')
 # mae_jax.main here would load jax and TensorFlow into every launcher).
 PREEMPTED_EXIT_CODE = 75  # Saved and stopped early (SIGTERM, preemption): rerun to resume.
 NONFINITE_EXIT_CODE = 65  # Halted on non-finite losses: a rerun would diverge again; never retried.
+CONFIG_EXIT_CODE = 78  # A setting or file to fix (the trainer said which): a rerun fails the same way; never retried.
 
 _ENV_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
 _CONFIG_KEY = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*')

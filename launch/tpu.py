@@ -382,7 +382,7 @@ def _setup(job: TpuJob, runner: common.Runner) -> None:
 
 
 def _run_once(job: TpuJob, runner: common.Runner) -> str:
-  """Runs the job on every node at once: 'done', 'nonfinite', 'preempted' (a trainer exited 75) or 'failed'."""
+  """Runs the job on every node: 'done', 'nonfinite', 'config', 'preempted' (a trainer exited 75) or 'failed'."""
   nodes = job.node_names
   script = run_script(job)
   results = runner.stream([ssh_command(job, n, script) for n in nodes], labels=nodes,
@@ -397,6 +397,8 @@ def _run_once(job: TpuJob, runner: common.Runner) -> str:
                 f'{job.workers_per_slice} workers reported success (trainer exit statuses: {reported})')
   if common.NONFINITE_EXIT_CODE in codes:
     return 'nonfinite'
+  if common.CONFIG_EXIT_CODE in codes:
+    return 'config'
   return 'preempted' if common.PREEMPTED_EXIT_CODE in codes else 'failed'
 
 
@@ -442,6 +444,9 @@ def _run_with_retries(job: TpuJob, runner: common.Runner) -> None:
     else:
       if outcome == 'done':
         return
+      if outcome == 'config':
+        raise common.LaunchError(f'the trainer stopped on a setting or file to fix (exit status '
+                                 f'{common.CONFIG_EXIT_CODE}, its error above); not retrying')
       if outcome == 'nonfinite':
         raise common.NonFiniteHalt(
             f'the trainer halted on non-finite losses (exit status {common.NONFINITE_EXIT_CODE}); not retrying: '

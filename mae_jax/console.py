@@ -204,10 +204,11 @@ def copy_log_to_workdir() -> None:
       sys.stderr.write(f'warning: could not copy the log {path} to {remote}: {e}\n')
 
 
-def exit_on_error(error: BaseException, prefix: str = 'Error') -> None:
+def exit_on_error(error: BaseException, prefix: str = 'Error', code: int = 1) -> None:
   """Ends the process with `error` in one line (a setting or file to fix); its traceback goes to the log file."""
   logging.info('Stopped on this error (the terminal shows its message only):', exc_info=error)
-  sys.exit(f'{prefix}: {error}')
+  sys.stderr.write(f'{prefix}: {error}\n')
+  sys.exit(code)
 
 
 def progress_mode(requested: str | None = None, stream=None) -> str:

@@ -11,7 +11,9 @@ jax.distributed before anything touches the devices (mae_jax.distributed;
 Exit status: 0 when the run finished, PREEMPTED_EXIT_CODE (75) when it saved and
 stopped early (SIGTERM, a preemption notice: rerun to resume), NONFINITE_EXIT_CODE
 (65) when it halted on non-finite losses (rerunning repeats it: launchers do not
-retry), 1 for other errors.
+retry), CONFIG_EXIT_CODE (78) when a setting or file has to be fixed first (a resume
+that does not fit, a batch the devices cannot split, a workdir the processes do not
+share: not retried either), 1 for other errors.
 """
 
 import json
@@ -26,6 +28,7 @@ from mae_jax import config_tools, console, distributed, finetune, knn, linprobe,
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
 NONFINITE_EXIT_CODE = 65  # EX_DATAERR: halted on non-finite losses; a rerun would diverge again.
+CONFIG_EXIT_CODE = 78  # EX_CONFIG: a setting or file to fix; a rerun as it is fails the same way.
 
 
 def define_flags():
@@ -82,7 +85,8 @@ def _run_main():
     logging.error('Halted on non-finite losses (exit status %d, not retried): %s', NONFINITE_EXIT_CODE, e)
     sys.exit(NONFINITE_EXIT_CODE)
   except (ValueError, FileNotFoundError) as e:  # A setting or file to fix (a resume that does not fit, a
-    console.exit_on_error(e)  # batch the devices cannot split, ...): one line here, the traceback in the log.
+    console.exit_on_error(e, code=CONFIG_EXIT_CODE)  # batch the devices cannot split, ...): one line here,
+    # the traceback in the log.
   logging.info('Finished: %s', result)
   if jax.process_index() == 0:  # The result, on stdout: evaluations, the last loss, where it stopped.
     shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step', 'train/loss')}

@@ -355,6 +355,14 @@ def test_sigterm_stops_the_launcher_like_ctrl_c_and_deletes_the_tpu(tmp_path):
   assert calls[-1].startswith('compute tpus tpu-vm delete mae-test'), calls
 
 
+def test_a_setting_to_fix_is_not_retried(capsys):
+  """Exit status 78 (say a resume that no longer fits the model): rerunning as it is fails the same way."""
+  runner = ScriptedRunner(job_results=[[common.StreamResult(1, 0, (78, 78))]])
+  assert tpu.main(tpu_argv(accelerator_type='v4-16', max_retries=5), runner=runner) == 1
+  assert kinds(runner) == [('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')]
+  assert 'setting or file to fix (exit status 78' in capsys.readouterr().err
+
+
 def test_trainer_preempted_on_a_healthy_vm_is_rerun():
   """Exit status 75 (it saved and stopped; the VM is READY again): rerun without recreating."""
   runner = ScriptedRunner(states=['READY'], job_results=[
@@ -366,9 +374,9 @@ def test_trainer_preempted_on_a_healthy_vm_is_rerun():
 
 def test_exit_codes_are_the_trainers_and_distinct():
   from mae_jax import main  # pylint: disable=g-import-not-at-top
-  assert (common.PREEMPTED_EXIT_CODE, common.NONFINITE_EXIT_CODE) == (main.PREEMPTED_EXIT_CODE,
-                                                                      main.NONFINITE_EXIT_CODE)
-  assert len({0, 1, 2, common.PREEMPTED_EXIT_CODE, common.NONFINITE_EXIT_CODE}) == 5
+  assert (common.PREEMPTED_EXIT_CODE, common.NONFINITE_EXIT_CODE, common.CONFIG_EXIT_CODE) == (
+      main.PREEMPTED_EXIT_CODE, main.NONFINITE_EXIT_CODE, main.CONFIG_EXIT_CODE)
+  assert len({0, 1, 2, common.PREEMPTED_EXIT_CODE, common.NONFINITE_EXIT_CODE, common.CONFIG_EXIT_CODE}) == 6
 
 
 def test_trainer_halting_on_nonfinite_losses_exits_with_the_nonfinite_code(tmp_path):

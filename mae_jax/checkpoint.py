@@ -157,10 +157,18 @@ def check_shared_workdir(workdir: str) -> None:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   token = _from_process_0(int(time.time_ns() % 2**31))
   probe = fileio.join(workdir, f'.mae_jax_shared_{token}')
+  written = True
   if jax.process_index() == 0:
-    fileio.makedirs(workdir)
-    fileio.write_text(probe, 'written by process 0 to check that every process sees this workdir\n')
+    try:
+      fileio.makedirs(workdir)
+      fileio.write_text(probe, 'written by process 0 to check that every process sees this workdir\n')
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Said on every process below.
+      written = False
+      logging.error('--workdir=%s: process 0 cannot write there: %s', workdir, e)
   multihost_utils.sync_global_devices('mae_jax_shared_workdir_written')
+  if not _from_process_0(int(written)):
+    raise WorkdirError(f'--workdir={workdir}: process 0 cannot write there (its error is in its log): check the '
+                       'path and its permissions')
   seen = np.asarray(multihost_utils.process_allgather(np.int32(fileio.exists(probe)))).reshape(-1)
   if jax.process_index() == 0:
     fileio.remove(probe)

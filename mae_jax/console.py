@@ -102,12 +102,20 @@ def start_backends() -> None:
     jax.devices()
     return
   output = []
-  try:
-    with _native_stderr_captured(output):
-      jax.devices()
-  except BaseException:
-    sys.stderr.write(''.join(output))
-    raise
+  # Python's log records (JAX's "falling back to cpu" warning) still reach the terminal: its handler writes to a
+  # copy of the terminal's descriptor while descriptor 2 goes to the capture.
+  terminal = absl_logging.get_absl_handler().python_handler
+  sys.stderr.flush()
+  with os.fdopen(os.dup(2), 'w', buffering=1, encoding='utf-8', errors='replace') as copy:
+    previous = terminal.setStream(copy)
+    try:
+      with _native_stderr_captured(output):
+        jax.devices()
+    except BaseException:
+      sys.stderr.write(''.join(output))
+      raise
+    finally:
+      terminal.setStream(previous)
   if output[0].strip():
     with open(_LOG_PATH[-1], 'a', encoding='utf-8') as f:
       f.write(f'(native output while JAX started its backends)\n{output[0]}\n')
@@ -204,10 +212,14 @@ def copy_log_to_workdir() -> None:
       sys.stderr.write(f'warning: could not copy the log {path} to {remote}: {e}\n')
 
 
-def exit_on_error(error: BaseException, prefix: str = 'Error', code: int = 1) -> None:
-  """Ends the process with `error` in one line (a setting or file to fix); its traceback goes to the log file."""
+def exit_on_error(error: BaseException, prefix: str = 'Error', code: int = 1, show_log: bool = False) -> None:
+  """Ends the process with `error` in one line (a setting or file to fix); its traceback goes to the log file.
+
+  show_log: the line also names the log file (for errors that may be a bug, not a setting).
+  """
   logging.info('Stopped on this error (the terminal shows its message only):', exc_info=error)
-  sys.stderr.write(f'{prefix}: {error}\n')
+  where = f' (traceback: {_LOG_PATH[-1]})' if show_log and _LOG_PATH else ''
+  sys.stderr.write(f'{prefix}: {error}{where}\n')
   sys.exit(code)
 
 

@@ -208,8 +208,11 @@ def restore_or_init(checkpointer, init_fn: Callable, init_rng, abstract_state, s
     saved, opt_state, meta = checkpointer.restore(
         ckpt_lib.abstract_like(saved_tree(abstract_state), saved_tree(shardings)),
         ckpt_lib.abstract_like(abstract_state.opt_state, shardings.opt_state), latest)
-  except ValueError as e:  # Orbax: the saved trees' structure or shapes differ from this run's.
-    raise _misfit(checkpointer, latest, config, e) from None
+  except ValueError as e:  # Orbax: the saved trees' structure or shapes differ from this run's (or a read failed).
+    misfit = _misfit(checkpointer, latest, config, e)
+    if misfit is None:
+      raise
+    raise misfit from None
   params, batch_stats = from_saved(saved)
   put = lambda value, sharding: parallel.host_to_global(np.asarray(value, np.int32), sharding)
   state = train_state.TrainState(
@@ -236,8 +239,16 @@ def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int = 2) -> Iterator[
     yield queue.pop(0)
 
 
-def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError:
-  """The ResumeError for a checkpoint whose trees do not fit this run: what Orbax found, what changed."""
+_MISFIT_MESSAGES = ('tree structures do not match', 'shape', 'Shape')  # Orbax's words for a tree that does not fit.
+
+
+def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError | None:
+  """The ResumeError for a checkpoint whose trees do not fit this run (what Orbax found, what changed).
+
+  None when nothing says so: no model.* / optim.* setting changed and Orbax's
+  message is not about the trees (an unreadable file, a storage error): that
+  error is raised as it is, and a launcher may retry it.
+  """
   detail = ' '.join(str(error).split())
   detail = detail if len(detail) <= 240 else detail[:240] + '...'
   changed = []
@@ -247,6 +258,8 @@ def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError:
     current = traverse_util.flatten_dict(config_dict(config), sep='.')
     changed = [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in sorted(set(saved) | set(current))
                if k.startswith(('model.', 'optim.')) and saved.get(k) != current.get(k)]
+  if not changed and not any(words in detail for words in _MISFIT_MESSAGES):
+    return None
   return ResumeError(
       f'{checkpointer.workdir} holds a run (step {step}) whose parameters or optimizer state do not fit this '
       f'config{": " + "; ".join(changed) if changed else ""}. Use a new --workdir or put the settings back '

@@ -11,9 +11,10 @@ jax.distributed before anything touches the devices (mae_jax.distributed;
 Exit status: 0 when the run finished, PREEMPTED_EXIT_CODE (75) when it saved and
 stopped early (SIGTERM, a preemption notice: rerun to resume), NONFINITE_EXIT_CODE
 (65) when it halted on non-finite losses (rerunning repeats it: launchers do not
-retry), CONFIG_EXIT_CODE (78) when a setting or file has to be fixed first (a resume
-that does not fit, a batch the devices cannot split, a workdir the processes do not
-share: not retried either), 1 for other errors.
+retry), CONFIG_EXIT_CODE (78) when the run cannot go on as configured (a resume that
+does not fit the config, a workdir its processes do not share: not retried either),
+1 for other errors (those with a setting to fix end in one line, their traceback
+in the log file).
 """
 
 import json
@@ -23,7 +24,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, supervised, train, train_state
+from mae_jax import checkpoint as ckpt_lib
+from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, loop, supervised, train, train_state
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
@@ -62,6 +64,10 @@ def main(argv):
   console.setup('main', FLAGS.workdir)  # Library INFO logs to WORKDIR/logs/, not the terminal (--verbose).
   try:
     _run_main()
+  except BaseException as e:  # The traceback also goes to the log file (and with it to a gs:// workdir).
+    if not isinstance(e, SystemExit):
+      logging.info('Stopped on this exception:', exc_info=e)
+    raise
   finally:
     console.copy_log_to_workdir()  # gs:// workdirs: the log outlives the worker's disk.
 
@@ -84,9 +90,10 @@ def _run_main():
     # A distinct status, so that launchers stop instead of replaying the same divergence.
     logging.error('Halted on non-finite losses (exit status %d, not retried): %s', NONFINITE_EXIT_CODE, e)
     sys.exit(NONFINITE_EXIT_CODE)
-  except (ValueError, FileNotFoundError) as e:  # A setting or file to fix (a resume that does not fit, a
-    console.exit_on_error(e, code=CONFIG_EXIT_CODE)  # batch the devices cannot split, ...): one line here,
-    # the traceback in the log.
+  except (loop.ResumeError, ckpt_lib.WorkdirError) as e:  # A run that cannot go on as configured: not retried.
+    console.exit_on_error(e, code=CONFIG_EXIT_CODE)
+  except (ValueError, FileNotFoundError) as e:  # Mostly a setting or file to fix (a batch the devices cannot
+    console.exit_on_error(e, show_log=True)  # split, ...): one line here, the traceback in the log file.
   logging.info('Finished: %s', result)
   if jax.process_index() == 0:  # The result, on stdout: evaluations, the last loss, where it stopped.
     shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step', 'train/loss')}

@@ -195,9 +195,14 @@ def test_what_backends_print_natively_at_start_goes_to_the_log_file(tmp_path, re
                                                                     capfd):
   path = console.setup('main', str(tmp_path), announce=False, verbose=False)
   monkeypatch.setattr(console.sys, 'argv', ['main'])
-  monkeypatch.setattr(console.jax, 'devices', lambda: os.write(2, b'E0000 libtpu: unexpected worker hostname\n'))
-  console.start_backends()  # As a stray libtpu's probe on a host without TPUs: not on the terminal.
-  assert 'unexpected worker hostname' not in capfd.readouterr().err
+
+  def probe():
+    os.write(2, b'E0000 libtpu: unexpected worker hostname\n')  # Native: as a stray libtpu's probe.
+    logging.warning('A Google TPU may be present: falling back to cpu')  # Python's: as JAX warns.
+  monkeypatch.setattr(console.jax, 'devices', probe)
+  console.start_backends()
+  err = capfd.readouterr().err
+  assert 'unexpected worker hostname' not in err and 'falling back to cpu' in err
   with open(path, encoding='utf-8') as f:
     assert 'E0000 libtpu: unexpected worker hostname' in f.read()
 

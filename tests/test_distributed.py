@@ -181,6 +181,11 @@ try:  # Process 1's "same path" on a disk of its own, as a pod worker's /home.
   checkpoint.check_shared_workdir(base if pid == 0 else base + '_own_disk')
 except checkpoint.WorkdirError as e:
   print('REFUSED', e)
+open(base + '_a_file', 'w').close()
+try:  # A path process 0 cannot write to: every process says so (none waits for it).
+  checkpoint.check_shared_workdir(base + '_a_file/run')
+except checkpoint.WorkdirError as e:
+  print('UNWRITABLE', e)
 '''
 
 
@@ -195,3 +200,4 @@ def test_a_workdir_the_processes_do_not_share_is_refused_on_every_process(tmp_pa
   for out in outputs:
     assert 'SHARED OK []' in out, out
     assert 'REFUSED --workdir=' in out and 'process(es) [1] of 2 do not see the file process 0 wrote' in out, out
+    assert 'UNWRITABLE --workdir=' in out and 'process 0 cannot write there' in out, out

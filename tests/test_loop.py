@@ -1,5 +1,6 @@
 """The loop every trainer shares: guarded updates, state, prefetching, settings."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -115,6 +116,14 @@ def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path, capsy
                         timeout=300, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert done.returncode == 78 and 'Traceback' not in done.stderr, done.stderr[-3000:]  # Not retried.
   assert done.stderr.strip().splitlines()[-1].startswith(f'Error: {workdir} holds a run (step 1) with other settings')
+  # An unreadable checkpoint is not a settings change: its own error (which a launcher may retry), not ResumeError.
+  for manifest in glob.glob(os.path.join(workdir, 'checkpoints', '1', 'params', '**', 'manifest.ocdbt'),
+                            recursive=True):
+    with open(manifest, 'wb') as f:
+      f.write(b'not a manifest')
+  with pytest.raises(Exception) as failed:
+    train.train_and_evaluate(test_config.get_config('steps=2'), workdir)
+  assert not isinstance(failed.value, loop.ResumeError), failed.value
 
 
 @pytest.mark.parametrize('grid,num_devices,count,processes,match', [

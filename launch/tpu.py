@@ -2,16 +2,20 @@ r"""Launches MAE training on Cloud TPU VMs, single host, pod or multi-slice.
 
 Steps, in order (pick a subset with --steps):
   create  `gcloud compute tpus tpu-vm create`, or with --queued / --num_slices>1
-          `gcloud compute tpus queued-resources create` and wait until ACTIVE.
-  setup   Copy the code to every worker of every slice and `pip install -e .[tpu]`:
-          a `git archive` tarball of --source_dir at --git_ref sent with
-          `tpu-vm scp --worker=all` (committed files only), or with --repo_url a
-          `git clone` on each worker.
+          `gcloud compute tpus queued-resources create` and wait until ACTIVE. A TPU
+          of that name left by an earlier launch (a rerun of the command) is used
+          once it is up; a lost one, or one being deleted, is created again.
+  setup   Copy the code to every worker of every slice and install it with
+          `.ci/setup tpu` (a .venv with Python 3.11+, kept across setups; with
+          --python, `pip install -e .[tpu]` into that interpreter): a `git archive`
+          tarball of --source_dir at --git_ref sent with `tpu-vm scp --worker=all`
+          (committed files only), or with --repo_url a `git clone` on each worker.
+          The commands run on the workers are in launch/worker_scripts.py.
   run     `gcloud compute tpus tpu-vm ssh NODE --worker=all --command=...` on each
           slice node at once, streaming the logs. The job counts as done when every
           worker prints a success marker after the trainer exits with status 0.
-          A trainer that halted on non-finite losses (exit status 65) ends the
-          launch at once: a rerun would diverge again. Otherwise the TPU state is
+          A trainer that halted on non-finite losses (exit status 65), or stopped on
+          a setting to fix (78), ends the launch at once: a rerun would fail again. Otherwise the TPU state is
           read with `describe`; a PREEMPTED/TERMINATED VM (or a SUSPENDED/FAILED
           queued resource) is deleted, recreated and set up again, a healthy one
           simply reruns the job. A failed re-create or setup is tried again after
@@ -21,8 +25,8 @@ Steps, in order (pick a subset with --steps):
           earlier attempt on the same VM gets SIGTERM and is waited for (it may be
           saving) before the new one starts; after --stale_trainer_timeout seconds
           it is killed. On a multi-host slice the trainer gets --distributed=on.
-  delete  Delete the TPU VM or queued resource (also after a failure or Ctrl-C);
-          --keep skips it.
+  delete  Delete the TPU VM or queued resource (also after a failure, Ctrl-C,
+          SIGTERM or SIGHUP); --keep skips it.
 
 Multi-slice jobs use a queued resource with `--node-count`; its nodes are named
 NODE_PREFIX-0 ... NODE_PREFIX-(N-1). The TPU runtime sets the MEGASCALE_*
@@ -30,8 +34,8 @@ variables on queued-resource slices and jax picks them up; use --env for extras.
 
 Exit status: 0 when the job finished; 65 when the trainer halted on non-finite
 losses (not retried); 75 when the retries ran out while the TPU kept being
-preempted (rerun the same command later to resume); 1 for other failures; 2 for
-usage errors.
+preempted (rerun the same command later to resume); 130 when interrupted (Ctrl-C,
+SIGTERM, SIGHUP); 1 for other failures (a trainer's 78 included); 2 for usage errors.
 
 Every value is passed as one argv element and the remote `--command=` string is
 built with `shlex.quote` around every piece, so config values may contain spaces,
@@ -42,7 +46,7 @@ Examples:
 
   # Single host, preview the commands.
   python -m launch.tpu --tpu_name=mae-v4-8 --zone=us-central2-b \
-    --accelerator_type=v4-8 --config=configs/default.py \
+    --accelerator_type=v4-8 --config=configs/mae_pretrain.py:variant=B/16 \
     --workdir=gs://my-bucket/mae/base --dry_run
 
   # A v4-128 pod (16 workers) on spot capacity, with config overrides.
@@ -52,14 +56,14 @@ Examples:
 
   # Two v5e-256 slices through a queued resource; flags after `--` go to the trainer.
   python -m launch.tpu --tpu_name=mae-ms --zone=us-west4-a --accelerator_type=v5litepod-256 \
-    --num_slices=2 --config=configs/default.py --workdir=gs://my-bucket/mae/ms \
+    --num_slices=2 --config=configs/mae_pretrain.py:variant=L/16 --workdir=gs://my-bucket/mae/ms \
     -- --config.num_epochs=800
 
 Python API (what the CLI calls):
 
   from launch import common, tpu
   job = tpu.TpuJob(tpu_name='mae-v4-8', zone='us-central2-b', accelerator_type='v4-8',
-                   config='configs/default.py', workdir='gs://my-bucket/mae/base')
+                   config='configs/mae_pretrain.py:variant=B/16', workdir='gs://my-bucket/mae/base')
   tpu.launch(job, common.Runner(dry_run=True))
 """
 
@@ -78,7 +82,7 @@ if __package__ in (None, ''):
   # Run as `python launch/tpu.py`: make the repository root importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch import common  # pylint: disable=g-import-not-at-top
+from launch import common, worker_scripts  # pylint: disable=g-import-not-at-top
 from mae_jax import accelerators  # pylint: disable=g-import-not-at-top  # the TPU table; needs no jax
 
 STEPS = ('create', 'setup', 'run', 'delete')
@@ -88,13 +92,11 @@ _VM_LOST_STATES = ('PREEMPTED', 'TERMINATED', 'STOPPED', 'STOPPING', '')
 # Queued-resource states after which the resource has to be recreated.
 _QR_LOST_STATES = ('SUSPENDING', 'SUSPENDED', 'FAILED', '')
 _QR_WAITING_STATES = ('ACCEPTED', 'WAITING_FOR_RESOURCES', 'PROVISIONING', 'CREATING')
+_VM_WAITING_STATES = ('CREATING', 'STARTING', 'RESTARTING', 'REPAIRING')
 
 # The longest wait between two failed re-creates or setups.
 _MAX_BACKOFF_SECONDS = 900.0
 
-_TARBALL_REMOTE = 'mae-jax-code.tar.gz'
-_PID_FILE = '.mae_jax_job_{}.pid'  # In the home folder, beside --remote_dir (which setup replaces).
-_VENV_PYTHON = '.venv/bin/python'  # What .ci/setup makes in --remote_dir: the default interpreter.
 _NAME = re.compile(r'[a-z]([-a-z0-9]{0,52}[a-z0-9])?')
 _ZONE = re.compile(r'[a-z]+-[a-z]+[0-9]+-[a-z]')
 
@@ -269,99 +271,47 @@ def archive_command(job: TpuJob) -> list[str]:
 
 
 def scp_command(job: TpuJob, node: str) -> list[str]:
-  return [*_TPU_VM, 'scp', local_tarball(job), f'{node}:{_TARBALL_REMOTE}', *_location(job),
+  return [*_TPU_VM, 'scp', local_tarball(job), f'{node}:{worker_scripts.TARBALL}', *_location(job),
           '--worker=all']
 
 
-def setup_script(job: TpuJob) -> str:
-  """Shell command that puts the code in --remote_dir and installs it."""
-  q = shlex.quote
-  directory = q(job.remote_dir)
-  if job.repo_url:
-    parts = [f'rm -rf {directory}',
-             shlex.join(['git', 'clone', '--quiet', job.repo_url, job.remote_dir])]
-    if job.git_ref and job.git_ref != 'HEAD':
-      parts.append(shlex.join(['git', '-C', job.remote_dir, 'checkout', '--quiet',
-                               job.git_ref]))
-  else:
-    parts = [f'rm -rf {directory}', f'mkdir -p {directory}',
-             f'tar -xzf {q(_TARBALL_REMOTE)} -C {directory}', f'rm -f {q(_TARBALL_REMOTE)}']
-  package = f'.[{job.pip_extras}]' if job.pip_extras else '.'
-  install = (shlex.join([job.python, '-m', 'pip', 'install', '--quiet', '-e', package]) if job.python else
-             'SETUP_DEMO_DATA=0 ' + shlex.join(['bash', '.ci/setup', job.pip_extras or 'tpu']))
-  return ' && '.join(parts + [f'cd {directory}', install])
-
-
-def trainer_args(job: TpuJob) -> list[str]:
-  """Trainer flags beyond config and workdir; flags after `--` come last and so win."""
-  # A pod's workers find each other through JAX's cluster detection; `on` makes a failure loud.
-  return (['--distributed=on'] if job.num_processes > 1 else []) + list(job.extra_args)
-
-
-def run_script(job: TpuJob) -> str:
-  """Shell command run on every worker: wait for a stale copy, run the trainer, report its status.
-
-  The trainer's pid goes to a file so that a rerun on the same VM (say after a
-  dropped ssh connection, which leaves the old process holding the TPU) can stop
-  exactly that process first: SIGTERM, then wait until it is gone (it may be
-  saving a checkpoint into the same workdir), SIGKILL after
-  --stale_trainer_timeout seconds. The exit status is printed as
-  EXIT_MARKER=STATUS, plus the success marker for 0.
-  """
-  q = shlex.quote
-  env = [('PYTHONUNBUFFERED', '1'), *common.parse_env(job.env)]
-  trainer = shlex.join(common.job_argv(job.python or _VENV_PYTHON, job.config, job.workdir, job.overrides,
-                                       trainer_args(job), env))
-  pid_file = '"$pid_file"'
-  timeout = int(job.stale_trainer_timeout)
-  return '; '.join([
-      'pid_file="$PWD"/' + q(_PID_FILE.format(re.sub(r'[^A-Za-z0-9_.-]', '_', job.remote_dir))),
-      f'cd {q(job.remote_dir)} || exit 1',
-      # Alive and still a trainer: not a zombie (empty cmdline), not a reused pid.
-      "alive() { tr '\\000' ' ' < \"/proc/$1/cmdline\" 2>/dev/null | grep -q -F mae_jax.main; }",
-      f'old=$(cat {pid_file} 2>/dev/null)',
-      'if [ -n "$old" ] && alive "$old"; then '
-      f'echo "# stopping the previous trainer (pid $old); waiting up to {timeout}s for it to exit"; '
-      'kill -TERM "$old" 2>/dev/null; waited=0; '
-      f'while alive "$old" && [ "$waited" -lt {timeout} ]; do sleep 1; waited=$((waited + 1)); done; '
-      'if alive "$old"; then '
-      f'echo "# the previous trainer is still running after {timeout}s; killing it"; '
-      'kill -KILL "$old" 2>/dev/null; waited=0; '
-      'while alive "$old" && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done; fi; fi',
-      f'{trainer} & echo $! > {pid_file}',
-      'wait $!',
-      'status=$?',
-      f'rm -f {pid_file}',
-      f'echo {common.EXIT_MARKER}"$status"',
-      f'if [ "$status" -eq 0 ]; then echo {common.SUCCESS_MARKER}; fi',
-      'exit "$status"',
-  ])
-
-
 def _create(job: TpuJob, runner: common.Runner, reuse: bool = False) -> None:
-  """Creates the TPU and waits until it is up. With `reuse` (a rerun of a launch), one that exists is used."""
-  if runner.run(create_command(job), check=not reuse):
-    returncode, state = runner.capture(describe_command(job))
-    lost = _QR_LOST_STATES if job.use_queued_resource else _VM_LOST_STATES
-    if returncode or state in lost:  # Create failed and there is none to use (or a lost one: replaced).
-      if returncode == 0:
-        runner.echo(f'# {job.tpu_name} exists but is {state}: deleting and creating it again')
-        runner.run(delete_command(job), check=False)
-        _create(job, runner)
-        return
-      raise common.LaunchError(f'creating {job.tpu_name} failed: {shlex.join(create_command(job))}')
-    runner.echo(f'# {job.tpu_name} already exists ({state}): using it (an earlier launch of this job?)')
-  if not job.use_queued_resource:
+  """Creates the TPU and waits until it is up (READY; a queued resource ACTIVE).
+
+  With `reuse` (the launch's own create: a rerun of the command), a TPU of that
+  name is used once it is up, a lost one is deleted and created again, and one
+  being deleted is waited for, then created again.
+  """
+  queued = job.use_queued_resource
+  ready, lost = ('ACTIVE', _QR_LOST_STATES) if queued else ('READY', _VM_LOST_STATES)
+  waiting = _QR_WAITING_STATES if queued else _VM_WAITING_STATES
+  created = runner.run(create_command(job), check=not reuse) == 0
+  if created and not queued:
     return  # `tpu-vm create` returns once the VM is READY.
+  deleted = False  # Seen DELETING: create it again once it is gone.
   while True:
-    _, state = runner.capture(describe_command(job), dry_run_stdout='ACTIVE')
-    if state == 'ACTIVE':
+    returncode, state = runner.capture(describe_command(job), dry_run_stdout=ready)
+    state = '' if returncode else state
+    if state == ready:
+      if not created:
+        runner.echo(f'# {job.tpu_name} already exists ({state}): using it (an earlier launch of this job?)')
       return
-    if state not in _QR_WAITING_STATES:
-      raise common.LaunchError(f'queued resource {job.tpu_name} is {state or "missing"}; '
-                               'see `gcloud compute tpus queued-resources describe`')
-    runner.echo(f'# queued resource {job.tpu_name} is {state}; waiting {job.poll_seconds:g}s')
-    runner.sleep(job.poll_seconds)
+    if state in waiting or (state == 'DELETING' and not created):
+      deleted = deleted or state == 'DELETING'
+      runner.echo(f'# {job.tpu_name} is {state}; waiting {job.poll_seconds:g}s')
+      runner.sleep(job.poll_seconds)
+      continue
+    replace = bool(state) and state in lost or not state and deleted  # A lost one, or one deleted meanwhile.
+    if created or not replace:
+      what = f'{"queued resource " if queued else ""}{job.tpu_name} is {state or "missing"}'
+      raise common.LaunchError(f'{what}; see `gcloud compute tpus {"queued-resources" if queued else "tpu-vm"} '
+                               'describe`' if created else f'creating {job.tpu_name} failed and {what}')
+    if state:
+      runner.echo(f'# {job.tpu_name} exists but is {state}: deleting and creating it again')
+      runner.run(delete_command(job), check=False)
+    created = runner.run(create_command(job)) == 0
+    if not queued:
+      return
 
 
 def _check_all(results: Sequence[common.StreamResult], nodes: Sequence[str], what: str) -> None:
@@ -376,7 +326,7 @@ def _setup(job: TpuJob, runner: common.Runner) -> None:
     runner.run(archive_command(job))
     _check_all(runner.stream([scp_command(job, n) for n in nodes], labels=nodes),
                nodes, 'copying the code')
-  script = setup_script(job)
+  script = worker_scripts.setup_script(job)
   _check_all(runner.stream([ssh_command(job, n, script) for n in nodes], labels=nodes),
              nodes, 'installing the code')
 
@@ -384,7 +334,7 @@ def _setup(job: TpuJob, runner: common.Runner) -> None:
 def _run_once(job: TpuJob, runner: common.Runner) -> str:
   """Runs the job on every node: 'done', 'nonfinite', 'config', 'preempted' (a trainer exited 75) or 'failed'."""
   nodes = job.node_names
-  script = run_script(job)
+  script = worker_scripts.run_script(job)
   results = runner.stream([ssh_command(job, n, script) for n in nodes], labels=nodes,
                           dry_run_markers=job.workers_per_slice)
   ok = all(r.returncode == 0 and r.marker_count >= job.workers_per_slice for r in results)
@@ -477,7 +427,7 @@ def launch(job: TpuJob, runner: common.Runner, steps: Sequence[str] = STEPS) -> 
     raise ValueError(f'--steps={",".join(steps)}: unknown step(s) {", ".join(unknown)}; '
                      f'choose from {",".join(STEPS)}')
   if 'run' in steps:
-    common.job_argv(job.python or _VENV_PYTHON, job.config, job.workdir)  # Fail before creating anything.
+    common.job_argv(job.python or worker_scripts.VENV_PYTHON, job.config, job.workdir)  # Fail before creating.
   try:
     if 'create' in steps:
       _create(job, runner, reuse=True)  # Rerunning the command resumes on the TPU it left.

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from launch import common, slurm, tpu
+from launch import common, slurm, tpu, worker_scripts
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZONE = 'us-central2-b'
@@ -332,6 +332,19 @@ def test_rerunning_the_command_uses_the_tpu_that_exists():
   runner._call_capture = lambda command: (1, '')  # NOT_FOUND
   assert tpu.main(tpu_argv(), runner=runner) == 1
   assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'delete')]
+  # Still being created by the earlier launch: waited for until READY, not set up half-made.
+  runner = ScriptedRunner(states=['CREATING', 'READY'], failures={'create': (1,)},
+                          job_results=[[common.StreamResult(0, 1)]])
+  assert tpu.main(tpu_argv(poll_seconds=7), runner=runner) == 0
+  assert kinds(runner)[:3] == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'describe')]
+  assert runner.sleeps == [7.0] and 'mae-test is CREATING; waiting 7s' in runner.out.getvalue()
+  # Being deleted (an earlier launch's cleanup): waited for until it is gone, then created again.
+  answers = [(0, 'DELETING'), (1, '')]
+  runner = ScriptedRunner(failures={'create': (1,)}, job_results=[[common.StreamResult(0, 1)]])
+  runner._call_capture = lambda command: answers.pop(0)
+  assert tpu.main(tpu_argv(poll_seconds=1), runner=runner) == 0
+  assert kinds(runner)[:4] == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'describe'),
+                               ('tpu-vm', 'create')]
 
 
 def test_sigterm_stops_the_launcher_like_ctrl_c_and_deletes_the_tpu(tmp_path):
@@ -454,7 +467,7 @@ def _rerun_beside_a_stale_trainer(tmp_path, ignore_sigterm: bool, **job_fields):
   job = tpu.TpuJob(tpu_name='mae-test', zone=ZONE, accelerator_type='v4-8', config='c.py', workdir='/tmp/w',
                    python=_new_trainer(tmp_path), **job_fields)
   try:
-    done = subprocess.run(['bash', '-c', tpu.run_script(job)], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run(['bash', '-c', worker_scripts.run_script(job)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, check=False)
   finally:
     old.kill()
@@ -509,7 +522,7 @@ def test_remote_run_script_executes_under_bash(tmp_path, exit_status):
                        tmp_path, exit_status), overrides=[f'model.name={value}'],
                    env=[f'TAG={value}'], extra_args=['--jax_debug_nans'])
   (tmp_path / 'mae-jax').mkdir()
-  done = subprocess.run(['bash', '-c', tpu.run_script(job)], cwd=tmp_path,
+  done = subprocess.run(['bash', '-c', worker_scripts.run_script(job)], cwd=tmp_path,
                         capture_output=True, text=True, timeout=30, check=False)
   assert done.returncode == exit_status, done.stderr
   printed = json.loads(done.stdout.splitlines()[0])
@@ -678,3 +691,25 @@ def test_slurm_cli_entry_points(entry):
                         capture_output=True, text=True, timeout=60, check=False)
   assert done.returncode == 0, done.stderr
   assert done.stdout.splitlines()[-1] == 'sbatch workdirs/slurm/mae-l16.sbatch'
+
+
+def test_worker_setup_keeps_the_venv_while_it_replaces_the_code(tmp_path):
+  """A rerun's setup replaces --remote_dir but keeps its .venv (the installed packages), then runs .ci/setup."""
+  source = tmp_path / 'source'
+  (source / '.ci').mkdir(parents=True)
+  (source / '.ci' / 'setup').write_text(
+      'echo "extras=$1 demo_data=$SETUP_DEMO_DATA kept=$(cat .venv/made 2>/dev/null)"\n'
+      'mkdir -p .venv && echo "$(date +%N)" > .venv/made\n')
+  home = tmp_path / 'home'
+  home.mkdir()
+  job = tpu.TpuJob(tpu_name='mae-test', zone=ZONE, accelerator_type='v4-8', config='c.py', workdir='/tmp/w')
+  outputs = []
+  for _ in range(2):
+    subprocess.run(['tar', '-czf', str(home / worker_scripts.TARBALL), '-C', str(source), '.'], check=True)
+    done = subprocess.run(['bash', '-c', worker_scripts.setup_script(job)], cwd=home, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    outputs.append(done.stdout.strip())
+  assert outputs[0] == 'extras=tpu demo_data=0 kept='
+  assert outputs[1].startswith('extras=tpu demo_data=0 kept=') and outputs[1] != outputs[0]  # The first .venv.
+  assert sorted(os.listdir(home)) == ['mae-jax']  # The tarball and the kept .venv are not left beside it.

@@ -247,7 +247,7 @@ class KnnMonitor:
     result = knn_eval(self.encode_fn, params, self._batches('train'), self._batches('eval'),
                       num_classes=self.num_classes, k=s['k'], temperature=s['temperature'],
                       max_train_examples=s['train_examples'], max_eval_examples=s['eval_examples'],
-                      mesh=self.mesh, max_corrupt_fraction=self.config.dataset.get('max_corrupt_fraction', 1.0),
+                      mesh=self.mesh, max_corrupt_fraction=self.config.dataset.max_corrupt_fraction,
                       splits=tuple(f'the kNN {role} (dataset.{which}_split)'
                                    for role, which in (('bank', 'train'), ('queries', 'eval'))))
     logging.info('kNN (k=%d, T=%g, %s pooling) on %d train / %d eval examples: top-1 %.4f (%.1f s)',

@@ -260,6 +260,20 @@ def _duration(seconds: float) -> str:
       f'{seconds // 60}:{seconds % 60:02d}'
 
 
+class _AboveTheBar:
+  """A stream for log records while a tqdm bar is drawn: each line is written above the bar, not into it."""
+
+  def __init__(self, bar):
+    self.bar = bar
+
+  def write(self, text: str) -> None:
+    if text.strip():
+      self.bar.write(text.rstrip('\n'), file=self.bar.fp)
+
+  def flush(self) -> None:
+    self.bar.fp.flush()
+
+
 class ProgressHook:
   """Training progress on stderr, called like clu's periodic actions: `hook(step)` after every step.
 
@@ -281,12 +295,15 @@ class ProgressHook:
     self._last = None
     self._step_time = time.time()  # When the newest step was handed to the device (or the loop last waited).
     self._evals = []  # (step, seconds) of each evaluation so far.
+    self._log_stream = None  # The terminal log handler's stream while the bar is up.
     if self.mode == 'bar' and self.start_step < self.total_steps:
       # Steps are counted as they are dispatched; the rate and ETA (in the postfix) are updated at the log
       # periods, where the loop waits for the device, so they do not count steps still queued.
       self._bar = tqdm.tqdm(total=self.total_steps, initial=self.start_step, file=self.stream, unit='step',
                             dynamic_ncols=True, leave=True, desc='train',
                             bar_format='{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]')
+      # Warnings logged meanwhile (a preemption notice, Orbax) get lines of their own above the bar.
+      self._log_stream = absl_logging.get_absl_handler().python_handler.setStream(_AboveTheBar(self._bar))
 
   def __call__(self, step: int, t: float | None = None) -> None:
     del t  # clu's signature; the hook keeps its own clock.
@@ -372,5 +389,6 @@ class ProgressHook:
 
   def close(self) -> None:
     if self._bar is not None:
+      absl_logging.get_absl_handler().python_handler.setStream(self._log_stream)
       self._bar.close()
       self._bar = None

@@ -213,3 +213,20 @@ def test_what_backends_print_natively_at_start_goes_to_the_log_file(tmp_path, re
   with pytest.raises(RuntimeError):
     console.start_backends()
   assert 'cannot open the TPU' in capfd.readouterr().err  # A backend that fails: what it said is shown.
+
+
+def test_a_warning_logged_while_the_bar_is_up_gets_a_line_above_it(restored_logging):
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handler = absl_logging.get_absl_handler().python_handler
+  before = handler.stream
+  stream = io.StringIO()
+  hook = console.ProgressHook(20, 0, mode='bar', stream=stream)
+  try:
+    hook(1)
+    handler.stream.write('W1129 loop.py:131] Preemption requested: saved step 1\n')  # As the handler writes it.
+  finally:
+    hook.close()
+  assert handler.stream is before
+  lines = stream.getvalue().replace('\r', '\n').splitlines()
+  assert any(line.endswith('Preemption requested: saved step 1') for line in lines), lines
+  assert not any('train:' in line and 'Preemption' in line for line in lines)  # Not inside the bar's line.

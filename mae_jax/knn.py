@@ -101,7 +101,7 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
         corrupt += int(_to_host(batch['corrupt']).sum())
       if 0 < max_examples <= count:
         break
-  inputs.check_eval_corrupt(corrupt, count + corrupt, max_corrupt_fraction, what)
+  loop.check_eval_corrupt(corrupt, count + corrupt, max_corrupt_fraction, what)
   features = np.concatenate(features) if features else np.zeros((0, 0), np.float32)
   labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
   if max_examples > 0:

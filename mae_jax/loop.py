@@ -364,15 +364,24 @@ def _log_metrics(writer, step: int, pending: list, state, window: Window, batch_
   return scalars
 
 
-def _check_corrupt(corrupt: int, seen: int, config) -> None:
-  """Stops a run whose input is mostly undecodable: that is a bug, not a few bad files."""
-  limit = config.dataset.max_corrupt_fraction
+def check_corrupt(corrupt: int, seen: int, limit: float, what: str, fix: str = 'check the data set') -> None:
+  """Stops when more than `limit` of the `seen` images (`what`) are undecodable: a bug, not a few bad files."""
   if seen and corrupt / seen > limit:
     raise ValueError(
-        f'{corrupt} of the {seen} images read so far ({100 * corrupt / seen:.1f}%) could not be decoded or '
-        f'preprocessed, more than dataset.max_corrupt_fraction={limit}: check the data set '
-        f'(dataset.name={config.dataset.name!r}) and the preprocessing (the warnings above name the errors), '
-        f'or raise the setting')
+        f'{corrupt} of the {seen} images {what} ({100 * corrupt / seen:.1f}%) could not be decoded or '
+        f'preprocessed, more than dataset.max_corrupt_fraction={limit}: {fix}, or raise the setting')
+
+
+def check_eval_corrupt(corrupt: int, seen: int, limit: float, what: str) -> None:
+  """Evaluation images that could not be decoded are left out: a warning, an error above `limit`.
+
+  `seen`: the images read, corrupt included; `what` names them (e.g. the split).
+  """
+  if not corrupt:
+    return
+  check_corrupt(corrupt, seen, limit, f'of {what}')
+  logging.warning('%d of the %d images of %s could not be decoded or preprocessed: left out of the evaluation',
+                  corrupt, seen, what)
 
 
 def checkpoint_meta(state: train_state.TrainState, config, **extra) -> dict:
@@ -434,7 +443,9 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
           last.update(scalars)
           progress.update_metrics(step, scalars)
           corrupt_seen += int(last.get('train/corrupt_images', 0))
-          _check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config)
+          check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config.dataset.max_corrupt_fraction,
+                        'read so far', f'check the data set (dataset.name={config.dataset.name!r}) and the '
+                        'preprocessing (the warnings above name the errors)')
           pending = []
           window.restart(step)
           if bool(jax.device_get(state.halted)):

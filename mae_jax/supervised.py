@@ -18,7 +18,7 @@ from absl import logging
 
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import loop, metrics, optim, parallel, train_state
-from mae_jax.data import augment, inputs
+from mae_jax.data import augment
 
 KINDS = ('finetune', 'linprobe', 'knn')
 
@@ -132,8 +132,8 @@ def evaluate(eval_step, batches, mesh, *args, config=None) -> dict:
   totals = jax.device_get(totals)
   if config is not None and 'corrupt' in totals:
     corrupt = int(totals['corrupt'])
-    inputs.check_eval_corrupt(corrupt, int(totals['count']) + corrupt, config.dataset.max_corrupt_fraction,
-                              f'dataset.eval_split={config.dataset.eval_split!r}')
+    loop.check_eval_corrupt(corrupt, int(totals['count']) + corrupt, config.dataset.max_corrupt_fraction,
+                            f'dataset.eval_split={config.dataset.eval_split!r}')
   return summarize_counts(totals)
 
 

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from mae_jax import data
 from mae_jax.data import augment, input_pipeline, preprocess, sources, synthetic
@@ -49,22 +48,6 @@ def check_eval_split(config) -> None:
   if sources.split_num_examples(builder, split, 'dataset.eval_split') == 0:
     raise ValueError(f'dataset.eval_split={split!r} of {builder.name!r} has no examples; evaluate on another '
                      "split, e.g. 'train[95%:]' with dataset.train_split='train[:95%]'")
-
-
-def check_eval_corrupt(corrupt: int, seen: int, max_fraction: float, what: str) -> None:
-  """Evaluation images that could not be decoded are left out: a warning, an error above max_fraction.
-
-  `seen`: the images read, corrupt included; `what` names them (e.g. the split).
-  """
-  if not corrupt:
-    return
-  share = corrupt / max(seen, 1)
-  if share > max_fraction:
-    raise ValueError(f'{corrupt} of the {seen} images of {what} ({100 * share:.1f}%) could not be decoded or '
-                     f'preprocessed, more than dataset.max_corrupt_fraction={max_fraction}: check the data set '
-                     '(or raise the limit)')
-  logging.warning('%d of the %d images of %s could not be decoded or preprocessed: left out of the evaluation',
-                  corrupt, seen, what)
 
 
 def create_pretrain_iterator(config, start_step: int) -> Iterator[dict]:

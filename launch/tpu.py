@@ -4,7 +4,8 @@ Steps, in order (pick a subset with --steps):
   create  `gcloud compute tpus tpu-vm create`, or with --queued / --num_slices>1
           `gcloud compute tpus queued-resources create` and wait until ACTIVE. A TPU
           of that name left by an earlier launch (a rerun of the command) is used
-          once it is up; a lost one, or one being deleted, is created again.
+          once it is up; a lost one, or one being deleted, is created again; one
+          of another accelerator type stops the launch (and is not deleted).
   setup   Copy the code to every worker of every slice and install it with
           `.ci/setup tpu` (a .venv with Python 3.11+, kept across setups; with
           --python, `pip install -e .[tpu]` into that interpreter): a `git archive`
@@ -247,6 +248,35 @@ def describe_command(job: TpuJob) -> list[str]:
   return [*_TPU_VM, 'describe', job.tpu_name, *_location(job), '--format=value(state)']
 
 
+def accelerator_type_command(job: TpuJob) -> list[str]:
+  """The gcloud command that prints the accelerator type of the TPU of that name (e.g. v4-8)."""
+  if job.use_queued_resource:
+    return [*_QUEUED, 'describe', job.tpu_name, *_location(job),
+            '--format=value(tpu.nodeSpec[0].node.acceleratorType)']
+  return [*_TPU_VM, 'describe', job.tpu_name, *_location(job), '--format=value(acceleratorType)']
+
+
+class ForeignTpu(common.LaunchError):
+  """A TPU of the job's name is not the slice asked for: it is left alone, not deleted."""
+
+
+def _check_existing_type(job: TpuJob, runner: common.Runner) -> None:
+  """An existing TPU of that name is used only if it is the slice asked for."""
+  returncode, found = runner.capture(accelerator_type_command(job), dry_run_stdout=job.slice_type.name)
+  wanted = job.slice_type.name
+  if returncode or not found:
+    runner.echo(f'# could not read the accelerator type of {job.tpu_name}; assuming {wanted}')
+    return
+  try:
+    same = accelerators.parse_accelerator_type(found).name == wanted
+  except ValueError:
+    same = found == wanted
+  if not same:
+    raise ForeignTpu(
+        f'{job.tpu_name} already exists as a {found}, not the --accelerator_type={job.accelerator_type} '
+        f'({wanted}) asked for: choose another --tpu_name, or delete it first: {shlex.join(delete_command(job))}')
+
+
 def delete_command(job: TpuJob) -> list[str]:
   """The gcloud command that deletes the TPU VM or queued resource (and its nodes)."""
   if job.use_queued_resource:
@@ -294,6 +324,7 @@ def _create(job: TpuJob, runner: common.Runner, reuse: bool = False) -> None:
     state = '' if returncode else state
     if state == ready:
       if not created:
+        _check_existing_type(job, runner)
         runner.echo(f'# {job.tpu_name} already exists ({state}): using it (an earlier launch of this job?)')
       return
     if state in waiting or (state == 'DELETING' and not created):
@@ -435,9 +466,9 @@ def launch(job: TpuJob, runner: common.Runner, steps: Sequence[str] = STEPS) -> 
       _setup(job, runner)
     if 'run' in steps:
       _run_with_retries(job, runner)
-  except BaseException:
+  except BaseException as e:
     # Failed or interrupted: still release the TPU, then report the first error.
-    if 'delete' in steps and runner.run(delete_command(job), check=False):
+    if 'delete' in steps and not isinstance(e, ForeignTpu) and runner.run(delete_command(job), check=False):
       runner.echo(f'# WARNING: deleting {job.tpu_name} failed; delete it by hand: '
                   f'{shlex.join(delete_command(job))}')
     raise

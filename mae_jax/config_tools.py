@@ -7,6 +7,7 @@ anything is built or compiled.
 """
 
 import difflib
+import functools
 import importlib.util
 import os
 import re
@@ -18,6 +19,25 @@ from absl import flags
 
 # Config files are looked up relative to the cwd, then to the repository root (mae_jax's parent).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work: rerunning with the same config fails the same way (mae_jax.main exits 78)."""
+
+
+def settings_check(check):
+  """Marks `check` as a check of settings: the ValueErrors it raises become ConfigErrors (same message)."""
+
+  @functools.wraps(check)
+  def checked(*args, **kwargs):
+    try:
+      return check(*args, **kwargs)
+    except ConfigError:
+      raise
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+
+  return checked
 
 
 def unknown_key_message(key: str, known: Sequence[str], what: str = 'key') -> str:

@@ -11,8 +11,9 @@ jax.distributed before anything touches the devices (mae_jax.distributed;
 Exit status: 0 when the run finished, PREEMPTED_EXIT_CODE (75) when it saved and
 stopped early (SIGTERM, a preemption notice: rerun to resume), NONFINITE_EXIT_CODE
 (65) when it halted on non-finite losses (rerunning repeats it: launchers do not
-retry), CONFIG_EXIT_CODE (78) when the run cannot go on as configured (a resume that
-does not fit the config, a workdir its processes do not share: not retried either),
+retry), CONFIG_EXIT_CODE (78) when the run cannot go on as configured (a setting that
+the checks before any compile refuse, e.g. a batch the devices cannot split, a resume
+that does not fit the config, a workdir its processes do not share: not retried either),
 1 for other errors (those with a setting to fix end in one line, their traceback
 in the log file).
 """
@@ -90,10 +91,12 @@ def _run_main():
     # A distinct status, so that launchers stop instead of replaying the same divergence.
     logging.error('Halted on non-finite losses (exit status %d, not retried): %s', NONFINITE_EXIT_CODE, e)
     sys.exit(NONFINITE_EXIT_CODE)
-  except (loop.ResumeError, ckpt_lib.WorkdirError) as e:  # A run that cannot go on as configured: not retried.
+  except (config_tools.ConfigError, loop.ResumeError, ckpt_lib.WorkdirError) as e:
+    # A run that cannot go on as configured (checks of the settings, a resume that does not fit, a workdir not
+    # shared): rerunning fails the same way, so launchers do not retry.
     console.exit_on_error(e, code=CONFIG_EXIT_CODE)
-  except (ValueError, FileNotFoundError) as e:  # Mostly a setting or file to fix (a batch the devices cannot
-    console.exit_on_error(e, show_log=True)  # split, ...): one line here, the traceback in the log file.
+  except (ValueError, FileNotFoundError) as e:  # Mostly a file or setting to fix (a data set not found, ...):
+    console.exit_on_error(e, show_log=True)  # one line here, the traceback in the log file.
   logging.info('Finished: %s', result)
   if jax.process_index() == 0:  # The result, on stdout: evaluations, the last loss, where it stopped.
     shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step', 'train/loss')}

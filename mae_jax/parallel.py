@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
+from mae_jax import config_tools
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both
 
@@ -63,6 +65,7 @@ def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> di
   return sizes
 
 
+@config_tools.settings_check
 def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
   """Builds the ('data', 'fsdp', 'tensor') mesh with Auto axes from `config.mesh`."""
   devices = list(devices if devices is not None else jax.devices())

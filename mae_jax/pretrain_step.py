@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mae_jax import data, models, optim, parallel, train_state, warm_start
+from mae_jax import config_tools, data, models, optim, parallel, train_state, warm_start
 from mae_jax import flops as flops_lib
 from mae_jax.models import from_config
 
@@ -26,6 +26,7 @@ NOMINAL_TRAIN_EXAMPLES = 1_281_167
 BATCH_KEYS = ('image', 'corrupt')
 
 
+@config_tools.settings_check
 def validate_config(config, mesh: jax.sharding.Mesh | None = None) -> None:
   """Fails fast, naming the key, on settings that cannot work. No compile happens here."""
   train_state.check_step_settings(config, mesh)

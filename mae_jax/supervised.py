@@ -17,7 +17,7 @@ import optax
 from absl import logging
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import loop, metrics, optim, parallel, train_state
+from mae_jax import config_tools, loop, metrics, optim, parallel, train_state
 from mae_jax.data import augment
 
 KINDS = ('finetune', 'linprobe', 'knn')
@@ -38,6 +38,7 @@ UNREAD_SETTINGS = {
 }
 
 
+@config_tools.settings_check
 def validate_config(config, mesh) -> None:
   """Fails fast, naming the key, on settings that cannot work. No compile happens here."""
   which = kind(config)

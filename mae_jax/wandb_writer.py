@@ -23,7 +23,7 @@ from absl import logging
 from clu import metric_writers
 from flax import traverse_util
 
-from mae_jax import fileio
+from mae_jax import config_tools, fileio
 
 INSTALL_HINT = "pip install 'mae_jax[wandb]'  (or: pip install wandb)"
 MODES = ('', 'online', 'offline', 'disabled')  # '' = W&B's default (WANDB_MODE, else online).
@@ -74,6 +74,7 @@ def settings(config) -> dict | None:
           'group': section.group or None, 'tags': list(tags) or None, 'mode': mode or None}
 
 
+@config_tools.settings_check
 def check(config) -> None:
   """Raises before training starts if W&B is enabled but misconfigured or not installed (every process)."""
   if settings(config) is not None:

@@ -78,9 +78,10 @@ class ScriptedRunner(common.Runner):
       (the first create and setup are the launch's own; re-creates follow).
   """
 
-  def __init__(self, states=(), job_results=(), failures=None):
+  def __init__(self, states=(), job_results=(), failures=None, existing_type='v4-8'):
     super().__init__(dry_run=False, out=io.StringIO())
     self.states = list(states)
+    self.existing_type = existing_type  # What describe says an existing TPU is.
     self.job_results = list(job_results)
     self.failures = dict(failures or {})
     self.seen = {'create': 0, 'setup': 0}
@@ -97,6 +98,8 @@ class ScriptedRunner(common.Runner):
     return 1 if command[4:5] == ('create',) and self._fails('create') else 0
 
   def _call_capture(self, command):
+    if any('acceleratorType' in part for part in command):
+      return 0, self.existing_type
     return 0, self.states.pop(0)
 
   def _call_stream(self, commands, labels, marker):
@@ -264,6 +267,14 @@ def test_queued_resource_waits_until_active():
       ('queued-resources', 'describe')] * 3
 
 
+def test_an_existing_queued_resource_of_another_size_is_left_alone(capsys):
+  runner = ScriptedRunner(states=['ACTIVE'], failures={'create': (1,)}, existing_type='v4-16')
+  assert tpu.main(tpu_argv('--queued'), runner=runner) == 1
+  assert kinds(runner) == [('queued-resources', 'create')] + [('queued-resources', 'describe')] * 2
+  assert '--format=value(tpu.nodeSpec[0].node.acceleratorType)' in runner.commands[-1]
+  assert 'already exists as a v4-16' in capsys.readouterr().err
+
+
 def test_failed_queued_resource_is_an_error_and_deleted(capsys):
   runner = ScriptedRunner(states=['FAILED'])
   assert tpu.main(tpu_argv('--queued'), runner=runner) == 1
@@ -315,14 +326,24 @@ def test_nonfinite_halt_is_not_retried(capsys):
   assert 'non-finite' in capsys.readouterr().err
 
 
-def test_rerunning_the_command_uses_the_tpu_that_exists():
+def test_rerunning_the_command_uses_the_tpu_that_exists(capsys):
   """create fails (ALREADY_EXISTS: an earlier launch's TPU): it is READY, so the job runs on it, not deleted first."""
   runner = ScriptedRunner(states=['READY'], failures={'create': (1,)},
                           job_results=[[common.StreamResult(0, 1, (0,))]])
   assert tpu.main(tpu_argv(), runner=runner) == 0
-  assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe')] + SETUP + [('tpu-vm', 'ssh'),
-                                                                                    ('tpu-vm', 'delete')]
+  assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'describe')] + SETUP + [
+      ('tpu-vm', 'ssh'), ('tpu-vm', 'delete')]  # Its state, then its accelerator type.
   assert 'mae-test already exists (READY): using it' in runner.out.getvalue()
+  # One of that name but another size is not used (nor deleted: it may be someone else's).
+  runner = ScriptedRunner(states=['READY'], failures={'create': (1,)}, existing_type='v4-32')
+  assert tpu.main(tpu_argv(), runner=runner) == 1
+  assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'describe')]
+  assert ('--format=value(acceleratorType)' in runner.commands[2]
+          and 'mae-test already exists as a v4-32, not the --accelerator_type=v4-8' in capsys.readouterr().err)
+  # v5e-16 asked for, v5litepod-16 found: the same slice in gcloud's spelling.
+  runner = ScriptedRunner(states=['READY'], failures={'create': (1,)}, existing_type='v5litepod-16',
+                          job_results=[[common.StreamResult(0, 4, (0,))]])
+  assert tpu.main(tpu_argv(accelerator_type='v5e-16'), runner=runner) == 0
   # A lost one of that name is replaced; none at all (describe fails): the create's failure stands.
   runner = ScriptedRunner(states=['PREEMPTED'], failures={'create': (1,)}, job_results=[[common.StreamResult(0, 1)]])
   assert tpu.main(tpu_argv(), runner=runner) == 0

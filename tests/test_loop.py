@@ -12,7 +12,7 @@ import pytest
 
 from configs import finetune as finetune_recipe
 from configs import test as test_config
-from mae_jax import checkpoint, loop, parallel, train, train_state
+from mae_jax import checkpoint, config_tools, loop, parallel, pretrain_step, supervised, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,6 +75,19 @@ def test_loop_settings_are_checked_the_same_for_every_trainer(get_config, key, v
   mesh = parallel.create_mesh(config.mesh)
   with pytest.raises(ValueError, match=match):
     loop.check_loop_settings(config, mesh)
+
+
+def test_the_trainers_checks_raise_config_errors_which_main_does_not_let_launchers_retry():
+  """ConfigError (a ValueError): main exits 78 on it; the message is the check's own."""
+  for config, validate in ((test_config.get_config('steps=1'), pretrain_step.validate_config),
+                           (finetune_recipe.get_config('variant=B/16,runlocal=True'), supervised.validate_config)):
+    config.batch_size = 12
+    with pytest.raises(config_tools.ConfigError, match='not divisible by the data-parallel size 8') as raised:
+      validate(config, parallel.create_mesh(config.mesh))
+    assert type(raised.value.__cause__) is ValueError  # The check's own error, kept as the cause.
+  config.mesh.num_devices = 16
+  with pytest.raises(config_tools.ConfigError, match='mesh.num_devices=16 but only 8 devices'):
+    parallel.create_mesh(config.mesh)
 
 
 def test_train_steps_from_epochs_or_steps():

@@ -44,11 +44,16 @@ def test_a_setting_that_cannot_work_ends_in_one_line_with_the_traceback_in_the_l
   run = lambda *flags: subprocess.run([sys.executable, '-m', 'mae_jax.main', *flags], cwd=REPO, capture_output=True,
                                       text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   done = run('--config=configs/test.py:steps=1', f'--workdir={workdir}', '--config.mask_ratio=1.5')
-  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
-  assert done.stderr.strip().splitlines()[-1].startswith('Error: ') and 'mask_ratio' in done.stderr
-  assert f'(traceback: {workdir}/logs/main.' in done.stderr
+  # A setting the checks refuse before any compile: exit 78, which launchers do not retry.
+  assert done.returncode == main.CONFIG_EXIT_CODE and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == 'Error: mask_ratio=1.5: must be in (0, 1)'
   (log,) = os.listdir(workdir / 'logs')
   assert 'Traceback' in (workdir / 'logs' / log).read_text()  # For a bug report.
+  # A file to fix (a data set not prepared): exit 1, the line names the log with the traceback.
+  done = run('--config=configs/test.py:steps=1', f'--workdir={tmp_path / "data"}', '--config.dataset.name=no_such_ds')
+  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1].startswith("Error: Data set 'no_such_ds' (config.dataset.name)")
+  assert f'(traceback: {tmp_path / "data"}/logs/main.' in done.stderr
   # A config file that does not load: one line, exit 2, and no workdir made.
   done = run('--config=configs/no_such_file.py', f'--workdir={tmp_path / "other"}')
   assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -23,6 +23,7 @@ processes other than 0; `--progress=bar|lines|off` overrides.
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -254,6 +255,13 @@ def _format(value) -> str:
   return f'{value:.4f}' if isinstance(value, float) and abs(value) < 1000 else f'{value:.4g}'
 
 
+def _format_metric(key: str, value: float) -> str:
+  """An accuracy (a key ending in top1, top5, ... or accuracy) as a percentage, as the demo's summary shows it."""
+  if re.search(r'(top\d+|accuracy)$', key) and 0.0 <= value <= 1.0:
+    return f'{100 * value:.2f}%'
+  return _format(value)
+
+
 def _duration(seconds: float) -> str:
   seconds = int(round(seconds))
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}' if seconds >= 3600 else \
@@ -365,7 +373,7 @@ class ProgressHook:
       elif self.mode == 'lines':
         self._write(self._line(step))
     if evals:
-      self._write(f'step {step}: ' + ', '.join(f'{k} {_format(float(v))}' for k, v in sorted(evals.items())))
+      self._write(f'step {step}: ' + ', '.join(f'{k} {_format_metric(k, float(v))}' for k, v in sorted(evals.items())))
       # The evaluation's time is not training speed: the rate restarts from here, and the ETA counts it.
       now = time.time()
       self._evals.append((step, max(0.0, now - self._step_time)))

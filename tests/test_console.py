@@ -110,7 +110,7 @@ def _drive(hook, total):
     hook(step)
     if step % 5 == 0:
       hook.update_metrics(step, {'train/loss': 1.0 / step, 'train/lr': 0.1})
-  hook.update_metrics(total, {'eval/knn_top1': 0.7125, 'eval/knn_top5': 0.95})
+  hook.update_metrics(total, {'eval/knn_top1': 0.7125, 'eval/knn_top5': 0.95, 'eval/loss': 0.4321})
 
 
 def test_progress_bar_shows_steps_per_second_eta_loss_and_keeps_eval_lines():
@@ -121,7 +121,7 @@ def test_progress_bar_shows_steps_per_second_eta_loss_and_keeps_eval_lines():
   out = stream.getvalue()
   assert re.search(r'15/20 \[\d+:\d+, [\d.]+ steps/s, ETA \d+:\d+, loss=0.0667\]', out), out  # elapsed, rate, ETA.
   assert re.search(r'20/20 \[\d+:\d+, [\d.]+ steps/s, loss=0.0500\]', out), out  # No stale ETA at the end.
-  assert 'step 20: eval/knn_top1 0.7125, eval/knn_top5 0.9500' in out
+  assert 'step 20: eval/knn_top1 71.25%, eval/knn_top5 95.00%, eval/loss 0.4321' in out
 
 
 def test_progress_lines_without_a_terminal_one_per_log_period():
@@ -134,7 +134,7 @@ def test_progress_lines_without_a_terminal_one_per_log_period():
   assert len(lines) == 3, lines  # Steps 15 and 20, then the evaluation.
   assert lines[0].startswith('step 15/20, loss 0.0667, ') and 'steps/s, ETA 0:0' in lines[0]
   assert lines[1].startswith('step 20/20, loss 0.0500')
-  assert lines[2] == 'step 20: eval/knn_top1 0.7125, eval/knn_top5 0.9500'
+  assert lines[2] == 'step 20: eval/knn_top1 71.25%, eval/knn_top5 95.00%, eval/loss 0.4321'
 
 
 def test_progress_auto_draws_a_bar_only_on_a_terminal_wide_enough_for_it():

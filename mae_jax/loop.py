@@ -166,6 +166,10 @@ class ResumeError(ValueError):
   """The workdir holds a run with other settings; the message says what changed and what to do."""
 
 
+class CheckpointReadError(RuntimeError):
+  """The newest checkpoint could not be read (a damaged file, a storage error); a rerun may pass."""
+
+
 def check_resume(config, workdir: str) -> None:
   """Before anything is restored or compiled: a resume keeps the data order and the schedule.
 
@@ -208,11 +212,12 @@ def restore_or_init(checkpointer, init_fn: Callable, init_rng, abstract_state, s
     saved, opt_state, meta = checkpointer.restore(
         ckpt_lib.abstract_like(saved_tree(abstract_state), saved_tree(shardings)),
         ckpt_lib.abstract_like(abstract_state.opt_state, shardings.opt_state), latest)
-  except ValueError as e:  # Orbax: the saved trees' structure or shapes differ from this run's (or a read failed).
-    misfit = _misfit(checkpointer, latest, config, e)
-    if misfit is None:
-      raise
-    raise misfit from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax: the saved trees' structure or shapes differ from this run's, or a read failed.
+    misfit = _misfit(checkpointer, latest, config, e) if isinstance(e, ValueError) else None
+    if misfit is not None:
+      raise misfit from None
+    raise _unreadable(checkpointer, latest, e) from e
   params, batch_stats = from_saved(saved)
   put = lambda value, sharding: parallel.host_to_global(np.asarray(value, np.int32), sharding)
   state = train_state.TrainState(
@@ -246,15 +251,18 @@ def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError | 
   """The ResumeError for a checkpoint whose trees do not fit this run (what Orbax found, what changed).
 
   None when nothing says so: no model.* / optim.* setting changed and Orbax's
-  message is not about the trees (an unreadable file, a storage error): that
-  error is raised as it is, and a launcher may retry it.
+  message is not about the trees (an unreadable file, a storage error): the
+  caller raises a CheckpointReadError, which a launcher may retry.
   """
   detail = ' '.join(str(error).split())
   detail = detail if len(detail) <= 240 else detail[:240] + '...'
   changed = []
   if config is not None:
-    saved = traverse_util.flatten_dict(ckpt_lib.load_meta(checkpointer.workdir, step).get('config') or {},
-                                            sep='.')
+    try:
+      meta = ckpt_lib.load_meta(checkpointer.workdir, step)
+    except Exception:  # pylint: disable=broad-except  # Damaged too: the caller reports the read error.
+      meta = {}
+    saved = traverse_util.flatten_dict(meta.get('config') or {}, sep='.')
     current = traverse_util.flatten_dict(config_dict(config), sep='.')
     changed = [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in sorted(set(saved) | set(current))
                if k.startswith(('model.', 'optim.')) and saved.get(k) != current.get(k)]
@@ -264,6 +272,19 @@ def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError | 
       f'{checkpointer.workdir} holds a run (step {step}) whose parameters or optimizer state do not fit this '
       f'config{": " + "; ".join(changed) if changed else ""}. Use a new --workdir or put the settings back '
       f'(Orbax: {detail})')
+
+
+def _unreadable(checkpointer, step: int, error: Exception) -> CheckpointReadError:
+  """What failed (tensorstore's spec left out), and how to resume from the checkpoint before it."""
+  detail = ' '.join(str(error).split(' [tensorstore_spec')[0].split()) or type(error).__name__
+  detail = detail if len(detail) <= 300 else detail[:300] + '...'
+  directory = ckpt_lib.checkpoint_dir(checkpointer.workdir)
+  earlier = [s for s in checkpointer.all_steps() if s < step]
+  aside = f'move {fileio.join(directory, str(step))} out of {directory}'
+  fix = (f'{aside} to resume from step {max(earlier)}' if earlier else
+         f'{aside} (the only checkpoint) to start again from step 0')
+  return CheckpointReadError(f'checkpoint step {step} in {directory} could not be read ({detail}). A storage '
+                             f'hiccup passes on a rerun; if the checkpoint is damaged, {fix}')
 
 
 def config_dict(config) -> dict:

@@ -95,8 +95,9 @@ def _run_main():
     # A run that cannot go on as configured (checks of the settings, a resume that does not fit, a workdir not
     # shared): rerunning fails the same way, so launchers do not retry.
     console.exit_on_error(e, code=CONFIG_EXIT_CODE)
-  except (ValueError, FileNotFoundError) as e:  # Mostly a file or setting to fix (a data set not found, ...):
-    console.exit_on_error(e, show_log=True)  # one line here, the traceback in the log file.
+  except (ValueError, FileNotFoundError, loop.CheckpointReadError) as e:
+    # Mostly a file to fix (a data set not found, a damaged checkpoint): one line here, the traceback in the log.
+    console.exit_on_error(e, show_log=True)
   logging.info('Finished: %s', result)
   if jax.process_index() == 0:  # The result, on stdout: evaluations, the last loss, where it stopped.
     shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step', 'train/loss')}

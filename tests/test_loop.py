@@ -134,9 +134,13 @@ def test_resume_with_another_batch_or_seed_fails_naming_the_keys(tmp_path, capsy
                             recursive=True):
     with open(manifest, 'wb') as f:
       f.write(b'not a manifest')
-  with pytest.raises(Exception) as failed:
+  with pytest.raises(loop.CheckpointReadError) as failed:
     train.train_and_evaluate(test_config.get_config('steps=2'), workdir)
-  assert not isinstance(failed.value, loop.ResumeError), failed.value
+  directory = os.path.join(workdir, 'checkpoints')
+  assert str(failed.value).startswith(f'checkpoint step 1 in {directory} could not be read (')
+  assert str(failed.value).endswith(f'if the checkpoint is damaged, move {directory}/1 out of {directory} (the only '
+                                    'checkpoint) to start again from step 0')
+  assert 'tensorstore_spec' not in str(failed.value)
 
 
 @pytest.mark.parametrize('grid,num_devices,count,processes,match', [

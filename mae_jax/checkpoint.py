@@ -102,6 +102,22 @@ class Checkpointer:
     self.manager.close()
 
 
+class CheckpointReadError(RuntimeError):
+  """A checkpoint could not be read (a damaged file, a storage error); a rerun may pass."""
+
+
+def read_error(directory: str, step: int, error: Exception, fix: str) -> CheckpointReadError:
+  """One line: the checkpoint, what failed (without tensorstore's spec of several KB) and `fix`."""
+  detail = ' '.join(str(error).split(' [tensorstore_spec')[0].split()) or type(error).__name__
+  detail = detail if len(detail) <= 300 else detail[:300] + '...'
+  return CheckpointReadError(f'checkpoint step {step} in {directory} could not be read ({detail}). A storage '
+                             f'hiccup passes on a rerun; {fix}')
+
+
+# Orbax's words for a saved tree that does not fit the one asked for (not a read failure).
+MISFIT_MESSAGES = ('tree structures do not match', 'shape', 'Shape')
+
+
 def load_params(workdir: str, step: int | None = None, abstract_params=None) -> tuple[Any, dict]:
   """Restores only the params (and the run's config) from a workdir's checkpoint.
 
@@ -210,15 +226,14 @@ def _load(workdir, step, abstract_params, with_params=True):
       manager.reload()  # Its list is read when it opens: a run still training may have finished the step since.
     if step not in manager.all_steps():
       raise FileNotFoundError(f'step {step} is not in {directory}; available: {manager.all_steps()}')
-    items = {'meta': ocp.args.JsonRestore()}
-    if with_params:
-      if abstract_params is None:  # as saved, onto this process's first device
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract_params = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            manager.item_metadata(step)['params'])
-      items['params'] = ocp.args.StandardRestore(abstract_params)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = _restore_params_and_meta(manager, step, abstract_params, with_params)
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, ValueError) and any(words in str(e) for words in MISFIT_MESSAGES):
+        raise  # The caller's tree does not fit: its caller names the setting.
+      earlier = [s for s in manager.all_steps() if s < step]
+      raise read_error(directory, step, e, f'if it is damaged, read an earlier step ({", ".join(map(str, earlier))})'
+                       if earlier else 'if it is damaged, no earlier step is kept to read instead') from e
   finally:
     manager.close()
   meta = dict(restored['meta'] or {})
@@ -227,6 +242,18 @@ def _load(workdir, step, abstract_params, with_params=True):
     config = json.loads(config)
   meta['config'] = config
   return restored.get('params') if with_params else None, meta
+
+
+def _restore_params_and_meta(manager, step, abstract_params, with_params):
+  items = {'meta': ocp.args.JsonRestore()}
+  if with_params:
+    if abstract_params is None:  # as saved, onto this process's first device
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract_params = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          manager.item_metadata(step)['params'])
+    items['params'] = ocp.args.StandardRestore(abstract_params)
+  return manager.restore(step, args=ocp.args.Composite(**items))
 
 
 def abstract_like(tree, shardings):

@@ -188,10 +188,23 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
       f.write(f'(native output while TensorFlow was imported)\n{_NATIVE_IMPORT_OUTPUT}\n')
   if announce:
     sys.stderr.write(f'Logs: {path}' + ('' if verbose else ' (--verbose shows them here)') + '\n')
+  if not verbose:
+    sys.unraisablehook = _unraisable_to_log
   _LOG_PATH.append(path)
   _REMOTE_LOG[:] = ([(path, fileio.join(workdir, LOGS_DIR, os.path.basename(path)))]
                     if workdir and fileio.is_remote(workdir) and not reads_only else [])
   return path
+
+
+def _unraisable_to_log(unraisable) -> None:
+  """After a failed checkpoint read, Orbax's reads still in flight end on its closed event loop, each printing
+  'Event loop is closed' with a traceback (dozens on the terminal, under the one line that says what failed).
+  Those go to the log file; any other unraisable exception is printed as Python would."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    logging.info('Ignored (a read still in flight when its event loop closed): %r in %r', error, unraisable.object)
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 _REMOTE_LOG = []  # (local file, gs:// copy) of a run with a gs:// workdir: the workers' disks go with the TPU.

@@ -79,7 +79,7 @@ def main(argv):
     else:
       out = convert(flag_values.import_from, flag_values.format, flag_values.out, model_name=flag_values.model,
                     full=flag_values.full, overwrite=flag_values.overwrite)
-  except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError) as e:
+  except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError, checkpoint.CheckpointReadError) as e:
     console.exit_on_error(e, 'mae_jax.export')  # A user error: one line; the traceback in the log.
   print(f'wrote {out} (metadata: {metadata_path(out)})')
 

@@ -563,7 +563,8 @@ def main(argv):
         overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers, progress=FLAGS.progress)
   except FeaturesError as e:
     raise app.UsageError(str(e)) from e
-  except (ValueError, FileNotFoundError) as e:  # E.g. --workdir without checkpoints: one line, traceback in the log.
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointReadError) as e:  # E.g. --workdir without
+    # checkpoints: one line, traceback in the log.
     console.exit_on_error(e, 'mae_jax.features')
   if jax.process_index() == 0:
     print(f'Features written to {out}')

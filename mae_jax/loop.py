@@ -166,8 +166,7 @@ class ResumeError(ValueError):
   """The workdir holds a run with other settings; the message says what changed and what to do."""
 
 
-class CheckpointReadError(RuntimeError):
-  """The newest checkpoint could not be read (a damaged file, a storage error); a rerun may pass."""
+CheckpointReadError = ckpt_lib.CheckpointReadError
 
 
 def check_resume(config, workdir: str) -> None:
@@ -244,7 +243,6 @@ def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int = 2) -> Iterator[
     yield queue.pop(0)
 
 
-_MISFIT_MESSAGES = ('tree structures do not match', 'shape', 'Shape')  # Orbax's words for a tree that does not fit.
 
 
 def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError | None:
@@ -266,7 +264,7 @@ def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError | 
     current = traverse_util.flatten_dict(config_dict(config), sep='.')
     changed = [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in sorted(set(saved) | set(current))
                if k.startswith(('model.', 'optim.')) and saved.get(k) != current.get(k)]
-  if not changed and not any(words in detail for words in _MISFIT_MESSAGES):
+  if not changed and not any(words in detail for words in ckpt_lib.MISFIT_MESSAGES):
     return None
   return ResumeError(
       f'{checkpointer.workdir} holds a run (step {step}) whose parameters or optimizer state do not fit this '
@@ -275,16 +273,13 @@ def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError | 
 
 
 def _unreadable(checkpointer, step: int, error: Exception) -> CheckpointReadError:
-  """What failed (tensorstore's spec left out), and how to resume from the checkpoint before it."""
-  detail = ' '.join(str(error).split(' [tensorstore_spec')[0].split()) or type(error).__name__
-  detail = detail if len(detail) <= 300 else detail[:300] + '...'
+  """What failed, and how to resume from the checkpoint before it."""
   directory = ckpt_lib.checkpoint_dir(checkpointer.workdir)
   earlier = [s for s in checkpointer.all_steps() if s < step]
   aside = f'move {fileio.join(directory, str(step))} out of {directory}'
   fix = (f'{aside} to resume from step {max(earlier)}' if earlier else
          f'{aside} (the only checkpoint) to start again from step 0')
-  return CheckpointReadError(f'checkpoint step {step} in {directory} could not be read ({detail}). A storage '
-                             f'hiccup passes on a rerun; if the checkpoint is damaged, {fix}')
+  return ckpt_lib.read_error(directory, step, error, f'if the checkpoint is damaged, {fix}')
 
 
 def config_dict(config) -> dict:

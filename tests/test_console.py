@@ -60,6 +60,26 @@ def test_info_goes_to_the_log_file_warnings_and_errors_to_the_terminal(tmp_path)
   assert len(stderr.strip().splitlines()) == 3, stderr  # Logs:, the warning, the error.
 
 
+def test_reads_left_on_a_closed_event_loop_go_to_the_log_file(tmp_path):
+  """After a failed checkpoint read Orbax's pending reads end as unraisable 'Event loop is closed' errors."""
+  code = textwrap.dedent("""
+      import sys
+      from mae_jax import console
+      console.setup('probe', sys.argv[1], verbose=False)
+      class Pending:
+        def __init__(self, message): self.message = message
+        def __del__(self): raise RuntimeError(self.message)
+      Pending('Event loop is closed')
+      Pending('another unraisable error')
+  """)
+  workdir = tmp_path / 'run'
+  proc = subprocess.run([sys.executable, '-c', code, str(workdir)], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  (log,) = os.listdir(workdir / 'logs')
+  assert 'Event loop is closed' in (workdir / 'logs' / log).read_text()
+  assert 'Event loop is closed' not in proc.stderr and 'another unraisable error' in proc.stderr, proc.stderr
+
+
 def test_verbose_shows_the_info_lines_on_the_terminal_too(tmp_path):
   stderr, log, _ = _run_entry(tmp_path, '--verbose')
   for line in INFO_LINES:

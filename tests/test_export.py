@@ -1,8 +1,10 @@
 """mae_jax.weights and the mae_jax.export command line: round trips, key names, errors, PyTorch and HF parity."""
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -410,6 +412,32 @@ def test_torch_pth_import(params, tmp_path):
   bare = str(tmp_path / 'bare.pth')
   torch.save({k: torch.from_numpy(v) for k, v in state.items() if not k.startswith(('decoder', 'mask'))}, bare)
   _assert_trees_equal({'encoder': params['encoder']}, weights.import_weights(bare, TEST_MODEL))
+
+
+def test_files_that_are_not_weights_say_what_they_are(params, tmp_path):
+  """A git-lfs pointer (a clone without git-lfs), a saved web page, a file cut short: named, with the fix."""
+  pointer = b'version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 345678\n'
+  exported = str(tmp_path / 'good.safetensors')
+  weights.export_weights(params, TEST_MODEL, 'safetensors', exported)
+  with open(exported, 'rb') as f:
+    whole = f.read()
+  cases = {'lfs.safetensors': (pointer, 'it is a git-lfs pointer, not the weights: fetch them with `git lfs pull`'),
+           'page.safetensors': (b'<!DOCTYPE html><html></html>', 'it is an HTML or XML page'),
+           'cut.safetensors': (whole[:len(whole) // 2], 'damaged, or cut short: download it again')}
+  for name, (data, match) in cases.items():
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf'{name} is not a readable safetensors file \(.*\); {re.escape(match)}'):
+      weights.import_weights(str(path), TEST_MODEL)
+  folder = tmp_path / 'hf'
+  folder.mkdir()
+  (folder / 'model.safetensors').write_bytes(pointer)  # A Hugging Face repo cloned without git-lfs.
+  with pytest.raises(ValueError, match=r'hf/model\.safetensors is not a readable safetensors file.*git-lfs pointer'):
+    weights.import_weights(str(folder), TEST_MODEL)
+  if importlib.util.find_spec('torch'):
+    (tmp_path / 'lfs.pth').write_bytes(pointer)
+    with pytest.raises(ValueError, match=r'lfs\.pth is not a PyTorch checkpoint: it is a git-lfs pointer'):
+      weights.import_weights(str(tmp_path / 'lfs.pth'), TEST_MODEL)
 
 
 def test_pth_without_torch_names_the_install(tmp_path, monkeypatch):

@@ -129,18 +129,55 @@ def _safetensors():
   return safetensors
 
 
+def _what_it_is_instead(path: str) -> str:
+  """A weight file that does not load: what its first bytes say it is (a git-lfs pointer, an HTML page)."""
+  try:
+    with fileio.path(path).open('rb') as f:
+      start = f.read(64).lstrip()
+  except OSError:
+    start = b''
+  if start.startswith(b'version https://git-lfs'):
+    return ('it is a git-lfs pointer, not the weights: fetch them with `git lfs pull` in the clone (or '
+            '`huggingface-cli download`)')
+  if start[:1] == b'<':
+    return 'it is an HTML or XML page, not the weights: download the file itself'
+  return 'damaged, or cut short: download it again'
+
+
+def _not_safetensors(path: str, why: str) -> ValueError:
+  return ValueError(f'{path} is not a readable safetensors file ({why}); {_what_it_is_instead(path)}')
+
+
 def _safetensors_header_metadata(path: str) -> dict | None:
   """The header's metadata: read from the first bytes (an 8-byte length, then the JSON header)."""
   with fileio.path(path).open('rb') as f:
-    length = int.from_bytes(f.read(8), 'little')
-    header = json.loads(f.read(length))
+    head = f.read(8)
+    length = int.from_bytes(head, 'little')
+    if len(head) < 8 or length > _MAX_SAFETENSORS_HEADER:
+      raise _not_safetensors(path, 'no header')
+    data = f.read(length)
+  try:
+    header = json.loads(data)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise _not_safetensors(path, f'its header is not JSON: {e}') from e
+  if not isinstance(header, dict):
+    raise _not_safetensors(path, 'its header is not a JSON object')
   return header.get('__metadata__')
 
 
+_MAX_SAFETENSORS_HEADER = 100_000_000  # The safetensors format's own limit on the JSON header.
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  if fileio.is_remote(path):  # Read whole through the file layer (gs://).
-    return dict(_safetensors().numpy.load(fileio.read_bytes(path)))
-  return dict(_safetensors().numpy.load_file(path))
+  safetensors = _safetensors()
+  try:
+    if fileio.is_remote(path):  # Read whole through the file layer (gs://).
+      return dict(safetensors.numpy.load(fileio.read_bytes(path)))
+    return dict(safetensors.numpy.load_file(path))
+  except (safetensors.SafetensorError, ValueError, OSError, MemoryError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise _not_safetensors(path, str(e)) from e
 
 
 def _save_safetensors(state: dict, path: str, meta: dict):
@@ -168,8 +205,11 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
       source = io.BytesIO(fileio.read_bytes(path)) if fileio.is_remote(path) else path
       checkpoint = torch.load(source, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{path}: torch.load(weights_only=True) failed ({e}); only checkpoints of '
-                     f'tensors and plain containers are read, never pickled code') from e
+    instead = _what_it_is_instead(path)
+    if not instead.startswith('damaged'):  # A git-lfs pointer or a web page: torch's message says nothing more.
+      raise ValueError(f'{path} is not a PyTorch checkpoint: {instead}') from e
+    raise ValueError(f'{path}: torch.load(weights_only=True) failed ({e}); only checkpoints of tensors and plain '
+                     f'containers are read, never pickled code') from e
   state = checkpoint
   if isinstance(checkpoint, dict):
     for key in ('model', 'state_dict', 'model_state_dict'):

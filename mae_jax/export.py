@@ -15,7 +15,8 @@ from absl import app, flags
 
 from mae_jax import checkpoint, console, fileio
 from mae_jax.models import from_config
-from mae_jax.weights import FORMATS, export_weights, import_weights, metadata_path, read_metadata, resolve_model
+from mae_jax.weights import FORMATS, export_weights, metadata_path, read_metadata
+from mae_jax.weights.files import load_weights, parse_overrides
 
 
 def model_from_config(run_config: dict) -> tuple[str, dict]:
@@ -41,12 +42,12 @@ def export_from_workdir(workdir: str, fmt: str, out: str, *, step: int | None = 
 def convert(source: str, fmt: str, out: str, *, model_name: str | None = None, full: bool = False,
             overwrite: bool = False, **model_overrides) -> str:
   """Imports a .pth / safetensors / hf / orbax export and writes it in another format."""
-  model_name, model_overrides = resolve_model(source, model_name, model_overrides)
-  params = import_weights(source, model_name, **model_overrides)
+  params, model_name, model_overrides = load_weights(source, model_name, **model_overrides)
   meta = read_metadata(source) or {}
   if full and 'decoder' not in params and 'head' not in params:
     raise ValueError(f'--full: {source} has no decoder; drop --full to export the encoder')
-  extra = {'converted_from': os.path.abspath(source), 'step': meta.get('step'), 'config': meta.get('config')}
+  extra = {'converted_from': source if fileio.is_remote(source) else os.path.abspath(source),
+           'step': meta.get('step'), 'config': meta.get('config')}
   return export_weights(params, model_name, fmt, out, encoder_only=not full, metadata=extra,
                         model_overrides=model_overrides, overwrite=overwrite)
 
@@ -57,6 +58,8 @@ def _define_flags():
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
   flags.DEFINE_string('import_from', None, 'Instead of --workdir: a .pth / .safetensors / hf / orbax path.')
   flags.DEFINE_string('model', None, 'Model name for --import_from (default: from its metadata).')
+  flags.DEFINE_multi_string('override', [], 'With --import_from: a model field KEY=VALUE (repeatable), e.g. '
+                            'image_size=448, in_channels=4; default: the metadata\'s, else what the file shows.')
   flags.DEFINE_enum('format', None, list(FORMATS), 'Output format.')
   flags.DEFINE_string('out', None, 'Output folder (orbax, hf) or .safetensors file.')
   flags.DEFINE_bool('full', False, 'Export the decoder too (default: encoder only).')
@@ -78,7 +81,8 @@ def main(argv):
                                 step=flag_values.step, full=flag_values.full, overwrite=flag_values.overwrite)
     else:
       out = convert(flag_values.import_from, flag_values.format, flag_values.out, model_name=flag_values.model,
-                    full=flag_values.full, overwrite=flag_values.overwrite)
+                    full=flag_values.full, overwrite=flag_values.overwrite,
+                    **parse_overrides(flag_values.override))
   except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError, checkpoint.CheckpointReadError) as e:
     console.exit_on_error(e, 'mae_jax.export')  # A user error: one line; the traceback in the log.
   print(f'wrote {out} (metadata: {metadata_path(out)})')

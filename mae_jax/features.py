@@ -139,7 +139,8 @@ def check_out(out: str, overwrite: bool = False) -> None:
 
 
 def load_encoder(*, weights: str | None = None, workdir: str | None = None, step: int | None = None,
-                 model_name: str | None = None, dtype: str = 'float32') -> tuple[dict, dict, dict]:
+                 model_name: str | None = None, dtype: str = 'float32',
+                 model_overrides: dict | None = None) -> tuple[dict, dict, dict]:
   """(VisionTransformer fields, its params (host, unscanned), facts: model_name, overrides, source, dataset).
 
   `dataset` is the run's config.dataset (from the workdir or the weights'
@@ -151,11 +152,7 @@ def load_encoder(*, weights: str | None = None, workdir: str | None = None, step
   if dtype not in COMPUTE_DTYPES:
     raise FeaturesError(f'--dtype={dtype}: must be one of {COMPUTE_DTYPES}')
   if weights:
-    try:
-      name, overrides = files.resolve_model(weights, model_name, {})
-    except ValueError as e:
-      raise FeaturesError(f'--weights={weights}: {e}') from None
-    params = files.import_weights(weights, name, **overrides)
+    params, name, overrides = files.load_weights(weights, model_name, **(model_overrides or {}))
     run_config = (files.read_metadata(weights) or {}).get('config') or {}
     source = weights
   else:
@@ -467,7 +464,8 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
                      images: str | None = None, dataset: str | None = None, data_dir: str = '',
                      split: str = 'train', layers=None, pool: str = 'cls', batch_size: int = 64,
                      model_name: str | None = None, mean=None, std=None, dtype: str = 'float32',
-                     overwrite: bool = False, num_workers: int = 8, progress: bool = True) -> str:
+                     overwrite: bool = False, num_workers: int = 8, progress: bool = True,
+                     overrides=()) -> str:
   """Extracts features of a folder (`images`) or a data set split and writes them to `out`; returns out.
 
   Every process calls it (multi-host jobs); process 0 writes the file.
@@ -485,8 +483,12 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
   layers = parse_layers(layers)
   check_out(out, overwrite)
   names = list_folder(images) if images else None
-  encoder_kwargs, params, facts = load_encoder(weights=weights, workdir=workdir, step=step,
-                                               model_name=model_name, dtype=dtype)
+  try:
+    model_overrides = files.parse_overrides(overrides)
+  except ValueError as e:
+    raise FeaturesError(str(e)) from None
+  encoder_kwargs, params, facts = load_encoder(weights=weights, workdir=workdir, step=step, model_name=model_name,
+                                               dtype=dtype, model_overrides=model_overrides)
   layers = check_layers(layers, encoder_kwargs['depth'], facts['model_name'])
   final_norm = 'norm' in params
   if layers is None and not final_norm:
@@ -534,6 +536,8 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'Instead of --weights: a training run whose checkpoint to read.')
   flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the newest).')
   flags.DEFINE_string('model', None, "The model name, overriding the weights' metadata (mae_jax.models.MODELS).")
+  flags.DEFINE_multi_string('override', [], 'With --weights: a model field KEY=VALUE (repeatable), e.g. '
+                            'image_size=448, in_channels=4; default: the metadata\'s, else what the file shows.')
   flags.DEFINE_string('images', None, 'A folder of image files (any tree).')
   flags.DEFINE_string('dataset', None, 'Instead of --images: a prepared data set (name, or version folder).')
   flags.DEFINE_string('data_dir', '', 'With --dataset: its TFDS data_dir.')
@@ -560,7 +564,7 @@ def main(argv):
         FLAGS.out, weights=FLAGS.weights, workdir=FLAGS.workdir, step=FLAGS.step, images=FLAGS.images,
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.split, layers=FLAGS.layers, pool=FLAGS.pool,
         batch_size=FLAGS.batch_size, model_name=FLAGS.model, mean=FLAGS.mean, std=FLAGS.std, dtype=FLAGS.dtype,
-        overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers, progress=FLAGS.progress)
+        overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers, progress=FLAGS.progress, overrides=FLAGS.override)
   except FeaturesError as e:
     raise app.UsageError(str(e)) from e
   except (ValueError, FileNotFoundError, checkpoint.CheckpointReadError) as e:  # E.g. --workdir without

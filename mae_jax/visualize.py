@@ -285,19 +285,18 @@ def visualize_weights(path: str, image_files: Sequence[str], out: str, *, model_
                       bands=None) -> str:
   """Writes the reconstruction grid of exported or imported weights (with a decoder); returns the PNG path.
 
-  `path` is anything `weights.import_weights` reads (an export of this project, a
+  `path` is anything `weights.load_weights` reads (an export of this project, a
   reference .pth, a safetensors file, a Hugging Face folder). The image
   normalisation and norm_pix_loss come from the export's metadata (its run's
   config) when it has them, else ImageNet's statistics and norm_pix_loss=True.
   """
   if not image_files:
     raise ValueError('--weights needs --images=FILE,...: weights carry no data set to take images from')
-  model_name, overrides = weights.resolve_model(path, model_name, {})
+  params, model_name, overrides = weights.load_weights(path, model_name)
   meta = weights.read_metadata(path) or {}
   dataset = ((meta.get('config') or {}).get('dataset') or {})
   if norm_pix_loss is None:
     norm_pix_loss = bool(meta.get('norm_pix_loss', True))
-  params = weights.import_weights(path, model_name)
   if 'decoder' not in params:
     raise ValueError(f'--weights={path}: the weights have no MAE decoder, so nothing can be reconstructed; '
                      f'export or import them with --full')

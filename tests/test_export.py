@@ -477,9 +477,71 @@ def test_hf_export_loads_into_transformers(params, images, tmp_path):
   _assert_trees_equal(params, weights.import_weights(resaved))  # Model found from config.json.
 
 
+def test_hf_folder_of_any_sizes_imports_from_its_config_json(tmp_path):
+  """A ViTMAE whose sizes no registered model has (depth 3, MLP ratio 2, its own decoder) imports as it computes."""
+  pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from mae_jax.models import pos_embed  # pylint: disable=g-import-not-at-top
+  hf_sizes = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=8, decoder_hidden_size=48, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                  decoder_intermediate_size=96, layer_norm_eps=1e-6)
+  torch.manual_seed(0)
+  net = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**hf_sizes)).eval()
+  with torch.no_grad():  # The fixed sin-cos tables (transformers' fresh model leaves them at zero).
+    for name, table in net.named_parameters():
+      if name.endswith(('position_embeddings', 'decoder_pos_embed')):
+        table.copy_(torch.from_numpy(pos_embed.get_2d_sincos_pos_embed(table.shape[-1], (4, 4), cls_token=True)[None]))
+  folder = str(tmp_path / 'hf')
+  net.save_pretrained(folder)
+  name, overrides = weights.resolve_model(folder, None, {})
+  assert (name, overrides['depth'], overrides['mlp_ratio'], overrides['decoder_embed_dim']) == (TEST_MODEL, 3, 2.0, 48)
+  params = weights.import_weights(folder)
+  x = np.random.default_rng(2).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  noise = np.random.default_rng(3).uniform(size=(2, 16)).astype(np.float32)
+  with torch.no_grad():
+    want = net(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise)).logits.numpy()
+  _, got, _ = models.get_model(name, **overrides).apply({'params': params}, x, noise=jnp.asarray(noise), train=False)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  # Settings mae_jax does not compute are refused, naming the file and the key.
+  source = str(tmp_path / 'config.json')
+  for change, match in (({'hidden_act': 'relu'}, "hidden_act='relu'"), ({'qkv_bias': False}, 'qkv_bias=false'),
+                        ({'decoder_intermediate_size': 192}, "the decoder's MLP ratio \\(4\\) differs")):
+    with pytest.raises(ValueError, match=rf'config\.json: {match}'):
+      weights.model_name_from_hf_config({'model_type': 'vit_mae', **hf_sizes, **change}, source)
+
+
 # ----------------------------------------------------------------------------
 # Command line and workdirs.
 # ----------------------------------------------------------------------------
+
+
+@needs_safetensors
+def test_a_file_without_metadata_gives_its_channels_and_size(tmp_path):
+  """A reference-named file of a 1-channel MAE trained at 48 px: load_weights reads both from it."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  shape = dict(in_channels=1, image_size=48)
+  model = models.get_model(TEST_MODEL, **shape)
+  trained = model.init({'params': jax.random.key(1), 'mask': jax.random.key(2)}, jnp.zeros((1, 48, 48, 1)),
+                       train=False)['params']
+  state = weights.to_reference_state_dict(trained, TEST_MODEL, **shape)
+  assert state['pos_embed'].shape == (1, 37, 32)  # The fixed table of its 6x6 grid.
+  path = str(tmp_path / 'gray48.safetensors')
+  safetensors.numpy.save_file(state, path)
+  got, name, overrides = weights.load_weights(path, TEST_MODEL)
+  assert (name, overrides) == (TEST_MODEL, shape)
+  _assert_trees_equal(trained, got)
+  with pytest.raises(ValueError, match=r'patch_embed\.proj\.weight: \(32, 1, 8, 8\) \(expected \(32, 3, 8, 8\)\)'):
+    weights.import_weights(path, TEST_MODEL)  # The model as asked: the file's shapes are checked against it.
+  # The caller's settings win over what the file shows (features --override, export --override).
+  assert weights.load_weights(path, TEST_MODEL, image_size=32, in_channels=1)[2]['image_size'] == 32
+  assert weights.files.parse_overrides(['in_channels=4', 'image_size=(32, 48)', 'norm_pix_loss=True']) == {
+      'in_channels': 4, 'image_size': (32, 48), 'norm_pix_loss': True}
+  for bad, match in (('in_chanels=4', "'in_chanels' is not a model field; known: .*in_channels"),
+                     ('in_channels', 'expected KEY=VALUE')):
+    with pytest.raises(ValueError, match=match):
+      weights.files.parse_overrides([bad])
 
 
 @needs_safetensors
@@ -493,6 +555,10 @@ def test_cli_converts_a_file(params, tmp_path):
        f'--out={out}', '--full'], capture_output=True, text=True, env=env, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   _assert_trees_equal(params, weights.import_weights(out))
+  result = subprocess.run(  # --override: model fields for a file without metadata; a typo is named.
+      [sys.executable, '-m', 'mae_jax.export', f'--import_from={source}', '--format=orbax', f'--out={out}2',
+       '--override=in_chanels=1'], capture_output=True, text=True, env=env, timeout=120, check=False)
+  assert result.returncode == 1 and "'in_chanels' is not a model field" in result.stderr, result.stderr[-2000:]
 
 
 def test_model_from_config_reads_a_run_config_as_the_trainers_do():

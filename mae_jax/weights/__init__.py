@@ -25,6 +25,7 @@ from mae_jax.weights.files import (
     export_weights,
     import_weights,
     load_torch_state_dict,
+    load_weights,
     metadata_path,
     read_metadata,
     resolve_model,
@@ -36,7 +37,8 @@ from mae_jax.weights.reference import from_reference_state_dict, reference_key_s
 
 __all__ = [
     'detect_format', 'export_weights', 'FORMATS', 'from_reference_state_dict', 'hf_config', 'hf_key_names',
-    'import_weights', 'load_pretrained_encoder', 'load_torch_state_dict', 'merge_encoder', 'METADATA_FILENAME',
+    'import_weights', 'load_pretrained_encoder', 'load_torch_state_dict', 'load_weights', 'merge_encoder',
+    'METADATA_FILENAME',
     'metadata_path', 'model_name_from_hf_config', 'model_settings', 'read_metadata', 'reference_key_shapes',
     'resolve_model', 'stack_blocks', 'to_hf_state_dict', 'to_reference_state_dict', 'unstack_blocks',
 ]

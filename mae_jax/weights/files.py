@@ -24,6 +24,7 @@ converted, shapes checked against a named model). Warm starts
 """
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -346,7 +347,7 @@ def resolve_model(path: str, model_name: str | None, model_overrides: dict) -> t
   config_json = fileio.join(path, 'config.json')
   if model_name is None and fileio.isdir(path) and fileio.exists(config_json):
     with fileio.path(config_json).open('r') as f:
-      model_name, hf_overrides = hf.model_name_from_hf_config(json.load(f))
+      model_name, hf_overrides = hf.model_name_from_hf_config(json.load(f), config_json)
     overrides = {**hf_overrides, **overrides}
     logging.info('%s: config.json matches %s %s', path, model_name, hf_overrides)
   if model_name is None:
@@ -372,7 +373,23 @@ def import_weights(path: str, model_name: str | None = None, **model_overrides) 
     them (stacked blocks with scan_layers=True). Weights without a decoder give
     {'encoder': ...} only; a fine-tuned classifier gives the
     `models.get_classifier` layout (encoder, fc_norm if global pooling, head).
+    The model is the one asked for: `load_weights` also reads in_channels and
+    image_size from the file and returns the model the weights fit.
   """
+  return _load(path, model_name, model_overrides, infer=False)[0]
+
+
+def load_weights(path: str, model_name: str | None = None, **model_overrides) -> tuple[Tree, str, dict]:
+  """(params, model name, overrides): `import_weights`, with the model the weights fit.
+
+  The overrides are the caller's, then the metadata's (or a Hugging Face
+  config.json's), then what the file itself shows: in_channels from the patch
+  embedding, image_size from a fixed sin-cos position table.
+  """
+  return _load(path, model_name, model_overrides, infer=True)
+
+
+def _load(path: str, model_name: str | None, model_overrides: dict, infer: bool) -> tuple[Tree, str, dict]:
   fmt = detect_format(path)
   model_name, overrides = resolve_model(path, model_name, model_overrides)
   if fmt == 'orbax':
@@ -384,8 +401,34 @@ def import_weights(path: str, model_name: str | None = None, **model_overrides) 
     layout.check_shapes(layout.flat_shapes(params), layout.flat_shapes(template), path,
                         f'{model_name} ({kind}, overrides {overrides or "none"})',
                         'pass the model name (and overrides) the checkpoint was exported with')
-    return layout.restack(params, overrides)
-  return params_from_state_dict(read_state_dict(path), model_name, overrides, path)
+    return layout.restack(params, overrides), model_name, overrides
+  state = read_state_dict(path)
+  if infer:
+    overrides = reference.infer_overrides(state, model_name, overrides, path)
+  return params_from_state_dict(state, model_name, overrides, path), model_name, overrides
+
+
+def parse_overrides(items) -> dict:
+  """['in_channels=4', 'image_size=448', 'image_size=(224, 448)'] (a command line's) -> model overrides.
+
+  Values are Python literals (numbers, tuples, booleans), else strings; the keys
+  must be fields of the MAE model.
+  """
+  fields = layout.mae_field_names()
+  overrides = {}
+  for item in items or ():
+    key, sep, text = item.partition('=')
+    key = key.strip()
+    if not sep or not key:
+      raise ValueError(f'--override={item!r}: expected KEY=VALUE, e.g. --override=in_channels=4')
+    if key not in fields:
+      raise ValueError(f'--override={item!r}: {key!r} is not a model field; known: {", ".join(sorted(fields))}')
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    overrides[key] = tuple(value) if isinstance(value, list) else value
+  return overrides
 
 
 def read_orbax_params(path: str) -> Tree:

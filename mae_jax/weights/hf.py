@@ -115,14 +115,43 @@ def hf_config(model_name: str, overrides: dict, encoder_only: bool, mask_ratio: 
   }
 
 
-def model_name_from_hf_config(hf_config: dict) -> tuple[str, dict]:
-  """The mae_jax model (name, overrides) whose sizes equal a ViTMAE config.json."""
+def model_name_from_hf_config(hf_config: dict, source: str = 'config.json') -> tuple[str, dict]:
+  """The mae_jax model (name, overrides) whose sizes equal a ViTMAE / ViT config.json.
+
+  A registered model of the same encoder sizes is named; any other sizes become
+  overrides of the registered model of the same patch size (or the first). The
+  decoder sizes and the MLP ratio of a ViTMAE config are overrides too.
+  """
+  act = hf_config.get('hidden_act', 'gelu')
+  if act not in ('gelu', 'gelu_python'):
+    raise ValueError(f'{source}: hidden_act={act!r}; mae_jax models use the exact GELU (hidden_act="gelu"), so '
+                     'these weights would compute something else')
+  if not hf_config.get('qkv_bias', True):
+    raise ValueError(f'{source}: qkv_bias=false; mae_jax models have biases on the query, key and value')
   size = hf_config.get('image_size', 224)
   overrides = {'image_size': size if isinstance(size, int) else tuple(size),
                'in_channels': hf_config.get('num_channels', 3),
                'norm_pix_loss': bool(hf_config.get('norm_pix_loss', False))}
   want = {'patch_size': hf_config.get('patch_size'), 'embed_dim': hf_config.get('hidden_size'),
           'depth': hf_config.get('num_hidden_layers'), 'num_heads': hf_config.get('num_attention_heads')}
+  missing = [f'{hf}' for hf, ours in (('patch_size', 'patch_size'), ('hidden_size', 'embed_dim'),
+                                      ('num_hidden_layers', 'depth'), ('num_attention_heads', 'num_heads'))
+             if want[ours] is None]
+  if missing:
+    raise ValueError(f'{source} lacks {", ".join(missing)}: is it a ViT / ViTMAE config? Pass model_name= '
+                     '(or --model=)')
+  mlp_ratio = hf_config.get('intermediate_size', 4 * want['embed_dim']) / want['embed_dim']
+  if 'decoder_hidden_size' in hf_config:  # ViTMAE: the decoder's sizes (and its MLP ratio, which is shared).
+    decoder_width = hf_config['decoder_hidden_size']
+    decoder_ratio = hf_config.get('decoder_intermediate_size', 4 * decoder_width) / decoder_width
+    if decoder_ratio != mlp_ratio:
+      raise ValueError(f'{source}: the decoder\'s MLP ratio ({decoder_ratio:g}) differs from the encoder\'s '
+                       f'({mlp_ratio:g}); mae_jax models share one mlp_ratio')
+    overrides.update(decoder_embed_dim=decoder_width, decoder_depth=hf_config.get('decoder_num_hidden_layers', 8),
+                     decoder_num_heads=hf_config.get('decoder_num_attention_heads', 16))
+  if mlp_ratio != 4.0:
+    overrides['mlp_ratio'] = mlp_ratio
+  candidates = []
   for name in models.MODELS:
     try:
       m = layout.model_settings(name, overrides)
@@ -130,4 +159,9 @@ def model_name_from_hf_config(hf_config: dict) -> tuple[str, dict]:
       continue
     if all(getattr(m, k) == v for k, v in want.items()):
       return name, overrides
-  raise ValueError(f'no mae_jax model has {want}: pass model_name= (or --model=) with overrides')
+    candidates.append((m.patch_size != want['patch_size'], name))
+  if not candidates:
+    raise ValueError(f'{source}: no mae_jax model takes {overrides}: pass model_name= (or --model=) with overrides')
+  base = min(candidates)[1]  # Same patch size first: only the sizes below differ from it.
+  logging.info('%s: no registered model has %s; %s with those sizes', source, want, base)
+  return base, {**overrides, **want}

@@ -109,9 +109,14 @@ def flat_shapes(tree: Tree) -> dict[str, tuple]:
   return flat
 
 
+def mae_field_names() -> set[str]:
+  """The MaskedAutoencoder fields a model name's settings can be overridden with."""
+  return set(mae.MaskedAutoencoder.__dataclass_fields__) - {'parent', 'name'}
+
+
 def mae_fields(overrides: dict) -> dict:
   """The overrides that are MaskedAutoencoder fields."""
-  fields = set(mae.MaskedAutoencoder.__dataclass_fields__) - {'parent', 'name'}
+  fields = mae_field_names()
   return {k: v for k, v in overrides.items() if k in fields}
 
 

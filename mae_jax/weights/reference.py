@@ -15,6 +15,8 @@ params' own table when they hold one, else the fixed table. The decoder table
 is always the fixed one (a different stored one is logged and ignored).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,8 +213,21 @@ def _check_pos_table(table: np.ndarray, width: int, grid, key: str, source: str)
                     'uses the fixed table, so it is ignored', source, key, table.shape, tuple(grid))
 
 
+def _own_square_grid(table: np.ndarray) -> tuple[int, int] | None:
+  """The square grid of a [1, 1 + L, D] table when it is the fixed sin-cos table there, else None."""
+  if table.ndim != 3 or table.shape[1] < 2:
+    return None
+  side = math.isqrt(table.shape[1] - 1)
+  grid = (side, side)
+  return grid if side * side == table.shape[1] - 1 and is_fixed_table(table, table.shape[-1], grid) else None
+
+
 def _encoder_table(table: np.ndarray, width: int, grid, key: str, source: str) -> np.ndarray | None:
-  """The file's encoder position table as float32 [1, 1 + L, D], or None when it is the fixed one."""
+  """The file's encoder position table as float32 [1, 1 + L, D], or None when it is the fixed one.
+
+  A fixed table at another grid is kept as stored: fine-tuning at another size
+  resizes it bicubically, as the reference does.
+  """
   if is_fixed_table(table, width, grid):
     return None
   if table.ndim == 2:
@@ -223,6 +238,41 @@ def _encoder_table(table: np.ndarray, width: int, grid, key: str, source: str) -
   logging.info('%s: %s %s is a learned table or one at another grid (the model\'s is %s): kept as '
                'encoder/pos_embed', source, key, tuple(table.shape), tuple(grid))
   return np.ascontiguousarray(table, dtype=np.float32)
+
+
+_PATCH_KERNEL_SUFFIXES = ('patch_embed.proj.weight', 'patch_embeddings.projection.weight')
+_ENCODER_TABLE_SUFFIXES = ('pos_embed', 'embeddings.position_embeddings')
+
+
+def _encoder_key(state: dict, suffixes) -> str | None:
+  found = [k for k in state if k.endswith(suffixes) and 'decoder' not in k]
+  return found[0] if len(found) == 1 else None
+
+
+def infer_overrides(state: dict, model_name: str, overrides: dict, source: str) -> dict:
+  """`overrides`, with in_channels and image_size read from the file where neither it nor the caller says.
+
+  in_channels is the patch embedding's input width; image_size comes from a
+  fixed sin-cos encoder table (an MAE checkpoint) of a square grid. A learned
+  table says nothing of the size the model will run at: it is resized to it.
+  """
+  overrides = dict(overrides)
+  model = layout.model_settings(model_name, overrides)
+  kernel = _encoder_key(state, _PATCH_KERNEL_SUFFIXES)
+  if 'in_channels' not in overrides and kernel and np.ndim(state[kernel]) == 4:
+    channels = int(np.shape(state[kernel])[1])
+    if channels != model.in_channels:
+      logging.info('%s: %d input channels (%s)', source, channels, kernel)
+      overrides['in_channels'] = channels
+  table_key = _encoder_key(state, _ENCODER_TABLE_SUFFIXES)
+  if 'image_size' not in overrides and table_key:
+    table = np.asarray(state[table_key], np.float32)
+    own = _own_square_grid(table if table.ndim == 3 else table[None])
+    if own is not None and own != tuple(model.grid_size):
+      overrides['image_size'] = own[0] * model.patch_size
+      logging.info('%s: image_size %d (its fixed position table is for a %dx%d grid)', source,
+                   overrides['image_size'], *own)
+  return overrides
 
 
 def import_state(state: dict, model_name: str, overrides: dict, source: str,

@@ -125,6 +125,10 @@ def check_out(out: str, overwrite: bool = False) -> None:
     raise FeaturesError(f'--out={out} is a folder: give a file name ending in {ext}')
   if fileio.exists(out) and not overwrite:
     raise FeaturesError(f'--out={out} exists: pass --overwrite to replace it, or choose another file')
+  side = sidecar_path(out)
+  if ext == '.npy' and fileio.exists(side) and 'names' not in json.loads(fileio.read_text(side) or '{}'):
+    raise FeaturesError(f'--out={out}: its names would go to {side}, which holds other metadata (an export\'s?); '
+                        'choose another file name')
   probe = fileio.join(str(fileio.path(out).parent), f'.{os.path.basename(out)}.probe')
   try:  # Creates the folder too; an hour of extraction must not end in a permission error.
     fileio.write_bytes(probe, b'')

@@ -272,6 +272,10 @@ def test_errors_name_file_and_keys(params, tmp_path):
     weights.import_weights(path, TEST_MODEL)
   with pytest.raises(ValueError, match='does not match mae_vit_tiny_patch16'):
     weights.to_reference_state_dict(params, 'mae_vit_tiny_patch16')
+  learned = _save_state(dict(state, pos_embed=state['pos_embed'] + 0.5), str(tmp_path / 'learned.safetensors'))
+  with pytest.raises(ValueError, match=r'learned\.safetensors: pos_embed .* the weights are 32 wide, the model 192; '
+                                       r'pass the model they were trained with'):
+    weights.import_weights(learned, 'mae_vit_tiny_patch16')  # The wrong model name for a learned table.
 
 
 def test_output_path_errors(params, tmp_path):
@@ -475,6 +479,17 @@ def test_hf_export_loads_into_transformers(params, images, tmp_path):
   resaved = str(tmp_path / 'resaved')
   full.save_pretrained(resaved)
   _assert_trees_equal(params, weights.import_weights(resaved))  # Model found from config.json.
+
+
+def test_a_non_square_grid_exports_to_hf_without_the_decoder_only(tmp_path):
+  shape = {'image_size': (32, 48)}
+  trained = models.get_model(TEST_MODEL, **shape).init(
+      {'params': jax.random.key(1), 'mask': jax.random.key(2)}, jnp.zeros((1, 32, 48, 3)), train=False)['params']
+  with pytest.raises(ValueError, match=r"a 4x6 patch grid; transformers' ViTMAEForPreTraining only loads square"):
+    weights.export_weights(trained, TEST_MODEL, 'hf', str(tmp_path / 'full'), encoder_only=False,
+                           model_overrides=shape)
+  assert not os.path.exists(tmp_path / 'full')
+  weights.export_weights(trained, TEST_MODEL, 'hf', str(tmp_path / 'encoder'), model_overrides=shape)
 
 
 def test_hf_folder_of_any_sizes_imports_from_its_config_json(tmp_path):

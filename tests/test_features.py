@@ -243,13 +243,16 @@ def test_bad_out_names_the_flag(weights_file, folder, tmp_path):
   blocker.write_text('')
   with pytest.raises(features.FeaturesError, match='--out=.*cannot write there'):
     run(str(blocker / 'feats.npz'))
+  (tmp_path / 'run.metadata.json').write_text('{"model_name": "mae_vit_test", "format": "safetensors"}')
+  with pytest.raises(features.FeaturesError, match=r"run\.metadata\.json, which holds other metadata \(an export's"):
+    run(str(tmp_path / 'run.npy'))  # The export run.safetensors keeps its metadata.
   (tmp_path / 'done.npz').write_bytes(b'')
   with pytest.raises(features.FeaturesError, match='--out=.*exists: pass --overwrite'):
     run(str(tmp_path / 'done.npz'))
   (tmp_path / 'dir.npz').mkdir()
   with pytest.raises(features.FeaturesError, match='--out=.*is a folder'):
     run(str(tmp_path / 'dir.npz'))
-  assert sorted(os.listdir(tmp_path)) == ['a_file', 'dir.npz', 'done.npz']  # The write probe left nothing.
+  assert sorted(os.listdir(tmp_path)) == ['a_file', 'dir.npz', 'done.npz', 'run.metadata.json']  # The write probe left nothing.
 
 
 def test_command_line_usage_error_names_the_flag(tmp_path):

@@ -304,6 +304,12 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
   if encoder_only and 'head' not in params:
     params = {'encoder': params['encoder']}
   params = layout.canonical_params(params, model_name, overrides)
+  if fmt == 'hf' and 'decoder' in params:
+    rows, cols = layout.grid_size(model_name, overrides)
+    if rows != cols:  # transformers builds ViTMAE's decoder table for square grids only.
+      raise ValueError(f'format=hf with the decoder (--full): a {rows}x{cols} patch grid; transformers\' '
+                       'ViTMAEForPreTraining only loads square ones. Export the encoder alone (drop --full: '
+                       'ViTMAEModel takes it), or use format=safetensors')
   meta = _metadata(model_name, overrides, fmt, params, metadata)
   _prepare_out(out, fmt, overwrite)
   if fmt == 'orbax':

@@ -233,8 +233,10 @@ def _encoder_table(table: np.ndarray, width: int, grid, key: str, source: str) -
   if table.ndim == 2:
     table = table[None]
   if table.ndim != 3 or table.shape[0] != 1 or table.shape[-1] != width or table.shape[1] < 2:
+    hint = (f': the weights are {table.shape[-1]} wide, the model {width}; pass the model they were trained with '
+            '(model_name=, --model=)' if table.ndim == 3 and table.shape[-1] != width else '')
     raise ValueError(f'{source}: {key} has shape {tuple(table.shape)}; a position table is [1, 1 + L, {width}] '
-                     f'(cls first) for this model')
+                     f'(cls first) for this model{hint}')
   logging.info('%s: %s %s is a learned table or one at another grid (the model\'s is %s): kept as '
                'encoder/pos_embed', source, key, tuple(table.shape), tuple(grid))
   return np.ascontiguousarray(table, dtype=np.float32)

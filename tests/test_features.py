@@ -252,7 +252,8 @@ def test_bad_out_names_the_flag(weights_file, folder, tmp_path):
   (tmp_path / 'dir.npz').mkdir()
   with pytest.raises(features.FeaturesError, match='--out=.*is a folder'):
     run(str(tmp_path / 'dir.npz'))
-  assert sorted(os.listdir(tmp_path)) == ['a_file', 'dir.npz', 'done.npz', 'run.metadata.json']  # The write probe left nothing.
+  # The write probe left nothing.
+  assert sorted(os.listdir(tmp_path)) == ['a_file', 'dir.npz', 'done.npz', 'run.metadata.json']
 
 
 def test_command_line_usage_error_names_the_flag(tmp_path):

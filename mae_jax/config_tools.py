@@ -119,13 +119,15 @@ def check_config_flags(argv: Sequence[str], name: str = 'config') -> None:
   first and lists the close matches of every unknown key at once.
   """
   spec, keys = config_flag_overrides(argv, name)
-  if spec is None or not keys:
+  if spec is None:
     return
   try:
     config = load_config(spec)
   except FileNotFoundError:
     return  # config_flags reports a missing file in its own words.
-  if isinstance(config, ml_collections.ConfigDict):
+  except ValueError as e:  # A bad FILE.py:ARGS argument (a typo, a variant that does not exist).
+    raise ValueError(f'--{name}={spec}: {" ".join(str(e).split())}') from None
+  if keys and isinstance(config, ml_collections.ConfigDict):
     try:
       check_keys(config, keys)
     except ValueError as e:
@@ -141,6 +143,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """
   try:
     check_config_flags(argv)
+  except ValueError as e:
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(2)
+  try:
     rest = flags.FLAGS(argv)
     failed = getattr(flags.FLAGS['config'].value, '_error', None) if 'config' in flags.FLAGS else None
     if failed is not None:  # A config file that did not load says so now, not at its first use.

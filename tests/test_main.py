@@ -59,3 +59,8 @@ def test_a_setting_that_cannot_work_ends_in_one_line_with_the_traceback_in_the_l
   assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
   assert done.stderr.startswith('error: --config: ')
   assert 'configs/no_such_file.py' in done.stderr and not (tmp_path / 'other').exists()
+  # A typo in the config's argument, with no --config.KEY flag: the same one line.
+  done = run('--config=configs/test.py:stepz=1', f'--workdir={tmp_path / "other"}')
+  assert done.returncode == 2 and done.stderr.strip() == (
+      "error: --config=configs/test.py:stepz=1: config argument 'stepz=1': unknown argument 'stepz'; close "
+      'matches: steps'), done.stderr

@@ -263,7 +263,8 @@ def test_check_config_flags_names_close_matches(capsys):
   with pytest.raises(SystemExit):
     config_tools.parse_flags(argv)  # The one flag parser: every unknown key with its close matches, one line.
   err = capsys.readouterr().err
-  assert err.startswith('error: --config=configs/mae_pretrain.py:variant=B/16,runlocal=True: unknown config key') and "'mask_ration'; close matches: mask_ratio" in err
+  assert err.startswith('error: --config=configs/mae_pretrain.py:variant=B/16,runlocal=True: unknown config key')
+  assert "'mask_ration'; close matches: mask_ratio" in err
 
 
 # ----------------------------------------------------------------------------

@@ -18,8 +18,11 @@ Modes:
          deletes it. Flags this file does not know go to launch.tpu
          (--tpu_name, --zone, --accelerator_type, --spot, --steps, --keep, ...).
 
-Resuming: a run that finishes with status 'done' gets a DONE marker in its
-workdir and is skipped by later invocations; an interrupted run (SIGTERM,
+Resuming: a run whose trainer exits 0 is 'done': it gets a DONE marker in its
+workdir (with the base config, overrides and trainer flags it ran) and is
+skipped by later invocations. A later invocation that would give a finished run
+other settings (a changed sweep or base, other flags after `--`) stops before
+anything runs: its old results would pass for the new settings. An interrupted run (SIGTERM,
 Ctrl-C, a lost TPU) has no marker and resumes from its newest checkpoint the
 next time. SIGTERM sent to a local sweep reaches the running trainer, which
 saves a checkpoint; the sweep then stops with exit status 75. A trainer that
@@ -35,9 +38,15 @@ one table, printed as markdown and written to ROOT/summary.md and
 ROOT/summary.csv. ROOT/sweep.json records the expanded runs. --dry_run prints
 the plan and every command and runs or writes nothing.
 
+Flags after a bare `--` go to every trainer; they may not set --workdir,
+--config or a key the sweep sets per run, and their --config.KEY must exist in
+the base config. A sweep's override must have the base value's type (the
+trainer reads --config.KEY=TEXT as that type). --only=NAMES runs those runs;
+the summary and ROOT/sweep.json still list every run.
+
 Exit status: 0 when every run it tried finished, 1 when one failed (a
-non-finite halt included), 75 when interrupted or preempted (rerun to resume),
-2 for usage errors.
+non-finite halt included), 75 when interrupted or preempted (rerun to resume;
+Ctrl-C, SIGTERM and SIGHUP in tpu mode included), 2 for usage errors.
 
 Examples:
 
@@ -57,10 +66,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import datetime
-import io
 import json
 import os
 import shlex
@@ -72,23 +79,23 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import ml_collections
+
 if __package__ in (None, ''):
   # Run as `python launch/sweep.py`: make the repository root importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common as config_common  # pylint: disable=g-import-not-at-top
-from launch import common  # pylint: disable=g-import-not-at-top
-from mae_jax import fileio  # pylint: disable=g-import-not-at-top
+from launch import common, sweep_summary  # pylint: disable=g-import-not-at-top
+from launch.sweep_summary import DONE_MARKER, done_record, is_done, read_metrics  # pylint: disable=g-import-not-at-top
+from mae_jax import config_tools, fileio  # pylint: disable=g-import-not-at-top
 
 MODES = ('local', 'tpu')
 LOCAL_RUNNERS = ('subprocess', 'inprocess')
-DONE_MARKER = 'DONE'
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = common.PREEMPTED_EXIT_CODE  # EX_TEMPFAIL: rerun the same command to resume.
 # Statuses after which the sweep stops (exit EXIT_INTERRUPTED).
 STOPPING = ('interrupted', 'preempted')
-# Metrics shown first in the summary, when present.
-LEADING_METRICS = ('train/loss',)
 
 
 # ----------------------------------------------------------------------------
@@ -157,9 +164,34 @@ def load_sweep(spec: str, root: str, only: Sequence[str] = ()) -> Sweep:
   for run in sweep.runs:
     try:
       config_common.check_keys(base_config, list(run.overrides))
+      for key, value in run.overrides.items():
+        _check_type(key, value, _value_at(base_config, key))
     except ValueError as e:
       raise ValueError(f'sweep run {run.name!r} (base {sweep.base}): {e}') from None
   return sweep
+
+
+def _value_at(config, key: str):
+  for part in key.split('.'):
+    config = config[part]
+  return config
+
+
+def _check_type(key: str, value, base) -> None:
+  """An override reaches the trainer as --config.KEY=TEXT, which it reads as the base value's type."""
+  if isinstance(base, ml_collections.ConfigDict):
+    raise ValueError(f'{key} is a group of settings: override its keys one by one ({key}.NAME), or the rest of '
+                     'the group would be dropped')
+  if base is None:
+    return
+  sequences = (tuple, list)
+  fits = (isinstance(value, bool) == isinstance(base, bool)
+          and (isinstance(value, type(base)) or (isinstance(base, float) and isinstance(value, int))
+               or (isinstance(base, sequences) and isinstance(value, sequences))))
+  if not fits:
+    raise ValueError(f'{key}={value!r} is a {type(value).__name__}, but the base config\'s {key} is a '
+                     f'{type(base).__name__} ({base!r}): the trainer reads --config.{key} as one (a value of '
+                     'another type belongs in a config file)')
 
 
 def run_config(sweep: Sweep, run: Run):
@@ -167,23 +199,45 @@ def run_config(sweep: Sweep, run: Run):
   return config_common.set_overrides(config_common.load_config(sweep.base), run.overrides)
 
 
-def is_done(run: Run) -> bool:
-  return _exists(_join(run.workdir, DONE_MARKER))
+def run_settings(sweep: Sweep, run: Run, trainer_args: Sequence[str] = ()) -> dict:
+  """What makes a run what it is: the base config, its overrides and the trainer flags after `--`."""
+  return {'base': sweep.base, 'overrides': run.override_args, 'trainer_args': list(trainer_args)}
 
 
-def mark_done(run: Run, result: dict) -> None:
-  """Writes ROOT/NAME/DONE: the step and time the run finished."""
-  record = {'step': result.get('step'), 'finished': datetime.datetime.now().isoformat(timespec='seconds')}
+def mark_done(run: Run, result: dict, settings: dict) -> None:
+  """Writes ROOT/NAME/DONE: the step and time the run finished, and its settings."""
+  record = {'step': result.get('step'), 'finished': datetime.datetime.now().isoformat(timespec='seconds'),
+            **settings}
   _write_text(_join(run.workdir, DONE_MARKER), json.dumps(record) + '\n')
 
 
-def read_metrics(run: Run) -> dict:
-  """The last value of every metric the run logged ({} when there is none)."""
-  from mae_jax import metrics  # pylint: disable=g-import-not-at-top
-  final = {}
-  for record in metrics.read_metrics(run.workdir):
-    final.update(record)
-  return final
+def check_done_runs(sweep: Sweep, trainer_args: Sequence[str]) -> None:
+  """Raises ValueError when a finished run of this root ran other settings than the sweep now gives it.
+
+  Skipping it would report the old run's results as the new settings'.
+  """
+  problems = []
+  for run in sweep.runs:
+    record, now = done_record(run), run_settings(sweep, run, trainer_args)
+    changed = [f'{key} {record[key]} -> {now[key]}' for key in now if record and key in record
+               and record[key] != now[key]]
+    if changed:
+      problems.append(f'{run.workdir} finished with other settings ({"; ".join(changed)})')
+  if problems:
+    raise ValueError('; '.join(problems) + '. Use another --root, or delete those workdirs to run them again')
+
+
+def check_trainer_args(sweep: Sweep, trainer_args: Sequence[str]) -> None:
+  """Flags after `--` may not set what the sweep sets per run (--workdir, --config, a swept key)."""
+  swept = set(sweep.override_keys())
+  for arg in trainer_args:
+    name = arg.split('=', 1)[0]
+    if name in ('--workdir', '--config'):
+      raise ValueError(f'{arg} after `--`: the sweep sets {name} for each run')
+    if name.startswith('--config.') and name[len('--config.'):] in swept:
+      raise ValueError(f'{arg} after `--`: the sweep sets {name[len("--config."):]} per run (the runs\' names '
+                       'and the summary say its values); change it in the sweep file instead')
+  config_tools.check_config_flags(['sweep', f'--config={sweep.base}', *trainer_args])
 
 
 def _trainer_argv(sweep: Sweep, run: Run, extra_args: Sequence[str], python: str) -> list[str]:
@@ -233,17 +287,9 @@ class TrainerRunner(common.Runner):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _finished_all_steps(config, run: Run) -> bool:
-  """True when the run logged its last step (a trainer stopped by SIGTERM exits 0 too)."""
-  from mae_jax import train_state  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import inputs  # pylint: disable=g-import-not-at-top
-  _, total_steps = train_state.train_steps(config, inputs.num_train_examples(config))
-  return read_metrics(run).get('step', 0) >= total_steps
-
-
 def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int = 0,
               extra_args: Sequence[str] = (), runner: common.Runner | None = None,
-              python: str = sys.executable) -> dict[str, str]:
+              python: str = sys.executable, statuses: dict[str, str] | None = None) -> dict[str, str]:
   """Runs the pending runs one after another; returns {name: status} of those it tried.
 
   A status is 'done', 'failed', 'interrupted' (this process got SIGTERM or
@@ -257,7 +303,7 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
     raise ValueError(f'trainer flags after `--` ({" ".join(extra_args)}) need '
                      '--local_runner=subprocess; put overrides into the sweep instead')
   configs = {run.name: run_config(sweep, run) for run in sweep.runs}  # Fails before any run.
-  statuses, started = {}, 0
+  statuses, started = {} if statuses is None else statuses, 0  # Filled as runs end (read after a Ctrl-C).
   for run in sweep.runs:
     if is_done(run):
       runner.echo(f'# {run.name}: done, skipped')
@@ -281,9 +327,9 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
         runner.echo('$ ' + shlex.join(argv))
         returncode = runner.run(argv, check=False)
         interrupted = getattr(runner, 'interrupted', False)
-        if returncode == 0 and not interrupted and _finished_all_steps(config, run):
+        if returncode == 0 and not interrupted:  # The trainer's word: it exits 75 when it saved and stopped early.
           status = 'done'
-        elif returncode == 0 or interrupted:
+        elif interrupted:
           status = 'interrupted'
         elif returncode == common.PREEMPTED_EXIT_CODE:
           status = 'preempted'  # Saved and stopped by a signal this sweep did not send.
@@ -296,7 +342,7 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
     statuses[run.name] = status
     runner.echo(f'# {run.name}: {status}')
     if status == 'done':
-      mark_done(run, result)
+      mark_done(run, result, run_settings(sweep, run, extra_args))
     elif status in STOPPING:
       runner.echo(f'# {status}: rerun the same command to resume from the checkpoint')
       break
@@ -304,7 +350,7 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
 
 
 def run_tpu(sweep: Sweep, template, runner: common.Runner, steps: Sequence[str],
-            max_runs: int = 0) -> dict[str, str]:
+            max_runs: int = 0, statuses: dict[str, str] | None = None) -> dict[str, str]:
   """Runs the pending runs on one TPU, created and set up once; returns {name: status}.
 
   Args:
@@ -329,7 +375,7 @@ def run_tpu(sweep: Sweep, template, runner: common.Runner, steps: Sequence[str],
   if max_runs and len(pending) > max_runs:
     runner.echo(f'# --max_runs={max_runs}: running {", ".join(r.name for r in pending[:max_runs])}')
     pending = pending[:max_runs]
-  statuses = {}
+  statuses = {} if statuses is None else statuses  # Filled as runs end (read after a Ctrl-C).
   if not pending:
     return statuses
   jobs = [dataclasses.replace(template, config=sweep.base, workdir=run.workdir,
@@ -353,7 +399,7 @@ def run_tpu(sweep: Sweep, template, runner: common.Runner, steps: Sequence[str],
           continue
         statuses[run.name] = 'done'
         if not runner.dry_run:
-          mark_done(run, {'step': None})
+          mark_done(run, {'step': None}, run_settings(sweep, run, template.extra_args))
   finally:
     if 'delete' in steps and runner.run(tpu.delete_command(jobs[0]), check=False):
       runner.echo(f'# WARNING: deleting {jobs[0].tpu_name} failed; delete it by hand')
@@ -390,81 +436,6 @@ def compilation_cache(path: str):
       else:
         os.environ[name] = value
     jax_cache.reset_cache()
-
-
-# ----------------------------------------------------------------------------
-# The summary table.
-
-def summary_rows(sweep: Sweep, statuses: dict[str, str] | None = None, metrics: Sequence[str] = (),
-                 read: bool = True) -> tuple[list[str], list[list[Any]]]:
-  """(columns, rows): run, its overrides, status, step and the final metrics.
-
-  Status: 'done' (DONE marker), this invocation's 'failed' / 'interrupted' / 'preempted',
-  'incomplete' (metrics but no marker) or 'pending'; 'unknown' with
-  read=False, which reads nothing from the workdirs. `metrics` picks metric
-  columns; empty means all, train/loss first.
-  """
-  statuses = statuses or {}
-  finals = {run.name: read_metrics(run) if read else {} for run in sweep.runs}
-  if metrics:
-    metric_keys = list(metrics)
-  else:
-    found = sorted({k for final in finals.values() for k in final if k != 'step'})
-    metric_keys = [k for k in LEADING_METRICS if k in found] + [k for k in found if k not in LEADING_METRICS]
-  override_keys = sweep.override_keys()
-  columns = ['run', *override_keys, 'status', 'step', *metric_keys]
-  rows = []
-  for run in sweep.runs:
-    final = finals[run.name]
-    if not read:
-      status = 'unknown'
-    elif is_done(run):
-      status = 'done'
-    elif run.name in statuses:
-      status = statuses[run.name]
-    else:
-      status = 'incomplete' if final else 'pending'
-    rows.append([run.name, *(run.overrides.get(k) for k in override_keys), status, final.get('step'),
-                 *(final.get(k) for k in metric_keys)])
-  return columns, rows
-
-
-def _cell(value: Any) -> str:
-  if value is None:
-    return ''
-  if isinstance(value, float):
-    return f'{value:.4g}'
-  return str(value)
-
-
-def format_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A GitHub markdown table."""
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(_cell(v) for v in row) + ' |' for row in rows]
-  return '\n'.join(lines) + '\n'
-
-
-def format_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator='\n')
-  writer.writerow(columns)
-  writer.writerows([['' if v is None else v for v in row] for row in rows])
-  return buffer.getvalue()
-
-
-def write_summary(sweep: Sweep, columns, rows) -> str:
-  """Writes ROOT/summary.md and ROOT/summary.csv; returns the markdown."""
-  markdown = format_markdown(columns, rows)
-  _write_text(_join(sweep.root, 'summary.md'), f'# Sweep {sweep.spec}\n\nBase: `{sweep.base}`\n\n' + markdown)
-  _write_text(_join(sweep.root, 'summary.csv'), format_csv(columns, rows))
-  return markdown
-
-
-def write_manifest(sweep: Sweep) -> None:
-  """ROOT/sweep.json: the spec, base config and every run's name, overrides and workdir."""
-  record = {'sweep': sweep.spec, 'base': sweep.base,
-            'runs': [{'name': r.name, 'overrides': r.overrides, 'workdir': r.workdir} for r in sweep.runs]}
-  _write_text(_join(sweep.root, 'sweep.json'), json.dumps(record, indent=2, default=str) + '\n')
 
 
 # ----------------------------------------------------------------------------
@@ -517,8 +488,12 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
   if args.max_runs < 0:
     parser.error(f'--max_runs={args.max_runs}: must be >= 0')
   try:
-    sweep = load_sweep(args.sweep, args.root, _split(args.only))
+    sweep = load_sweep(args.sweep, args.root)
+    chosen = load_sweep(args.sweep, args.root, _split(args.only)).runs  # The summary still shows every run.
     template, steps = _tpu_template(rest, trainer_args) if args.mode == 'tpu' else (None, ())
+    check_trainer_args(sweep, trainer_args)
+    if not (args.dry_run and _is_remote(sweep.root)):
+      check_done_runs(sweep, trainer_args)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   if runner is None:
@@ -526,26 +501,33 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
         common.Runner(dry_run=args.dry_run, out=out)
   runner.echo(f'# sweep {sweep.spec}: {len(sweep.runs)} runs of {sweep.base} under {sweep.root}')
   if not args.dry_run:
-    write_manifest(sweep)
+    sweep_summary.write_manifest(sweep)
+  todo = dataclasses.replace(sweep, runs=chosen)
+  statuses = {}
   try:
     if args.mode == 'local':
       cache = compilation_cache(args.compilation_cache_dir) if args.compilation_cache_dir and \
           not args.dry_run else contextlib.nullcontext()
       with cache:
-        statuses = run_local(sweep, local_runner=args.local_runner, max_runs=args.max_runs,
-                             extra_args=trainer_args, runner=runner)
+        statuses = run_local(todo, local_runner=args.local_runner, max_runs=args.max_runs,
+                             extra_args=trainer_args, runner=runner, statuses=statuses)
     else:
       with common.stop_signals_interrupt():  # The TPU is deleted on SIGTERM / SIGHUP too.
-        statuses = run_tpu(sweep, template, runner, steps, args.max_runs)
+        statuses = run_tpu(todo, template, runner, steps, args.max_runs, statuses=statuses)
   except ValueError as e:
     parser.error(str(e))
   except common.LaunchError as e:
     runner.echo(f'error: {e}')
     return EXIT_FAILED
+  except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP in tpu mode (the TPU is deleted by then).
+    running = [r.name for r in todo.runs if r.name not in statuses and not is_done(r)][:1]
+    statuses.update({name: 'interrupted' for name in running})
+    runner.echo(f'# interrupted ({e or "Ctrl-C"}): rerun the same command to resume')
   # A dry run reads local workdirs (cheap, shows what is done) but not gs:// ones.
-  columns, rows = summary_rows(sweep, {} if args.dry_run else statuses, _split(args.metrics),
+  columns, rows = sweep_summary.summary_rows(sweep, {} if args.dry_run else statuses, _split(args.metrics),
                                read=not (args.dry_run and _is_remote(sweep.root)))
-  markdown = format_markdown(columns, rows) if args.dry_run else write_summary(sweep, columns, rows)
+  markdown = (sweep_summary.format_markdown(columns, rows) if args.dry_run else
+              sweep_summary.write_summary(sweep, columns, rows))
   runner.echo(markdown.rstrip('\n'))
   if not args.dry_run:
     runner.echo(f'# summary: {_join(sweep.root, "summary.md")}, {_join(sweep.root, "summary.csv")}')

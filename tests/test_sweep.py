@@ -107,6 +107,9 @@ def test_local_dry_run_prints_commands_and_runs_nothing(tmp_path):
   assert f'--workdir={root}/mask0.75_dec2' in commands[3]
   assert '--config.mask_ratio=0.75 --config.model.decoder_depth=2 --config.seed=3' in commands[3]
   assert '| mask0.5_dec1 | 0.5 | 1 | pending |' in text
+  status, text = run_sweep(f'--sweep={TINY}', f'--root={root}', '--dry_run', '--only=mask0.75_dec1')
+  assert status == 0 and len([line for line in text.splitlines() if ' -m mae_jax.main ' in line]) == 1
+  assert all(f'| {name} |' in text for name in TINY_RUNS)  # The summary still lists every run.
 
 
 def test_local_sweep_runs_resumes_and_summarises(tmp_path, monkeypatch, cache_dir):
@@ -180,21 +183,77 @@ def test_local_subprocess_run_and_max_runs(tmp_path, cache_dir):
   assert '| mask0.5_dec2 | 0.5 | 2 | pending |' in text
 
 
-def test_subprocess_stopped_early_is_not_done(tmp_path, monkeypatch):
-  """A trainer that exits 0 before its last step (SIGTERM) gets no DONE marker."""
+def test_the_trainers_exit_status_decides_the_runs_status(tmp_path):
+  """Exit 0 is done (a kNN run has no steps; flags after `--` may change the steps), 75 is preempted."""
   sweep = sweep_lib.load_sweep(f'{TINY}:steps=3', str(tmp_path))
+
+  class ExitingRunner(sweep_lib.TrainerRunner):
+    def __init__(self, code, interrupted=False):
+      super().__init__(out=io.StringIO())
+      self.code, self.interrupt = code, interrupted
+
+    def _call(self, command):
+      self.interrupted = self.interrupt  # SIGTERM forwarded to the trainer, which exits 0 after saving
+      return self.code
+
+  for code, interrupted, want in ((0, True, 'interrupted'), (75, False, 'preempted'), (1, False, 'failed'),
+                                  (0, False, 'done')):
+    statuses = sweep_lib.run_local(sweep, runner=ExitingRunner(code, interrupted), max_runs=1)
+    assert statuses == {sweep.runs[0].name: want}
+    assert os.path.exists(os.path.join(sweep.runs[0].workdir, 'DONE')) == (want == 'done')
+  with open(os.path.join(sweep.runs[0].workdir, 'DONE'), encoding='utf-8') as f:
+    record = json.load(f)
+  assert (record['base'], record['overrides'], record['trainer_args']) == (
+      'configs/test.py:steps=3', ['mask_ratio=0.5', 'model.decoder_depth=1'], [])
+
+
+def test_a_finished_run_with_other_settings_stops_the_sweep_before_anything_runs(tmp_path):
+  """Skipping it would report its old results as the new settings' (a changed base, other flags after `--`)."""
+  root = tmp_path / 'root'
+  sweep = sweep_lib.load_sweep(f'{TINY}:steps=1', str(root))
   run = sweep.runs[0]
   os.makedirs(run.workdir)
+  sweep_lib.mark_done(run, {'step': 1}, sweep_lib.run_settings(sweep, run))
+  status, text = run_sweep(f'--sweep={TINY}:steps=1', f'--root={root}', '--dry_run')
+  assert status == 0 and '# mask0.5_dec1: done, skipped' in text
+  for argv, changed in (([f'--sweep={TINY}:steps=2'], 'base configs/test.py:steps=1 -> configs/test.py:steps=2'),
+                        ([f'--sweep={TINY}:steps=1', '--', '--config.seed=1'],
+                         "trainer_args [] -> ['--config.seed=1']")):
+    with pytest.raises(SystemExit) as stopped:
+      run_sweep(*argv, f'--root={root}', '--dry_run')
+    assert stopped.value.code == 2
+    with pytest.raises(ValueError, match=re.escape(f'{run.workdir} finished with other settings ({changed})')):
+      sweep_lib.check_done_runs(sweep_lib.load_sweep(argv[0].split('=', 1)[1], str(root)), argv[2:])
 
-  class StoppedRunner(sweep_lib.TrainerRunner):
-    def _call(self, command):
-      with open(os.path.join(run.workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
-        f.write(json.dumps({'step': 1, 'train/loss': 1.0}) + '\n')
-      return 0
 
-  statuses = sweep_lib.run_local(sweep, runner=StoppedRunner(out=io.StringIO()), max_runs=1)
-  assert statuses == {run.name: 'interrupted'}
-  assert not os.path.exists(os.path.join(run.workdir, 'DONE'))
+@pytest.mark.parametrize('extra,match', [
+    (['--config.mask_ratio=0.9'], '--config.mask_ratio=0.9 after `--`: the sweep sets mask_ratio per run'),
+    (['--workdir=/tmp/one'], '--workdir=/tmp/one after `--`: the sweep sets --workdir for each run'),
+    (['--config=configs/demo.py'], 'the sweep sets --config for each run'),
+    (['--config.sed=1'], "unknown config key 'sed'; close matches: seed"),
+])
+def test_trainer_flags_after_the_separator_are_checked(extra, match):
+  sweep = sweep_lib.load_sweep(TINY, '/tmp/unused')
+  with pytest.raises(ValueError, match=re.escape(match)):
+    sweep_lib.check_trainer_args(sweep, extra)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'batch_size': 16.0}, "batch_size=16.0 is a float, but the base config's batch_size is a int (16)"),
+    ({'seed': '3'}, "seed='3' is a str"),
+    ({'dataset.image_size': (32, 32)}, "dataset.image_size=(32, 32) is a tuple"),
+    ({'dataset': {'name': 'x'}}, 'dataset is a group of settings: override its keys one by one'),
+])
+def test_overrides_the_trainers_command_line_cannot_carry_are_refused(tmp_path, overrides, match):
+  sweep_file = tmp_path / 'typed_sweep.py'
+  runs = [{'name': 'a', 'overrides': overrides}]
+  sweep_file.write_text(f"def get_sweep(arg=None):\n  return {{'base': 'configs/test.py', 'runs': {runs!r}}}\n")
+  with pytest.raises(ValueError, match=re.escape(match)):
+    sweep_lib.load_sweep(str(sweep_file), str(tmp_path / 'root'))
+  ok = tmp_path / 'ok_sweep.py'
+  ok.write_text("def get_sweep(arg=None):\n  return {'base': 'configs/test.py', 'runs': [{'name': 'a', 'overrides': "
+                "{'optim.base_lr': 1, 'dataset.crop_scale': [0.3, 1.0]}}]}\n")  # int for a float; list for a tuple.
+  sweep_lib.load_sweep(str(ok), str(tmp_path / 'root'))
 
 
 # ----------------------------------------------------------------------------
@@ -241,6 +300,35 @@ def test_tpu_mode_marks_done_and_skips_on_rerun(tmp_path):
   jobs = [c for c in runner.commands if any('mae_jax.main' in part for part in c)]
   assert len(jobs) == 1 and any('mask0.75_dec2' in part for part in jobs[0])
   assert os.path.exists(os.path.join(root, 'mask0.75_dec2', 'DONE'))
+
+
+def test_tpu_mode_interrupted_writes_the_summary_and_exits_75(tmp_path):
+  """Ctrl-C (or SIGTERM / SIGHUP, which launch.tpu turns into it) during the second run: the TPU is deleted,
+  the finished run keeps its marker, the summary says where it stopped."""
+
+  class InterruptedGcloud(common.Runner):
+    def _call(self, command):
+      return 0
+
+    def _call_capture(self, command):
+      return 0, 'READY'
+
+    def _call_stream(self, commands, labels, marker):
+      if any('mask0.5_dec2' in part for part in commands[0]):
+        raise KeyboardInterrupt('signal SIGTERM')
+      return [common.StreamResult(0, 4) for _ in commands]
+
+  root = str(tmp_path / 'root')
+  runner = InterruptedGcloud(out=io.StringIO())
+  status, _ = run_sweep(f'--sweep={TINY}', f'--root={root}', *TPU_FLAGS, runner=runner)
+  text = runner.out.getvalue()
+  assert status == sweep_lib.EXIT_INTERRUPTED, text
+  gcloud = [c[3:5] for c in runner.commands if c[:3] == ('gcloud', 'compute', 'tpus')]
+  assert gcloud[-1] == ('tpu-vm', 'delete'), gcloud
+  assert '# interrupted (signal SIGTERM): rerun the same command to resume' in text
+  assert '| mask0.5_dec1 | 0.5 | 1 | done |' in text and '| mask0.5_dec2 | 0.5 | 2 | interrupted |' in text
+  with open(os.path.join(root, 'summary.md'), encoding='utf-8') as f:
+    assert '| mask0.5_dec2 | 0.5 | 2 | interrupted |' in f.read()
 
 
 def test_tpu_mode_rejects_per_run_flags(tmp_path):

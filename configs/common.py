@@ -330,7 +330,10 @@ def set_overrides(config: ml_collections.ConfigDict,
   for key, value in items:
     node, name = _parent_and_name(config, key)
     if from_text:
-      value = parse_override(value, node[name])
+      try:
+        value = parse_override(value, node[name])
+      except ValueError as e:
+        raise ValueError(f'{key}={value}: {e}') from None
     try:
       node[name] = value
     except TypeError as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import re
 import shlex
 import signal
@@ -39,6 +40,7 @@ _EXIT_LINE = re.compile(re.escape(EXIT_MARKER) + r'(\d+)')
 PREEMPTED_EXIT_CODE = 75  # Saved and stopped early (SIGTERM, preemption): rerun to resume.
 NONFINITE_EXIT_CODE = 65  # Halted on non-finite losses: a rerun would diverge again; never retried.
 CONFIG_EXIT_CODE = 78  # A setting or file to fix (the trainer said which): a rerun fails the same way; never retried.
+USAGE_EXIT_CODE = 2  # The trainer refused its command line (absl): never retried either.
 
 _ENV_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
 _CONFIG_KEY = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*')
@@ -276,6 +278,35 @@ def job_argv(python: str, config: str, workdir: str, overrides: Sequence[str] = 
   if env:
     argv = ['env', *(f'{k}={v}' for k, v in env), *argv]
   return argv
+
+
+def check_job_config(config: str, overrides: Sequence[str] = (), extra_args: Sequence[str] = (),
+                     source_dir: str = '.', git_ref: str | None = None) -> None:
+  """Reads the trainer's config and its --config.KEY flags here, as mae_jax.main will on the workers.
+
+  A typo in a key or value, a config argument that does not exist, or (with
+  `git_ref`) a config file the workers will not get because it is not
+  committed there, is a ValueError before any machine is paid for.
+  """
+  from configs import common as config_common  # pylint: disable=g-import-not-at-top
+  path, _ = config_common.split_spec(config)
+  if git_ref is not None:
+    inside = os.path.relpath(os.path.abspath(os.path.join(source_dir, path)), os.path.abspath(source_dir))
+    tracked = not inside.startswith('..') and not os.path.isabs(path) and subprocess.run(
+        ['git', '-C', source_dir, 'cat-file', '-e', f'{git_ref}:{inside}'], capture_output=True,
+        check=False).returncode == 0
+    if not tracked:
+      raise ValueError(f'--config={config}: {path} is not committed at --git_ref={git_ref} of --source_dir='
+                       f'{source_dir}, and the workers get that commit only: commit it (or give a config '
+                       'file that is)')
+  local = os.path.join(source_dir, path) if not os.path.isabs(path) else path
+  spec = config.replace(path, local, 1) if os.path.exists(local) else config
+  items = [str(item).removeprefix('config.') for item in overrides]
+  items += [arg[len('--config.'):] for arg in extra_args if arg.startswith('--config.')]
+  try:
+    config_common.set_overrides(config_common.load_config(spec), items)
+  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    raise ValueError(f'--config={config}: {" ".join(str(e).split())}') from None
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:

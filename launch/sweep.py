@@ -492,6 +492,9 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
     chosen = load_sweep(args.sweep, args.root, _split(args.only)).runs  # The summary still shows every run.
     template, steps = _tpu_template(rest, trainer_args) if args.mode == 'tpu' else (None, ())
     check_trainer_args(sweep, trainer_args)
+    for run in chosen if template is not None else ():  # What each TPU run's trainer will read, before a TPU.
+      common.check_job_config(sweep.base, run.override_args, trainer_args, template.source_dir,
+                              None if template.repo_url else template.git_ref)
     if not (args.dry_run and _is_remote(sweep.root)):
       check_done_runs(sweep, trainer_args)
   except (ValueError, FileNotFoundError) as e:

@@ -16,7 +16,10 @@ Steps, in order (pick a subset with --steps):
           slice node at once, streaming the logs. The job counts as done when every
           worker prints a success marker after the trainer exits with status 0.
           A trainer that halted on non-finite losses (exit status 65), or stopped on
-          a setting to fix (78), ends the launch at once: a rerun would fail again. Otherwise the TPU state is
+          a setting or flag to fix (78, 2), ends the launch at once: a rerun would fail
+          again. (Before `create`, the config and its --override / --config.KEY flags
+          are read here as the trainer will, and the config file must be committed
+          at --git_ref.) Otherwise the TPU state is
           read with `describe`; a PREEMPTED/TERMINATED VM (or a SUSPENDED/FAILED
           queued resource) is deleted, recreated and set up again, a healthy one
           simply reruns the job. A failed re-create or setup is tried again after
@@ -378,7 +381,7 @@ def _run_once(job: TpuJob, runner: common.Runner) -> str:
                 f'{job.workers_per_slice} workers reported success (trainer exit statuses: {reported})')
   if common.NONFINITE_EXIT_CODE in codes:
     return 'nonfinite'
-  if common.CONFIG_EXIT_CODE in codes:
+  if common.CONFIG_EXIT_CODE in codes or common.USAGE_EXIT_CODE in codes:
     return 'config'
   return 'preempted' if common.PREEMPTED_EXIT_CODE in codes else 'failed'
 
@@ -426,8 +429,9 @@ def _run_with_retries(job: TpuJob, runner: common.Runner) -> None:
       if outcome == 'done':
         return
       if outcome == 'config':
-        raise common.LaunchError(f'the trainer stopped on a setting or file to fix (exit status '
-                                 f'{common.CONFIG_EXIT_CODE}, its error above); not retrying')
+        raise common.LaunchError(f'the trainer stopped on a setting, flag or file to fix (exit status '
+                                 f'{common.CONFIG_EXIT_CODE} or {common.USAGE_EXIT_CODE}, its error above); '
+                                 'not retrying')
       if outcome == 'nonfinite':
         raise common.NonFiniteHalt(
             f'the trainer halted on non-finite losses (exit status {common.NONFINITE_EXIT_CODE}); not retrying: '
@@ -457,8 +461,10 @@ def launch(job: TpuJob, runner: common.Runner, steps: Sequence[str] = STEPS) -> 
   if unknown:
     raise ValueError(f'--steps={",".join(steps)}: unknown step(s) {", ".join(unknown)}; '
                      f'choose from {",".join(STEPS)}')
-  if 'run' in steps:
-    common.job_argv(job.python or worker_scripts.VENV_PYTHON, job.config, job.workdir)  # Fail before creating.
+  if 'run' in steps:  # Fail before creating: a typo in the config or its flags would fail on every worker.
+    common.job_argv(job.python or worker_scripts.VENV_PYTHON, job.config, job.workdir)
+    common.check_job_config(job.config, job.overrides, job.extra_args, job.source_dir,
+                            None if job.repo_url else job.git_ref)
   try:
     if 'create' in steps:
       _create(job, runner, reuse=True)  # Rerunning the command resumes on the TPU it left.

@@ -150,7 +150,7 @@ def test_single_host_dry_run_prints_every_command_in_order():
 def test_dash_spelling_of_flags_is_accepted():
   runner = common.Runner(dry_run=True, out=io.StringIO())
   argv = ['--tpu-name=mae-test', f'--zone={ZONE}', '--accelerator-type=v4-8',
-          '--config=c.py', '--workdir=gs://b/w', '--max-retries=1', '--dry-run']
+          '--config=configs/test.py', '--workdir=gs://b/w', '--max-retries=1', '--dry-run']
   assert tpu.main(argv, runner=runner) == 0
   assert runner.commands[0][:6] == ('gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'mae-test')
 
@@ -394,7 +394,25 @@ def test_a_setting_to_fix_is_not_retried(capsys):
   runner = ScriptedRunner(job_results=[[common.StreamResult(1, 0, (78, 78))]])
   assert tpu.main(tpu_argv(accelerator_type='v4-16', max_retries=5), runner=runner) == 1
   assert kinds(runner) == [('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')]
-  assert 'setting or file to fix (exit status 78' in capsys.readouterr().err
+  assert 'setting, flag or file to fix (exit status 78 or 2' in capsys.readouterr().err
+  # Exit status 2: the trainer refused its command line (a flag this check could not see).
+  runner = ScriptedRunner(job_results=[[common.StreamResult(1, 0, (2, 2))]])
+  assert tpu.main(tpu_argv(accelerator_type='v4-16', max_retries=5), runner=runner) == 1
+  assert sum(is_run(c) for c in runner.commands) == 1
+
+
+@pytest.mark.parametrize('flags,match', [
+    (dict(config='configs/mae_pretrain.py:variant=L/61'), "unknown variant 'L/61'; close matches: L/16"),
+    (dict(override='optim.bse_lr=1.5e-4'), "unknown config key 'optim.bse_lr'; close matches: optim.base_lr"),
+    (dict(override='optim.base_lr=fast'), "optim.base_lr=fast: value='fast': expected a number"),
+    (dict(config='configs/no_such.py'), 'configs/no_such.py is not committed at --git_ref=HEAD'),
+])
+def test_the_config_and_its_flags_are_read_before_a_tpu_is_created(flags, match, capsys):
+  runner = common.Runner(dry_run=True, out=io.StringIO())
+  with pytest.raises(SystemExit) as stopped:
+    tpu.main(tpu_argv('--dry_run', **flags), runner=runner)
+  assert stopped.value.code == 2 and not runner.commands
+  assert match in capsys.readouterr().err
 
 
 def test_trainer_preempted_on_a_healthy_vm_is_rerun():

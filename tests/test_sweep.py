@@ -331,7 +331,16 @@ def test_tpu_mode_interrupted_writes_the_summary_and_exits_75(tmp_path):
     assert '| mask0.5_dec2 | 0.5 | 2 | interrupted |' in f.read()
 
 
-def test_tpu_mode_rejects_per_run_flags(tmp_path):
+def test_tpu_mode_rejects_per_run_flags(tmp_path, capsys):
+  # A config the workers would not get (not committed): refused before any TPU is created.
+  sweep_file = tmp_path / 'local_sweep.py'
+  sweep_file.write_text("def get_sweep(arg=None):\n  return {'base': '" + str(tmp_path / 'mine.py') +
+                        "', 'runs': [{'name': 'a', 'overrides': {'seed': 1}}]}\n")
+  (tmp_path / 'mine.py').write_text(open(os.path.join(REPO_ROOT, 'configs', 'test.py'), encoding='utf-8').read())
+  runner = common.Runner(dry_run=True, out=io.StringIO())
+  with pytest.raises(SystemExit):
+    run_sweep(f'--sweep={sweep_file}', '--root=gs://b/s', *TPU_FLAGS, '--dry_run', runner=runner)
+  assert not runner.commands and 'mine.py is not committed at --git_ref=HEAD' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     run_sweep(f'--sweep={TINY}', '--root=gs://b/s', *TPU_FLAGS, '--config=configs/test.py', '--dry_run')
   with pytest.raises(SystemExit):

@@ -387,33 +387,39 @@ def format_report(report: AotReport) -> str:
 
 
 def with_per_chip_batch(config: ml_collections.ConfigDict, per_chip: int, num_devices: int):
-  """A copy of config with batch_size = per_chip x devices (grad_accum_steps kept if it divides)."""
+  """A copy of config with batch_size = per_chip x devices; grad_accum_steps must divide per_chip."""
+  accum = int(config.grad_accum_steps)
+  if per_chip % accum:
+    raise ValueError(f'--per_chip_batch={per_chip} with grad_accum_steps={accum}: each micro-batch would hold '
+                     f'{per_chip / accum:g} images per chip; give a multiple of {accum}, or set '
+                     '--config.grad_accum_steps')
   config = ml_collections.ConfigDict(config.to_dict())
   config.batch_size = int(per_chip * num_devices)
-  if config.batch_size % config.grad_accum_steps:
-    config.grad_accum_steps = 1
   return config
 
 
 def find_batch(config: ml_collections.ConfigDict, spec: TopologySpec, devices=None, *, start: int = 1,
                limit: int = 4096, log=print) -> tuple[int, AotReport | None]:
-  """Largest per-chip batch whose step fits: doubling from `start`, then bisection.
+  """Largest per-chip batch up to `limit` whose step fits: doubling from `start`, then bisection.
 
-  Returns (per-chip batch, its report), or (0, None) when not even `start` fits.
+  With grad_accum_steps=k only multiples of k are tried (each micro-batch
+  holds a whole number of images per chip). Returns (per-chip batch, its
+  report), or (0, None) when not even the first candidate fits.
   """
   devices = list(devices) if devices is not None else topology_devices(spec)
   n = len(devices)
+  unit = max(1, int(config.grad_accum_steps))
   reports = {}
 
-  def fits(per_chip):
-    report = compile_report(with_per_chip_batch(config, per_chip, n), spec, devices)
-    reports[per_chip] = report
-    log(f'per-chip batch {per_chip:5d}: {report.message()} (compile {report.compile_seconds:.0f} s)')
+  def fits(k):  # k micro-batch images per chip.
+    report = compile_report(with_per_chip_batch(config, k * unit, n), spec, devices)
+    reports[k] = report
+    log(f'per-chip batch {k * unit:5d}: {report.message()} (compile {report.compile_seconds:.0f} s)')
     return report.fits
 
   good, bad = 0, None
-  candidate = start
-  while candidate <= limit:
+  candidate, top = max(1, -(-start // unit)), limit // unit
+  while candidate <= top:
     if fits(candidate):
       good, candidate = candidate, candidate * 2
     else:
@@ -421,15 +427,14 @@ def find_batch(config: ml_collections.ConfigDict, spec: TopologySpec, devices=No
       break
   if good == 0:
     return 0, None
-  if bad is None:
-    return good, reports[good]
+  bad = top + 1 if bad is None else bad  # All fitted up to the limit: the rest of it is still tried.
   while bad - good > 1:
     middle = (good + bad) // 2
     if fits(middle):
       good = middle
     else:
       bad = middle
-  return good, reports[good]
+  return good * unit, reports[good]
 
 
 # ----------------------------------------------------------------------------
@@ -447,7 +452,8 @@ def define_flags():
   flags.DEFINE_integer('num_slices', 1, 'Slices joined over DCN (mesh.dcn_data follows).')
   flags.DEFINE_bool('find_batch', False, 'Search the largest per-chip batch that fits.')
   flags.DEFINE_integer('max_batch', 4096, 'Largest per-chip batch --find_batch tries.')
-  flags.DEFINE_integer('per_chip_batch', None, 'Set batch_size = this x chips (overrides config.batch_size).')
+  flags.DEFINE_integer('per_chip_batch', None, 'Set batch_size = this x chips (overrides config.batch_size; a '
+                       'multiple of config.grad_accum_steps).')
   flags.DEFINE_string('json_out', None, 'Also write the report(s) as JSON here.')
 
 
@@ -466,22 +472,25 @@ def main(argv):
     devices = topology_devices(spec)
   except (ValueError, TpuUnavailableError) as e:
     sys.exit(f'error: {e}')
-  if FLAGS.per_chip_batch:
-    config = with_per_chip_batch(config, FLAGS.per_chip_batch, len(devices))
-  if FLAGS.find_batch:
-    best, report = find_batch(config, spec, devices, limit=FLAGS.max_batch)
-    if report is None:
-      sys.exit(f'error: not even a per-chip batch of 1 fits on {spec.name}; {advice(config, spec)}')
-    print(f'largest per-chip batch that fits on {spec.name}: {best} (global {best * len(devices)})')
-  else:
-    try:
+  try:
+    if FLAGS.per_chip_batch:
+      config = with_per_chip_batch(config, FLAGS.per_chip_batch, len(devices))
+    if FLAGS.find_batch:
+      best, report = find_batch(config, spec, devices, limit=FLAGS.max_batch)
+      if report is None:
+        sys.exit(f'error: not even a per-chip batch of {config.grad_accum_steps} fits on {spec.name}; '
+                 f'{advice(config, spec)}')
+      reached = best + config.grad_accum_steps > FLAGS.max_batch
+      print(f'largest per-chip batch that fits on {spec.name}: {best} (global {best * len(devices)})'
+            + (f'; --max_batch={FLAGS.max_batch} reached: a larger one may fit too' if reached else ''))
+    else:
       report = compile_report(config, spec, devices)
-    except ValueError as e:
-      hint = ''
-      if str(e).startswith('batch_size='):
-        hint = (f'; for {len(devices)} chips set --per_chip_batch=N (batch_size = N x {len(devices)}) '
-                f'or --config.batch_size to a multiple of the data-parallel size')
-      sys.exit(f'error: {e}{hint}')
+  except ValueError as e:
+    hint = ''
+    if str(e).startswith('batch_size=') and not FLAGS.find_batch:
+      hint = (f'; for {len(devices)} chips set --per_chip_batch=N (batch_size = N x {len(devices)}) '
+              f'or --config.batch_size to a multiple of the data-parallel size')
+    sys.exit(f'error: {e}{hint}')
   print(format_report(report))
   if FLAGS.json_out:
     with open(FLAGS.json_out, 'w', encoding='utf-8') as f:

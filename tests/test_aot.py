@@ -36,13 +36,22 @@ def test_find_batch_doubles_then_bisects(monkeypatch):
 
   monkeypatch.setattr(aot, 'compile_report', fake_compile)
   config = default.get_config()
-  config.grad_accum_steps = 4
-  best, report = aot.find_batch(config, aot.parse_topology('v5e:2x2'), devices=[0] * 4, log=lambda _: None)
+  spec = aot.parse_topology('v5e:2x2')
+  best, report = aot.find_batch(config, spec, devices=[0] * 4, log=lambda _: None)
   assert best == 37 and report.per_chip_batch == 37
   assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
   assert len(tried) == 7 + 5  # bisection between 32 and 64
-  assert aot.with_per_chip_batch(config, 3, 4).grad_accum_steps == 4  # 12 % 4 == 0: kept
-  assert aot.with_per_chip_batch(config, 3, 2).grad_accum_steps == 1  # 6 % 4 != 0: dropped
+  # Every candidate fits up to the limit: the limit itself is tried too (1, 2, 4, then 5).
+  tried.clear()
+  assert aot.find_batch(config, spec, devices=[0] * 4, limit=5, log=lambda _: None)[0] == 5 and tried == [1, 2, 4, 5]
+  # With gradient accumulation only multiples of it: each micro-batch holds whole images per chip.
+  config.grad_accum_steps = 4
+  tried.clear()
+  best, report = aot.find_batch(config, spec, devices=[0] * 4, log=lambda _: None)
+  assert best == 36 and all(t % 4 == 0 for t in tried) and tried[:5] == [4, 8, 16, 32, 64]
+  assert aot.with_per_chip_batch(config, 8, 4).grad_accum_steps == 4
+  with pytest.raises(ValueError, match='--per_chip_batch=6 with grad_accum_steps=4: each micro-batch would hold 1.5'):
+    aot.with_per_chip_batch(config, 6, 4)  # Not dropped without a word.
 
 
 def test_parse_resource_exhausted():

@@ -116,7 +116,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   Example: parse_arg('variant=H/14,runlocal', variant='L/16', runlocal=False)
   gives variant='H/14', runlocal=True.
   """
-  values = dict(defaults)
+  values, seen = dict(defaults), set()
   for item in (arg or '').split(','):
     item = item.strip()
     if not item:
@@ -125,6 +125,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(f'config argument {item!r}: ' + unknown_key_message(key, defaults, 'argument'))
+    if key in seen:
+      raise ValueError(f'config argument {key!r} is given twice in {arg!r}')
+    seen.add(key)
     values[key] = _convert(text.strip(), defaults[key], key) if sep else True
   return ml_collections.ConfigDict(values)
 

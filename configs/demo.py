@@ -19,6 +19,8 @@ from configs import common, default
 def get_config(arg=None):
   """A mini ViT (28x28, 4x4 patches, width 128, depth 4) on Fashion-MNIST; `steps=N,data_dir=DIR`."""
   args = common.parse_arg(arg, steps=600, data_dir='.data/tensorflow_datasets', runlocal=False)
+  if args.steps < 1:
+    raise ValueError(f'config argument steps={args.steps}: must be >= 1')
   config = default.get_config()
   config.dataset.name = 'fashion_mnist'
   config.dataset.data_dir = args.data_dir

@@ -12,6 +12,8 @@ from configs import common, default
 def get_config(arg=None):
   """The reference pretraining settings on a model and data set small enough for unit tests."""
   arg = common.parse_arg(arg, steps=common.RUNLOCAL_STEPS, runlocal=False)
+  if arg.steps < 1:
+    raise ValueError(f'config argument steps={arg.steps}: must be >= 1')
   config = default.get_config()
   # Reference optimizer, mask ratio and loss; only the size of the job is tiny.
   config.model.decoder_embed_dim = 32  # Decoder width (swept by tiny_demo_sweep).

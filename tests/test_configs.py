@@ -231,6 +231,10 @@ def test_parse_arg_types_and_errors():
     common.parse_arg('epochs=8e2x', epochs=800)
   with pytest.raises(ValueError, match="unknown argument 'varient'; close matches: variant"):
     common.parse_arg('varient=B/16', variant='L/16')
+  with pytest.raises(ValueError, match="config argument 'steps' is given twice in 'steps=1,steps=2'"):
+    common.parse_arg('steps=1,steps=2', steps=3)
+  with pytest.raises(ValueError, match='config argument steps=0: must be >= 1'):
+    common.load_config('configs/test.py:steps=0')  # Not num_train_steps=0: "train by epochs" (10 epochs).
 
 
 def test_set_overrides_types_and_close_matches():

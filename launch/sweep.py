@@ -531,6 +531,9 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
                                read=not (args.dry_run and _is_remote(sweep.root)))
   markdown = (sweep_summary.format_markdown(columns, rows) if args.dry_run else
               sweep_summary.write_summary(sweep, columns, rows))
+  empty = [m for m in _split(args.metrics) if all(row[columns.index(m)] is None for row in rows)]
+  if empty and not args.dry_run and any(row[columns.index('step')] is not None for row in rows):
+    runner.echo(f'# WARNING: no run logged --metrics {", ".join(empty)} (e.g. train/loss, eval/knn_top1)')
   runner.echo(markdown.rstrip('\n'))
   if not args.dry_run:
     runner.echo(f'# summary: {_join(sweep.root, "summary.md")}, {_join(sweep.root, "summary.csv")}')

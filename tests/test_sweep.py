@@ -174,9 +174,10 @@ def test_local_subprocess_run_and_max_runs(tmp_path, cache_dir):
   """The default runner: `python -m mae_jax.main` per run; --max_runs leaves the rest."""
   root = str(tmp_path / 'root')
   status, text = run_sweep(f'--sweep={TINY}', f'--root={root}', '--max_runs=1',
-                           f'--compilation_cache_dir={cache_dir}')
+                           f'--compilation_cache_dir={cache_dir}', '--metrics=train/loss,train/los')
   assert status == 0, text
   assert '# stopping after --max_runs=1' in text
+  assert '# WARNING: no run logged --metrics train/los' in text
   assert os.path.exists(os.path.join(root, 'mask0.5_dec1', 'DONE'))
   assert metric_steps(os.path.join(root, 'mask0.5_dec1')) == [1, 2, 3]
   assert not os.path.exists(os.path.join(root, 'mask0.5_dec2'))

@@ -416,6 +416,10 @@ def test_torch_pth_import(params, tmp_path):
   bare = str(tmp_path / 'bare.pth')
   torch.save({k: torch.from_numpy(v) for k, v in state.items() if not k.startswith(('decoder', 'mask'))}, bare)
   _assert_trees_equal({'encoder': params['encoder']}, weights.import_weights(bare, TEST_MODEL))
+  for prefix in ('module.', 'model.'):  # A DDP wrapper's names; a Lightning module's `model` attribute.
+    wrapped = str(tmp_path / 'wrapped.pth')
+    torch.save({'state_dict': {prefix + k: torch.from_numpy(v) for k, v in state.items()}}, wrapped)
+    _assert_trees_equal(params, weights.import_weights(wrapped, TEST_MODEL))
 
 
 def test_files_that_are_not_weights_say_what_they_are(params, tmp_path):

@@ -220,8 +220,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   if not isinstance(state, dict):
     raise TypeError(f'{path}: expected a state dict (or one under "model"), got {type(state).__name__}')
   state = {k: v for k, v in state.items() if hasattr(v, 'shape')}
-  if state and all(k.startswith('module.') for k in state):  # Saved from a DDP wrapper.
-    state = {k[len('module.'):]: v for k, v in state.items()}
+  for prefix in ('module.', 'model.'):  # Saved from a DDP wrapper; a Lightning module's `model` attribute.
+    if state and all(k.startswith(prefix) for k in state):
+      state = {k[len(prefix):]: v for k, v in state.items()}
   return {k: layout.to_numpy_array(v) for k, v in state.items()}
 
 
@@ -249,7 +250,8 @@ def detect_format(path: str) -> str:
     if names & {'_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'checkpoint'}:
       return 'orbax'
     raise ValueError(f'{path} is neither an Orbax checkpoint (no _METADATA) nor a Hugging Face folder '
-                     f'(no {HF_WEIGHTS}); for a training workdir use --workdir')
+                     f'(no {HF_WEIGHTS}); a training run\'s workdir is read as one (export --workdir, '
+                     'config.pretrained_workdir), not as weights')
   if not fileio.exists(path):
     raise FileNotFoundError(f'{path} does not exist')
   if path.endswith('.safetensors'):

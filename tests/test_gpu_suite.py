@@ -285,5 +285,5 @@ def test_bench_vs_pytorch_reports_a_worker_that_fails():
   pytest.importorskip('transformers')
   result = run_bench_vs_pytorch('--rounds=1', '--warmup=1', '--skip_eager', '--attention_impl=cudnn')
   assert result.returncode == 1
-  assert "mae_jax failed, left out: ValueError: model.attention_impl='cudnn' needs a GPU backend" in result.stdout
-  assert "mae_jax failed: ValueError: model.attention_impl='cudnn'" in result.stderr
+  assert "mae_jax failed, left out: ConfigError: model.attention_impl='cudnn' needs a GPU backend" in result.stdout
+  assert "mae_jax failed: ConfigError: model.attention_impl='cudnn'" in result.stderr

@@ -151,8 +151,8 @@ class progress_bar:  # pylint: disable=invalid-name
     self.bar = None
     if enabled:
       import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr,
-                           mininterval=1.0)
+      self.bar = tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr,  # Logs and pipes: seldom.
+                           mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
   def __enter__(self):
     return self

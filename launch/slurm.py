@@ -79,7 +79,19 @@ _TIME = re.compile(r'[0-9]+(:[0-9]{1,2}){0,2}|[0-9]+-[0-9]{1,2}(:[0-9]{1,2}){0,2
 # An #SBATCH value: no whitespace or quotes, which sbatch would not read as one value.
 _DIRECTIVE_VALUE = re.compile(r'[^\s\'"\\]+')
 _MAX_SIGNAL_SECONDS = 65535  # Slurm's upper bound for --signal=...@TIME.
-PREEMPTED_EXIT_CODE = 75  # mae_jax.main's exit status after saving on SIGTERM (EX_TEMPFAIL).
+PREEMPTED_EXIT_CODE = common.PREEMPTED_EXIT_CODE  # mae_jax.main after saving on SIGTERM (EX_TEMPFAIL).
+NONFINITE_EXIT_CODE, CONFIG_EXIT_CODE = common.NONFINITE_EXIT_CODE, common.CONFIG_EXIT_CODE
+# sbatch options the script sets from this launcher's own flags (a second one in --sbatch_flag would win).
+_MANAGED_OPTIONS = {
+    '--job-name': '--job_name', '-J': '--job_name', '--nodes': '--nodes', '-N': '--nodes',
+    '--ntasks-per-node': '--gpus_per_node and --process_mode', '--ntasks': '--gpus_per_node and --process_mode',
+    '--gpus-per-node': '--gpus_per_node', '--gpus-per-task': '--gpus_per_node (one JAX process sees them all)',
+    '--gres': '--gpus_per_node', '--gpus': '--gpus_per_node', '--cpus-per-task': '--cpus_per_task',
+    '--mem': '--mem', '--partition': '--partition', '--account': '--account', '--qos': '--qos',
+    '--time': '--time', '--output': '--output', '--error': '--output (one log)', '--open-mode': '--output',
+    '--requeue': '--norequeue', '--no-requeue': '--norequeue', '--signal': '--signal_seconds',
+    '--export': 'the script exports --env and what the trainer needs',
+}
 
 
 def time_limit_seconds(value: str) -> int:
@@ -160,6 +172,10 @@ class SlurmJob:
       if not flag.startswith('--') or not _DIRECTIVE_VALUE.fullmatch(flag):
         raise ValueError(f'--sbatch_flag={flag!r}: must be one sbatch option such as '
                          '--exclusive or --constraint=a100, without spaces or quotes')
+      option = flag.split('=', 1)[0]
+      if option in _MANAGED_OPTIONS:
+        raise ValueError(f'--sbatch_flag={flag!r}: the launcher sets {option} itself '
+                         f'({_MANAGED_OPTIONS[option]}); a second one would override it')
     for line in self.setup:
       if '\n' in line:
         raise ValueError(f'--setup={line!r}: give one line per --setup flag')
@@ -207,11 +223,14 @@ def sbatch_script(job: SlurmJob) -> str:
     directives.append('--requeue')
     if job.signal_seconds:
       directives.append(f'--signal=B:USR1@{job.signal_seconds}')
-  elif job.signal_seconds:
-    directives.append(f'--signal=TERM@{job.signal_seconds}')
+  else:
+    directives.append('--no-requeue')  # The cluster's default (JobRequeue=1) would requeue on preemption.
+    if job.signal_seconds:
+      directives.append(f'--signal=TERM@{job.signal_seconds}')
   directives += list(job.sbatch_flags)
 
-  env = [('PYTHONUNBUFFERED', '1'), *common.parse_env(job.env)]
+  # srun's steps inherit sbatch's --export (NONE on some sites): ALL gives them this script's exports.
+  env = [('SLURM_EXPORT_ENV', 'ALL'), ('PYTHONUNBUFFERED', '1'), *common.parse_env(job.env)]
   if job.process_mode == 'per_node':
     # jax.distributed.initialize() would otherwise give the single process per
     # node only GPU SLURM_LOCALID=0; this keeps all of them.
@@ -259,7 +278,11 @@ def sbatch_script(job: SlurmJob) -> str:
         '  signalled=USR1',
         (f'  echo "job ${{SLURM_JOB_ID}}: time limit in <= {job.signal_seconds}s: SIGTERM to the trainer, '
          'then requeue" >&2'),
-        '  scancel --signal=TERM "${SLURM_JOB_ID}"',
+        '  for attempt in 1 2 3; do',
+        '    scancel --signal=TERM "${SLURM_JOB_ID}" && break',
+        '    echo "job ${SLURM_JOB_ID}: scancel failed (try ${attempt}/3)" >&2',
+        '    sleep 5',
+        '  done',
         '}',
         'trap requeue_before_time_limit USR1',
     ]
@@ -268,12 +291,16 @@ def sbatch_script(job: SlurmJob) -> str:
       f'{srun_line} \\',
       f'  {shlex.join(trainer)} &',
       'srun_pid=$!',
+      'status=',
       'while :; do',
       '  trapped=',
       '  wait "${srun_pid}"',
-      '  status=$?',
-      '  # A trapped signal ends `wait` early (status > 128) while srun still runs: wait again.',
-      '  if [ -z "${trapped}" ] || ! kill -0 "${srun_pid}" 2>/dev/null; then break; fi',
+      '  code=$?',
+      '  # A trapped signal ends `wait` early (status > 128): wait again, for the status of srun (bash keeps',
+      '  # it until it is waited for, also when srun ended meanwhile). 127: srun was already waited for.',
+      '  if [ "${code}" -eq 127 ] && [ -n "${status}" ]; then break; fi',
+      '  status=${code}',
+      '  if [ -z "${trapped}" ] || [ "${code}" -le 128 ]; then break; fi',
       'done',
       'echo "job ${SLURM_JOB_ID}: trainer exited with status ${status}" >&2',
       'if [ "${status}" -eq 0 ]; then',
@@ -286,8 +313,16 @@ def sbatch_script(job: SlurmJob) -> str:
         f'# {PREEMPTED_EXIT_CODE}: the trainer saved and stopped early. Requeue unless Slurm is already',
         '# ending the job: a preemption or `scontrol requeue` requeues it by itself, and a',
         '# plain `scancel` or the time limit must stay final.',
+        '# A status that a rerun repeats (65 non-finite, 78 a setting, 2 a flag) is final, signal or not.',
+        f'case "${{status}}" in {NONFINITE_EXIT_CODE}|{CONFIG_EXIT_CODE}|2) signalled= ;; esac',
         f'if [ "${{status}}" -eq {PREEMPTED_EXIT_CODE} ] || [ -n "${{signalled}}" ]; then',
-        '  state=$(squeue -h -j "${SLURM_JOB_ID}" -o %T)',
+        '  state=',
+        '  for attempt in 1 2 3 4 5; do  # A busy controller: ask again before giving up the requeue.',
+        '    if state=$(squeue -h -j "${SLURM_JOB_ID}" -o %T); then break; fi',
+        '    echo "job ${SLURM_JOB_ID}: squeue failed (try ${attempt}/5)" >&2',
+        '    state=unknown',
+        '    sleep 10',
+        '  done',
         '  if [ "${state}" = RUNNING ]; then',
         '    echo "job ${SLURM_JOB_ID}: requeueing; the next run resumes from the newest checkpoint" >&2',
         '    scontrol requeue "${SLURM_JOB_ID}"',
@@ -379,6 +414,10 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None)
   args = parser.parse_args(own_args)
   try:
     job = job_from_args(args, trainer_args)
+    # The trainer's config and --config.KEY flags, read here as the tasks will read them (from --chdir):
+    # a typo fails now, not after the job has waited in the queue.
+    common.check_job_config(job.config, job.overrides, job.extra_args,
+                            job.chdir if job.chdir and os.path.isdir(job.chdir) else '.')
   except ValueError as e:
     parser.error(str(e))
   runner = runner or common.Runner(dry_run=args.dry_run)

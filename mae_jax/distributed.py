@@ -5,7 +5,7 @@
 
   explicit flags  --coordinator_address, --num_processes, --process_id (e.g. two
                   processes on loopback): passed on as they are.
-  SLURM           SLURM_NTASKS > 1 (set by srun).
+  SLURM           SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) > 1 in a task of an srun step.
   GKE TPU         more than one host in TPU_WORKER_HOSTNAMES (or TPU_PROCESS_ADDRESSES).
   multi-slice     MEGASCALE_COORDINATOR_ADDRESS set, or MEGASCALE_NUM_SLICES > 1.
   GCE TPU VM pod  a Cloud TPU VM (`gcloud compute tpus tpu-vm create`) whose slice
@@ -71,12 +71,23 @@ def _explicit_flags(coordinator_address, num_processes, process_id) -> dict:
   return given
 
 
+# What JAX's SLURM cluster detection reads: set in each task of an srun step.
+SLURM_STEP_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
+
+
 def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
   """Names the multi-process environment this process runs in ('SLURM (...)', ...); None for one process."""
   environ = os.environ if environ is None else environ
-  tasks = environ.get('SLURM_NTASKS', '1')
+  step_tasks = environ.get('SLURM_STEP_NUM_TASKS')  # This srun step's tasks (an allocation may hold more).
+  name, tasks = (('SLURM_STEP_NUM_TASKS', step_tasks) if step_tasks else
+                 ('SLURM_NTASKS', environ.get('SLURM_NTASKS', '1')))
   if tasks.isdigit() and int(tasks) > 1:
-    return f'SLURM (SLURM_NTASKS={tasks})'
+    missing = [v for v in SLURM_STEP_VARIABLES if v not in environ]
+    if not missing:
+      return f'SLURM ({name}={tasks})'
+    # An salloc shell, or python started without srun: JAX could not find its processes.
+    logging.warning('%s=%s, but %s not set: not a task of an srun step, so this runs as one process (start it '
+                    'with srun for %s processes)', name, tasks, ', '.join(missing), tasks)
   gke = [name for name in ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES') if name in environ]
   for name in gke:
     hosts = [h for h in environ[name].split(',') if h.strip()]

@@ -81,7 +81,8 @@ def _run_main():
   try:
     distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:  # Contradicting or incomplete flags.
-    raise app.UsageError(str(e)) from None
+    sys.stderr.write(f'error: {e}\n')  # One line and exit 2, as for the other flags (not retried).
+    sys.exit(2)
   console.start_backends()  # A stray libtpu's probe errors go to the log file.
   logging.info('JAX process %d / %d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())

@@ -17,8 +17,9 @@ from jax._src.clusters import cloud_tpu_cluster
 from mae_jax import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLUSTER_VARIABLES = ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES', 'MEGASCALE_COORDINATOR_ADDRESS',
-                     'MEGASCALE_NUM_SLICES')
+CLUSTER_VARIABLES = ('SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', *distributed.SLURM_STEP_VARIABLES, 'TPU_WORKER_HOSTNAMES',
+                     'TPU_PROCESS_ADDRESSES', 'MEGASCALE_COORDINATOR_ADDRESS', 'MEGASCALE_NUM_SLICES')
+SRUN_TASK = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node1', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}
 
 
 @pytest.fixture
@@ -78,6 +79,9 @@ def test_distributed_init_single_process_calls_nothing(calls, monkeypatch):
 ])
 def test_distributed_init_cluster_environments_let_jax_detect_the_rest(calls, monkeypatch, name, value, named):
   monkeypatch.setenv(name, value)
+  if name.startswith('SLURM'):
+    for variable, task_value in SRUN_TASK.items():
+      monkeypatch.setenv(variable, task_value)
   decision = distributed.initialize('auto')
   assert decision.initialize and named in decision.reason
   assert calls == [GLOO, ('initialize', {})]  # No arguments: JAX's cluster detection fills them in.
@@ -118,6 +122,19 @@ def test_distributed_init_off_a_cloud_tpu_vm_asks_no_metadata_server(monkeypatch
 
   monkeypatch.setattr(cloud_tpu_cluster, 'get_metadata', no_network)
   assert distributed.gce_tpu_process_count() == 0
+
+
+def test_slurm_without_an_srun_step_runs_as_one_process(calls, monkeypatch, caplog):
+  """An salloc shell holds SLURM_NTASKS but is no task of a step: JAX would fail to find its processes."""
+  monkeypatch.setenv('SLURM_NTASKS', '8')
+  assert not distributed.initialize('auto').initialize and calls == []
+  assert 'SLURM_NTASKS=8, but SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID not set' in caplog.text
+  # A one-task step inside a larger allocation (an interactive srun): the step's count wins.
+  for variable, value in {**SRUN_TASK, 'SLURM_STEP_NUM_TASKS': '1'}.items():
+    monkeypatch.setenv(variable, value)
+  assert not distributed.initialize('auto').initialize and calls == []
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '2')
+  assert 'SLURM (SLURM_STEP_NUM_TASKS=2)' in distributed.initialize('auto').reason
 
 
 def test_distributed_init_off_never_initializes_nor_detects(calls, monkeypatch):
@@ -164,8 +181,8 @@ def test_distributed_flag_is_checked_by_the_entry_point(tmp_path):
   clash = subprocess.run(base + ['--distributed=off', '--coordinator_address=127.0.0.1:1', '--num_processes=2',
                                  '--process_id=0'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                          check=False)
-  assert clash.returncode == 1 and '--distributed=off with --coordinator_address' in clash.stderr, \
-      clash.stderr[-2000:]
+  assert clash.returncode == 2 and clash.stderr.strip().splitlines()[-1].startswith(
+      'error: --distributed=off with --coordinator_address'), clash.stderr[-2000:]
   assert os.listdir(tmp_path) in ([], ['logs'])  # Stopped before anything ran (the log file aside).
 
 

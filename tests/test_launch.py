@@ -8,7 +8,9 @@ from a script, so the retry and preemption logic runs exactly as in production.
 import io
 import json
 import os
+import pathlib
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -663,6 +665,7 @@ def test_slurm_one_process_per_node_keeps_all_gpus():
 def test_slurm_without_requeue_sends_sigterm_to_the_trainer():
   text = dry_run_slurm('--no-requeue', signal_seconds=300).out.getvalue()
   assert '#SBATCH --requeue' not in text
+  assert '#SBATCH --no-requeue\n' in text  # Not the cluster's default (JobRequeue=1 requeues on preemption).
   assert '#SBATCH --signal=TERM@300\n' in text
   assert 'scontrol requeue' not in text
 
@@ -693,6 +696,49 @@ def test_slurm_script_runs_and_passes_values_through(tmp_path):
   assert not (tmp_path / 'pwned').exists()
 
 
+def _slurm_stand_ins(tmp_path, trainer_seconds, trainer_status, term_status, scancel_seconds=0):
+  """srun (a trainer: sleeps, exits with trainer_status, or term_status on SIGTERM), squeue, scontrol, scancel."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  calls = tmp_path / 'calls'
+  scripts = {
+      'srun': (f'echo srun >> {calls}\ntrap \'echo saving >> {calls}; exit {term_status}\' TERM\n'
+               f'sleep {trainer_seconds} & wait $!\nexit {trainer_status}\n'),
+      'squeue': 'echo RUNNING\n',
+      'scontrol': f'echo "scontrol $*" >> {calls}\n',
+      'scancel': f'echo "scancel $*" >> {calls}\nsleep {scancel_seconds}\n',
+  }
+  for name, body in scripts.items():
+    (bin_dir / name).write_text('#!/bin/bash\n' + body)
+    (bin_dir / name).chmod(0o755)
+  return bin_dir, calls
+
+
+@pytest.mark.parametrize('case', ['finished_during_the_signal', 'nonfinite_after_the_signal', 'preempted'])
+def test_slurm_script_statuses_around_the_time_limit_signal(tmp_path, case):
+  """USR1 near the time limit: a trainer that ends meanwhile keeps its status; 65 is final, 75 is requeued."""
+  trainer_seconds, trainer_status, term_status, scancel_seconds, want_status, requeued = {
+      'finished_during_the_signal': (1, 0, 75, 3, 0, False),  # srun ends while the handler still runs.
+      'nonfinite_after_the_signal': (30, 0, 65, 0, 65, False),
+      'preempted': (30, 0, 75, 0, 75, True),
+  }[case]
+  bin_dir, calls = _slurm_stand_ins(tmp_path, trainer_seconds, trainer_status, term_status, scancel_seconds)
+  job = slurm.SlurmJob(config='configs/test.py', workdir='/w', script=str(tmp_path / 'job.sbatch'))
+  pathlib.Path(job.script).write_text(slurm.sbatch_script(job))
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID='42')
+  shell = subprocess.Popen(['bash', job.script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(0.5)
+  shell.send_signal(signal.SIGUSR1)
+  if case != 'finished_during_the_signal':  # The stand-in for scancel --signal=TERM: the trainer saves.
+    while 'srun' not in (calls.read_text() if calls.exists() else ''):
+      time.sleep(0.1)
+    subprocess.run(['pkill', '-TERM', '-f', f'{bin_dir}/srun'], check=False)
+  _, err = shell.communicate(timeout=60)
+  assert shell.returncode == want_status, err
+  assert f'trainer exited with status {want_status}' in err
+  assert ('scontrol requeue 42' in calls.read_text()) == requeued, calls.read_text()
+
+
 @pytest.mark.parametrize('flags, named', [
     ({'nodes': 0}, '--nodes'),
     ({'gpus_per_node': 0}, '--gpus_per_node'),
@@ -703,6 +749,9 @@ def test_slurm_script_runs_and_passes_values_through(tmp_path):
     ({'signal_seconds': 99999}, '--signal_seconds'),
     ({'workdir': ''}, '--workdir'),
     ({'process_mode': 'per_core'}, '--process_mode'),
+    ({'sbatch_flag': '--ntasks-per-node=4'}, 'the launcher sets --ntasks-per-node itself (--gpus_per_node'),
+    ({'sbatch_flag': '--export=NONE'}, 'the launcher sets --export itself'),
+    ({'override': 'optim.bse_lr=1'}, "unknown config key 'optim.bse_lr'; close matches: optim.base_lr"),
 ])
 def test_slurm_bad_inputs_name_the_flag(capsys, flags, named):
   runner = common.Runner(dry_run=True, out=io.StringIO())

@@ -703,7 +703,7 @@ def _slurm_stand_ins(tmp_path, trainer_seconds, trainer_status, term_status, sca
   calls = tmp_path / 'calls'
   scripts = {
       'srun': (f'echo srun >> {calls}\ntrap \'echo saving >> {calls}; exit {term_status}\' TERM\n'
-               f'sleep {trainer_seconds} & wait $!\nexit {trainer_status}\n'),
+               f'sleep {trainer_seconds} >/dev/null 2>&1 & wait $!\nexit {trainer_status}\n'),  # Pipes closed.
       'squeue': 'echo RUNNING\n',
       'scontrol': f'echo "scontrol $*" >> {calls}\n',
       'scancel': f'echo "scancel $*" >> {calls}\nsleep {scancel_seconds}\n',

@@ -156,7 +156,7 @@ class SlurmJob:
     if not 0 <= self.signal_seconds <= _MAX_SIGNAL_SECONDS:
       raise ValueError(f'--signal_seconds={self.signal_seconds}: must be in '
                        f'[0, {_MAX_SIGNAL_SECONDS}] (0 disables the early signal)')
-    if self.time and self.signal_seconds and self.signal_seconds >= time_limit_seconds(self.time):
+    if self.time and self.signal_seconds and 0 < time_limit_seconds(self.time) <= self.signal_seconds:
       raise ValueError(f'--signal_seconds={self.signal_seconds}: must be below --time={self.time} '
                        f'({time_limit_seconds(self.time)}s), or the signal comes as the job starts; '
                        'e.g. --time=0:02:00 --signal_seconds=60')
@@ -348,6 +348,12 @@ def submit(job: SlurmJob, runner: common.Runner) -> None:
     log_dir = os.path.dirname(job.output)
     if log_dir and '%' not in log_dir:
       os.makedirs(log_dir, exist_ok=True)
+    elif '%' in log_dir:  # logs/%x/%j.out: Slurm expands the pattern; the folders before it can be made now.
+      fixed = os.path.dirname(log_dir.split('%', 1)[0] + 'x')
+      if fixed:
+        os.makedirs(fixed, exist_ok=True)
+      print(f'warning: --output={job.output}: Slurm does not create folders, and the one named by a pattern '
+            f'({log_dir}) must exist when the job starts', file=sys.stderr)
     with open(path, 'w', encoding='utf-8') as f:
       f.write(script)
     os.chmod(path, 0o755)

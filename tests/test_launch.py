@@ -696,6 +696,10 @@ def test_slurm_script_runs_and_passes_values_through(tmp_path):
   assert not (tmp_path / 'pwned').exists()
 
 
+def test_slurm_time_zero_is_no_limit():
+  assert '#SBATCH --time=0\n' in dry_run_slurm(time='0').out.getvalue()  # Slurm's "no limit": no early signal due.
+
+
 def _slurm_stand_ins(tmp_path, trainer_seconds, trainer_status, term_status, scancel_seconds=0):
   """srun (a trainer: sleeps, exits with trainer_status, or term_status on SIGTERM), squeue, scontrol, scancel."""
   bin_dir = tmp_path / 'bin'

@@ -301,10 +301,16 @@ def check_job_config(config: str, overrides: Sequence[str] = (), extra_args: Seq
                        'file that is)')
   local = os.path.join(source_dir, path) if not os.path.isabs(path) else path
   spec = config.replace(path, local, 1) if os.path.exists(local) else config
+  from mae_jax import config_tools  # pylint: disable=g-import-not-at-top
   items = [str(item).removeprefix('config.') for item in overrides]
-  items += [arg[len('--config.'):] for arg in extra_args if arg.startswith('--config.')]
+  # Values are checked in the --config.KEY=VALUE form; every spelling's key (--config.KEY VALUE, a bare
+  # --config.FLAG, --noconfig.FLAG) is checked to exist.
+  items += [arg[len('--config.'):] for arg in extra_args if arg.startswith('--config.') and '=' in arg]
+  _, keys = config_tools.config_flag_overrides(list(extra_args))
   try:
-    config_common.set_overrides(config_common.load_config(spec), items)
+    loaded = config_common.load_config(spec)
+    config_common.check_keys(loaded, keys)
+    config_common.set_overrides(loaded, items)
   except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
     raise ValueError(f'--config={config}: {" ".join(str(e).split())}') from None
 

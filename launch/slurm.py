@@ -86,7 +86,7 @@ _MANAGED_OPTIONS = {
     '--job-name': '--job_name', '-J': '--job_name', '--nodes': '--nodes', '-N': '--nodes',
     '--ntasks-per-node': '--gpus_per_node and --process_mode', '--ntasks': '--gpus_per_node and --process_mode',
     '--gpus-per-node': '--gpus_per_node', '--gpus-per-task': '--gpus_per_node (one JAX process sees them all)',
-    '--gres': '--gpus_per_node', '--gpus': '--gpus_per_node', '--cpus-per-task': '--cpus_per_task',
+    '--cpus-per-task': '--cpus_per_task',
     '--mem': '--mem', '--partition': '--partition', '--account': '--account', '--qos': '--qos',
     '--time': '--time', '--output': '--output', '--error': '--output (one log)', '--open-mode': '--output',
     '--requeue': '--norequeue', '--no-requeue': '--norequeue', '--signal': '--signal_seconds',

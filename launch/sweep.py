@@ -381,9 +381,14 @@ def run_tpu(sweep: Sweep, template, runner: common.Runner, steps: Sequence[str],
   jobs = [dataclasses.replace(template, config=sweep.base, workdir=run.workdir,
                               overrides=tuple(run.override_args)) for run in pending]
   once = [s for s in ('create', 'setup') if s in steps]
+  foreign = False  # A TPU of that name but another type: left alone, as launch.tpu leaves it.
   try:
     if once:
-      tpu.launch(jobs[0], runner, once)
+      try:
+        tpu.launch(jobs[0], runner, once)
+      except tpu.ForeignTpu:
+        foreign = True
+        raise
     if 'run' in steps:
       for run, job in zip(pending, jobs):
         runner.echo(f'# {run.name}: running in {run.workdir}')
@@ -401,7 +406,7 @@ def run_tpu(sweep: Sweep, template, runner: common.Runner, steps: Sequence[str],
         if not runner.dry_run:
           mark_done(run, {'step': None}, run_settings(sweep, run, template.extra_args))
   finally:
-    if 'delete' in steps and runner.run(tpu.delete_command(jobs[0]), check=False):
+    if 'delete' in steps and not foreign and runner.run(tpu.delete_command(jobs[0]), check=False):
       runner.echo(f'# WARNING: deleting {jobs[0].tpu_name} failed; delete it by hand')
   return statuses
 

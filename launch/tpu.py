@@ -322,12 +322,15 @@ def _create(job: TpuJob, runner: common.Runner, reuse: bool = False) -> None:
   if created and not queued:
     return  # `tpu-vm create` returns once the VM is READY.
   deleted = False  # Seen DELETING: create it again once it is gone.
+  checked = False  # The accelerator type of one that existed before this launch.
   while True:
     returncode, state = runner.capture(describe_command(job), dry_run_stdout=ready)
     state = '' if returncode else state
+    if state and state != 'DELETING' and not created and not checked:
+      _check_existing_type(job, runner)  # Before it is waited for, used, or deleted and created again.
+      checked = True
     if state == ready:
       if not created:
-        _check_existing_type(job, runner)
         runner.echo(f'# {job.tpu_name} already exists ({state}): using it (an earlier launch of this job?)')
       return
     if state in waiting or (state == 'DELETING' and not created):

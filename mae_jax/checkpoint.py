@@ -106,9 +106,22 @@ class CheckpointReadError(RuntimeError):
   """A checkpoint could not be read (a damaged file, a storage error); a rerun may pass."""
 
 
+def error_text(error: Exception) -> str:
+  """An Orbax / TensorStore error on one line, without the spec of several KB that it may append."""
+  text = str(error)
+  for tail in (' [tensorstore_spec', '. See full TensorStore details'):
+    text = text.split(tail)[0]
+  return ' '.join(text.split()) or type(error).__name__
+
+
+def is_misfit(error: Exception) -> bool:
+  """Whether Orbax says the saved tree does not fit the one asked for (not that a read failed)."""
+  return isinstance(error, ValueError) and any(words in error_text(error) for words in MISFIT_MESSAGES)
+
+
 def read_error(directory: str, step: int, error: Exception, fix: str) -> CheckpointReadError:
   """One line: the checkpoint, what failed (without tensorstore's spec of several KB) and `fix`."""
-  detail = ' '.join(str(error).split(' [tensorstore_spec')[0].split()) or type(error).__name__
+  detail = error_text(error)
   detail = detail if len(detail) <= 300 else detail[:300] + '...'
   return CheckpointReadError(f'checkpoint step {step} in {directory} could not be read ({detail}). A storage '
                              f'hiccup passes on a rerun; {fix}')
@@ -229,7 +242,7 @@ def _load(workdir, step, abstract_params, with_params=True):
     try:
       restored = _restore_params_and_meta(manager, step, abstract_params, with_params)
     except Exception as e:  # pylint: disable=broad-except
-      if isinstance(e, ValueError) and any(words in str(e) for words in MISFIT_MESSAGES):
+      if is_misfit(e):
         raise  # The caller's tree does not fit: its caller names the setting.
       earlier = [s for s in manager.all_steps() if s < step]
       raise read_error(directory, step, e, f'if it is damaged, read an earlier step ({", ".join(map(str, earlier))})'

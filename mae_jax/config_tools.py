@@ -127,6 +127,9 @@ def check_config_flags(argv: Sequence[str], name: str = 'config') -> None:
     return  # config_flags reports a missing file in its own words.
   except ValueError as e:  # A bad FILE.py:ARGS argument (a typo, a variant that does not exist).
     raise ValueError(f'--{name}={spec}: {" ".join(str(e).split())}') from None
+  except (AttributeError, KeyError, TypeError, ImportError, SyntaxError) as e:  # A config file that fails.
+    raise ValueError(f'--{name}={spec}: the config file failed: {type(e).__name__}: '
+                     f'{" ".join(str(e).split())}') from None
   if keys and isinstance(config, ml_collections.ConfigDict):
     try:
       check_keys(config, keys)
@@ -143,8 +146,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """
   try:
     check_config_flags(argv)
-  except ValueError as e:
-    sys.stderr.write(f'error: {e}\n')
+  except (AttributeError, KeyError, TypeError, ValueError, ImportError, SyntaxError) as e:
+    sys.stderr.write(f'error: {" ".join(str(e).split()) or type(e).__name__}\n')
     sys.exit(2)
   try:
     rest = flags.FLAGS(argv)

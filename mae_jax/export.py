@@ -75,6 +75,8 @@ def main(argv):
   console.start_backends()  # A stray libtpu's probe errors to the log file.
   if bool(flag_values.workdir) == bool(flag_values.import_from):
     raise app.UsageError('pass exactly one of --workdir and --import_from')
+  if flag_values.workdir and flag_values.override:
+    raise app.UsageError('--override goes with --import_from: a --workdir run\'s model is in its config')
   try:
     if flag_values.workdir:
       out = export_from_workdir(flag_values.workdir, flag_values.format, flag_values.out,

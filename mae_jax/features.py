@@ -491,6 +491,8 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
     model_overrides = files.parse_overrides(overrides)
   except ValueError as e:
     raise FeaturesError(str(e)) from None
+  if model_overrides and workdir:
+    raise FeaturesError("--override goes with --weights: a --workdir run's model is in its config")
   encoder_kwargs, params, facts = load_encoder(weights=weights, workdir=workdir, step=step, model_name=model_name,
                                                dtype=dtype, model_overrides=model_overrides)
   layers = check_layers(layers, encoder_kwargs['depth'], facts['model_name'])

@@ -252,7 +252,7 @@ def _misfit(checkpointer, step: int, config, error: Exception) -> ResumeError | 
   message is not about the trees (an unreadable file, a storage error): the
   caller raises a CheckpointReadError, which a launcher may retry.
   """
-  detail = ' '.join(str(error).split())
+  detail = ckpt_lib.error_text(error)
   detail = detail if len(detail) <= 240 else detail[:240] + '...'
   changed = []
   if config is not None:

@@ -255,7 +255,7 @@ def test_set_overrides_types_and_close_matches():
     common.set_overrides(config, ['mask_ratio'])
 
 
-def test_check_config_flags_names_close_matches(capsys):
+def test_check_config_flags_names_close_matches(capsys, tmp_path):
   argv = ['main', '--config=configs/mae_pretrain.py:variant=B/16,runlocal=True', '--workdir=/tmp/x',
           '--config.batch_size=8', '--config.optim.baselr=1e-3', '--config.mask_ration=0.5']
   with pytest.raises(ValueError) as error:
@@ -268,6 +268,12 @@ def test_check_config_flags_names_close_matches(capsys):
     config_tools.parse_flags(argv)  # The one flag parser: every unknown key with its close matches, one line.
   err = capsys.readouterr().err
   assert err.startswith('error: --config=configs/mae_pretrain.py:variant=B/16,runlocal=True: unknown config key')
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(arg=None):\n  return {}["model"]\n')  # A config file that fails otherwise.
+  with pytest.raises(SystemExit) as stopped:
+    config_tools.parse_flags(['main', f'--config={broken}', '--workdir=/tmp/x'])
+  assert stopped.value.code == 2
+  assert capsys.readouterr().err == f"error: --config={broken}: the config file failed: KeyError: 'model'\n"
   assert "'mask_ration'; close matches: mask_ratio" in err
 
 

@@ -557,6 +557,7 @@ def test_a_file_without_metadata_gives_its_channels_and_size(tmp_path):
   assert weights.load_weights(path, TEST_MODEL, image_size=32, in_channels=1)[2]['image_size'] == 32
   assert weights.files.parse_overrides(['in_channels=4', 'image_size=(32, 48)', 'norm_pix_loss=True']) == {
       'in_channels': 4, 'image_size': (32, 48), 'norm_pix_loss': True}
+  assert weights.files.parse_overrides(['norm_pix_loss=false'])['norm_pix_loss'] is False  # Not the text 'false'.
   for bad, match in (('in_chanels=4', "'in_chanels' is not a model field; known: .*in_channels"),
                      ('in_channels', 'expected KEY=VALUE')):
     with pytest.raises(ValueError, match=match):

@@ -223,6 +223,7 @@ def test_fine_tuned_weights_keep_their_trained_position_table(tmp_path):
     (dict(weights='WEIGHTS', dataset='nothing_here', data_dir='DATA_DIR'), '--dataset=nothing_here'),
     (dict(weights='WEIGHTS', images='EMPTY'), 'no image files'),
     (dict(weights='WEIGHTS', images='FOLDER', overrides=['in_chanels=4']), "'in_chanels' is not a model field"),
+    (dict(workdir='/tmp/run', images='FOLDER', overrides=['in_channels=4']), '--override goes with --weights'),
 ])
 def test_bad_settings_name_the_flag(weights_file, folder, tmp_path, kwargs, match):
   (tmp_path / 'empty').mkdir()

@@ -342,6 +342,11 @@ def test_rerunning_the_command_uses_the_tpu_that_exists(capsys):
   assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'describe')]
   assert ('--format=value(acceleratorType)' in runner.commands[2]
           and 'mae-test already exists as a v4-32, not the --accelerator_type=v4-8' in capsys.readouterr().err)
+  # Lost (or still being created), and of another type: not deleted and created again, not waited for.
+  for state in ('PREEMPTED', 'CREATING'):
+    runner = ScriptedRunner(states=[state], failures={'create': (1,)}, existing_type='v4-32')
+    assert tpu.main(tpu_argv(), runner=runner) == 1
+    assert kinds(runner) == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'describe')], state
   # v5e-16 asked for, v5litepod-16 found: the same slice in gcloud's spelling.
   runner = ScriptedRunner(states=['READY'], failures={'create': (1,)}, existing_type='v5litepod-16',
                           job_results=[[common.StreamResult(0, 4, (0,))]])
@@ -349,8 +354,8 @@ def test_rerunning_the_command_uses_the_tpu_that_exists(capsys):
   # A lost one of that name is replaced; none at all (describe fails): the create's failure stands.
   runner = ScriptedRunner(states=['PREEMPTED'], failures={'create': (1,)}, job_results=[[common.StreamResult(0, 1)]])
   assert tpu.main(tpu_argv(), runner=runner) == 0
-  assert kinds(runner)[:4] == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'delete'),
-                               ('tpu-vm', 'create')]
+  assert kinds(runner)[:5] == [('tpu-vm', 'create'), ('tpu-vm', 'describe'), ('tpu-vm', 'describe'),
+                               ('tpu-vm', 'delete'), ('tpu-vm', 'create')]  # Its state, its type (the same).
   runner = ScriptedRunner(failures={'create': (1,)})
   runner._call_capture = lambda command: (1, '')  # NOT_FOUND
   assert tpu.main(tpu_argv(), runner=runner) == 1
@@ -401,6 +406,16 @@ def test_a_setting_to_fix_is_not_retried(capsys):
   runner = ScriptedRunner(job_results=[[common.StreamResult(1, 0, (2, 2))]])
   assert tpu.main(tpu_argv(accelerator_type='v4-16', max_retries=5), runner=runner) == 1
   assert sum(is_run(c) for c in runner.commands) == 1
+
+
+def test_every_spelling_of_a_trainer_config_flag_is_read():
+  """absl takes --config.KEY VALUE, a bare --config.FLAG and --noconfig.FLAG as well as --config.KEY=VALUE."""
+  common.check_job_config('configs/test.py', (), ['--config.seed', '3', '--config.norm_pix_loss',
+                                                  '--noconfig.norm_pix_loss', '--config.seed=4'])
+  with pytest.raises(ValueError, match="unknown config key 'sed'; close matches: seed"):
+    common.check_job_config('configs/test.py', (), ['--config.sed', '3'])
+  with pytest.raises(ValueError, match="unknown config key 'norm_pix_los'"):
+    common.check_job_config('configs/test.py', (), ['--noconfig.norm_pix_los'])
 
 
 @pytest.mark.parametrize('flags,match', [
@@ -694,6 +709,11 @@ def test_slurm_script_runs_and_passes_values_through(tmp_path):
   assert printed['argv'][4:] == [f'--config.model.name={value}', '--', 'x y']
   assert printed['tag'] == value
   assert not (tmp_path / 'pwned').exists()
+
+
+def test_slurm_sbatch_flags_the_launcher_does_not_set_pass():
+  text = dry_run_slurm(sbatch_flag='--gres=gpu:a100:8').out.getvalue()  # A GPU type, or a non-GPU gres.
+  assert '#SBATCH --gres=gpu:a100:8\n' in text
 
 
 def test_slurm_time_zero_is_no_limit():

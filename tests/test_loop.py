@@ -90,6 +90,16 @@ def test_the_trainers_checks_raise_config_errors_which_main_does_not_let_launche
     parallel.create_mesh(config.mesh)
 
 
+def test_checkpoint_errors_lose_tensorstores_spec():
+  data_read = Exception("Encountered error while reading array index: (slice(0, 64, 1),). See full TensorStore "
+                        "details: <bound method spec of TensorStore({'metadata': {'shape': [64]}})>")
+  assert checkpoint.error_text(data_read) == 'Encountered error while reading array index: (slice(0, 64, 1),)'
+  manifest = ValueError('DATA_LOSS: Error decoding manifest [tensorstore_spec=\'{"metadata": {"shape": [3]}}\']')
+  assert checkpoint.error_text(manifest) == 'DATA_LOSS: Error decoding manifest'
+  assert not checkpoint.is_misfit(manifest)  # 'shape' in the spec is not Orbax saying that the tree misfits.
+  assert checkpoint.is_misfit(ValueError('Requested shape (3,) does not match the saved shape (4,)'))
+
+
 def test_train_steps_from_epochs_or_steps():
   config = test_config.get_config('steps=5')
   assert train_state.train_steps(config, 64) == (4, 5)

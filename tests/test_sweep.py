@@ -332,6 +332,23 @@ def test_tpu_mode_interrupted_writes_the_summary_and_exits_75(tmp_path):
     assert '| mask0.5_dec2 | 0.5 | 2 | interrupted |' in f.read()
 
 
+def test_tpu_mode_leaves_a_tpu_of_another_type_alone(tmp_path):
+  """The TPU name is taken by another accelerator type: the sweep stops and deletes nothing."""
+
+  class OtherTypeGcloud(common.Runner):
+    def _call(self, command):
+      return 1 if command[4:5] == ('create',) else 0  # ALREADY_EXISTS
+
+    def _call_capture(self, command):
+      return 0, 'v4-8' if any('acceleratorType' in part for part in command) else 'READY'
+
+  runner = OtherTypeGcloud(out=io.StringIO())
+  status, _ = run_sweep(f'--sweep={TINY}', f'--root={tmp_path / "root"}', *TPU_FLAGS, runner=runner)
+  assert status == sweep_lib.EXIT_FAILED
+  assert not [c for c in runner.commands if c[4:5] == ('delete',)], runner.commands
+  assert 'already exists as a v4-8, not the --accelerator_type=v4-32' in runner.out.getvalue()
+
+
 def test_tpu_mode_rejects_per_run_flags(tmp_path, capsys):
   # A config the workers would not get (not committed): refused before any TPU is created.
   sweep_file = tmp_path / 'local_sweep.py'

@@ -431,10 +431,17 @@ def parse_overrides(items) -> dict:
       raise ValueError(f'--override={item!r}: expected KEY=VALUE, e.g. --override=in_channels=4')
     if key not in fields:
       raise ValueError(f'--override={item!r}: {key!r} is not a model field; known: {", ".join(sorted(fields))}')
-    try:
-      value = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-      value = text.strip()
+    text = text.strip()
+    default = layout.mae_field_default(key)
+    if isinstance(default, bool):  # As the trainers' --config flags read it: true / false, 1 / 0.
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'--override={item!r}: {key} is true or false')
+      value = text.lower() in ('true', '1')
+    else:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = text
     overrides[key] = tuple(value) if isinstance(value, list) else value
   return overrides
 

@@ -114,6 +114,11 @@ def mae_field_names() -> set[str]:
   return set(mae.MaskedAutoencoder.__dataclass_fields__) - {'parent', 'name'}
 
 
+def mae_field_default(name: str):
+  """The MaskedAutoencoder field's default value."""
+  return mae.MaskedAutoencoder.__dataclass_fields__[name].default
+
+
 def mae_fields(overrides: dict) -> dict:
   """The overrides that are MaskedAutoencoder fields."""
   fields = mae_field_names()

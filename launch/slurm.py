@@ -427,6 +427,9 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None)
   except ValueError as e:
     parser.error(str(e))
   runner = runner or common.Runner(dry_run=args.dry_run)
+  if not job.cpus_per_task:
+    print('note: --cpus_per_task is not set: many clusters then give each task one CPU, too few to decode and '
+          'augment images for a GPU; set it (e.g. --cpus_per_task=8 per GPU task)', file=sys.stderr)
   try:
     submit(job, runner)
   except common.LaunchError as e:

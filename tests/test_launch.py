@@ -716,6 +716,13 @@ def test_slurm_sbatch_flags_the_launcher_does_not_set_pass():
   assert '#SBATCH --gres=gpu:a100:8\n' in text
 
 
+def test_slurm_without_cpus_per_task_says_what_it_means(capsys):
+  dry_run_slurm(cpus_per_task=0)
+  assert 'note: --cpus_per_task is not set' in capsys.readouterr().err
+  dry_run_slurm()
+  assert 'cpus_per_task' not in capsys.readouterr().err
+
+
 def test_slurm_time_zero_is_no_limit():
   assert '#SBATCH --time=0\n' in dry_run_slurm(time='0').out.getvalue()  # Slurm's "no limit": no early signal due.
 

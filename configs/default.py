@@ -6,6 +6,7 @@ file's `get_config(arg)` takes a big_vision-style string such as
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -71,6 +72,15 @@ def get_config(arg=None):
   config.model.scan_layers = False  # nn.scan over blocks: fast compiles for deep models.
   config.model.attention_impl = 'xla'  # xla | cudnn (GPU) | tpu_flash (TPU) | naive
   config.model.encoder_mask_tokens = False  # Ablation: mask tokens in the encoder.
+  # Sizes, when not the name's (None = the name's; recipes set the decoder's).
+  config.model.patch_size = config_dict.placeholder(int)
+  config.model.embed_dim = config_dict.placeholder(int)  # Encoder width.
+  config.model.depth = config_dict.placeholder(int)  # Encoder blocks.
+  config.model.num_heads = config_dict.placeholder(int)
+  config.model.mlp_ratio = config_dict.placeholder(float)  # Hidden width / width, encoder and decoder.
+  config.model.decoder_embed_dim = config_dict.placeholder(int)  # Decoder width.
+  config.model.decoder_depth = config_dict.placeholder(int)  # Decoder blocks.
+  config.model.decoder_num_heads = config_dict.placeholder(int)
 
   # Data.
   # Not type-locked: image_size takes a side (28) or (height, width) in config files.

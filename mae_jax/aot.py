@@ -446,6 +446,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The command line of `python -m mae_jax.aot` (not defined on import: this module is a library too)."""
   console.define_flags()  # --verbose.
+  flags.adopt_module_key_flags(console)  # Listed by --help.
   config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/FILE.py[:ARGS]).',
                                   lock_config=False)
   flags.DEFINE_string('topology', None, 'TPU slice: v5e-256, v4-128, v5p-512, v6e-64 or v5e:16x16.')

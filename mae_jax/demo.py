@@ -26,6 +26,7 @@ flags.DEFINE_string('source_dir', None, 'Fashion-MNIST IDX files (default: Debia
 flags.DEFINE_integer('steps', 600, 'Training steps.')
 flags.DEFINE_bool('overwrite', False, 'Prepare the data set again even if it is already prepared.')
 console.define_flags()  # --verbose, --progress.
+flags.adopt_module_key_flags(console)  # Listed by --help.
 
 
 def knn_history(workdir: str) -> list[tuple[int, float]]:

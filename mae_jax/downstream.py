@@ -14,9 +14,10 @@ neither, the encoder starts from random weights (runlocal, tests, baselines).
 """
 
 import ml_collections
+from absl import app, flags
 
+from mae_jax import config_tools, console, supervised
 from mae_jax import main as main_lib
-from mae_jax import supervised
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -26,7 +27,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def run():
   """Console-script entry point: mae-jax-downstream --config=... --workdir=... (the same as mae-jax)."""
-  main_lib.run()
+  main_lib.define_flags()
+  flags.adopt_module_key_flags(main_lib)  # --help lists them.
+  flags.adopt_module_key_flags(console)
+  app.run(main_lib.main, flags_parser=config_tools.parse_flags)
 
 
 if __name__ == '__main__':

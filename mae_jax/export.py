@@ -54,6 +54,7 @@ def convert(source: str, fmt: str, out: str, *, model_name: str | None = None, f
 
 def _define_flags():
   console.define_flags()  # --verbose.
+  flags.adopt_module_key_flags(console)  # Listed by --help.
   flags.DEFINE_string('workdir', None, 'Training workdir whose Orbax checkpoint is exported.')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
   flags.DEFINE_string('import_from', None, 'Instead of --workdir: a .pth / .safetensors / hf / orbax path.')

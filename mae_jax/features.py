@@ -43,10 +43,14 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 from absl import app, flags, logging
 
-from mae_jax import checkpoint, console, fileio, parallel, train_state
+from mae_jax import console  # Before TensorFlow: console imports it with its native log lines sent to the log file.
+
+# isort: split
+import tensorflow as tf
+
+from mae_jax import checkpoint, fileio, parallel, train_state
 from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, input_pipeline, prepare, preprocess, sources
 from mae_jax.models import from_config, mae, vit
 from mae_jax.models import pos_embed as pos_tables
@@ -583,6 +587,7 @@ def main(argv):
 def run():
   _define_flags()
   console.define_flags()  # --verbose (this entry point's --progress is its own bar's switch).
+  flags.adopt_module_key_flags(console)  # Listed by --help.
   app.run(main)
 
 

@@ -45,6 +45,7 @@ def define_flags():
                     'jax.distributed: auto = start it for multi-process jobs (the flags above, SLURM, GKE or '
                     'GCE TPU pods, multi-slice), on = always (fails when no cluster is found), off = never.')
   console.define_flags()  # --verbose, --progress.
+  flags.adopt_module_key_flags(console)  # Listed by --help.
   flags.mark_flags_as_required(['config', 'workdir'])
 
 

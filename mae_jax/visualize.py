@@ -356,6 +356,7 @@ def main(argv):
 
 def run():
   console.define_flags()  # --verbose.
+  flags.adopt_module_key_flags(console)  # Listed by --help.
   _define_flags()
   app.run(main)
 

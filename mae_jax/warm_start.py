@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from mae_jax import checkpoint, fileio, models, parallel
+from mae_jax import checkpoint, config_tools, fileio, models, parallel
 from mae_jax.models import from_config
 from mae_jax.weights import files, hf, layout, reference
 
@@ -325,6 +325,7 @@ def merge(params, loaded):
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
+@config_tools.settings_check  # A file that does not fit the config fails the same way on a rerun: exit 78.
 def prepare(config, workdir: str, abstract_params, shardings) -> WarmStart | None:
   """`config.init_from`'s params placed into `shardings`; None without init_from or when resuming.
 

@@ -237,6 +237,17 @@ def test_parse_arg_types_and_errors():
     common.load_config('configs/test.py:steps=0')  # Not num_train_steps=0: "train by epochs" (10 epochs).
 
 
+def test_model_sizes_are_declared_and_none_leaves_the_names():
+  """--config.model.embed_dim=48 (as the warm-start hints say) works; None keeps the model name's size."""
+  from mae_jax.models import from_config  # pylint: disable=g-import-not-at-top
+  config = common.load_config('configs/default.py')
+  assert 'embed_dim' not in from_config.model_overrides(config) and config.model.embed_dim is None
+  common.set_overrides(config, ['model.embed_dim=48', 'model.mlp_ratio=2', 'model.depth=3'])
+  overrides = from_config.model_overrides(config)
+  assert (overrides['embed_dim'], overrides['mlp_ratio'], overrides['depth']) == (48, 2.0, 3)
+  assert from_config.build_mae(config).embed_dim == 48
+
+
 def test_set_overrides_types_and_close_matches():
   config = common.load_config('configs/test.py')
   common.set_overrides(config, ['optim.base_lr=1e-3', 'model.decoder_depth=2', 'norm_pix_loss=false',

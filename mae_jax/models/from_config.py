@@ -42,7 +42,8 @@ def model_overrides(config, strict: bool = True) -> dict:
   """
   fields = _mae_fields()
   model = _get(config, 'model', {}) or {}
-  overrides = {k: v for k, v in model.items() if k not in NOT_MODEL_FIELDS and k in fields}
+  # None: a size the config leaves to the model name (model.embed_dim, ... are declared as None).
+  overrides = {k: v for k, v in model.items() if k not in NOT_MODEL_FIELDS and k in fields and v is not None}
   unknown = sorted(k for k in model.keys() if k not in NOT_MODEL_FIELDS and k not in fields)
   if unknown and strict:
     raise ValueError(f'model.{unknown[0]}: not a model setting; allowed: {sorted(fields)}')

@@ -139,7 +139,7 @@ def _what_it_is_instead(path: str) -> str:
     start = b''
   if start.startswith(b'version https://git-lfs'):
     return ('it is a git-lfs pointer, not the weights: fetch them with `git lfs pull` in the clone (or '
-            '`huggingface-cli download`)')
+            '`hf download`)')
   if start[:1] == b'<':
     return 'it is an HTML or XML page, not the weights: download the file itself'
   return 'damaged, or cut short: download it again'

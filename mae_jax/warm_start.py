@@ -72,6 +72,10 @@ CONFIG_KEYS = {
 }
 
 
+# The encoder's final norm, under reference, Hugging Face or mae_jax names.
+_FINAL_NORM = re.compile(r'^(norm\.|(vit\.)?layernorm\.|encoder/norm/)')
+
+
 @dataclasses.dataclass(frozen=True)
 class WarmStart:
   """The params of `config.init_from`, on the mesh, and what they cover."""
@@ -195,7 +199,10 @@ def check_fit(found: dict, expected: dict, naming: _Naming, source: str, model: 
     lines.append(f'  in the file but not in the model ({len(unexpected)}): {_listed(unexpected)}')
   lines += [f'  the file\'s {q} is {file_arch[q]}, the model\'s {model_arch[q]}: change {CONFIG_KEYS[q]}'
             for q in differ]
-  if not differ:
+  if missing and all(_FINAL_NORM.search(key) for key in missing):
+    lines.append('  (no final norm of the encoder: a classifier fine-tuned with global pooling has none, its fc_norm '
+                 'normalises the pooled tokens; start from a pretraining checkpoint or its export)')
+  elif not differ:
     lines.append('  (its sizes match, but not its tensors: is it an MAE / ViT checkpoint?)')
   raise ValueError('\n'.join(lines))
 

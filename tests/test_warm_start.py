@@ -206,6 +206,18 @@ def test_file_that_does_not_fit_fails_before_compile_naming_tensor_and_key(
   assert not os.path.exists(os.path.join(str(tmp_path), 'checkpoints'))  # Stopped before the state was built.
 
 
+def test_a_global_pool_classifier_is_named_as_such(source, tmp_path):
+  """Fine-tuned with global pooling: fc_norm in place of the encoder's norm, and a head."""
+  state = {k: v for k, v in _reference_state({'encoder': source['encoder']}).items() if not k.startswith('norm.')}
+  state.update({'fc_norm.weight': np.ones(32, np.float32), 'fc_norm.bias': np.zeros(32, np.float32),
+                'head.weight': np.zeros((10, 32), np.float32), 'head.bias': np.zeros(10, np.float32)})
+  path = str(tmp_path / 'classifier.safetensors')
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  safetensors.numpy.save_file(state, path)
+  with pytest.raises(config_tools.ConfigError, match='a classifier fine-tuned with global pooling'):
+    train.train_and_evaluate(_config(path), str(tmp_path / 'run'))
+
+
 def _prepare(config, workdir):
   """warm_start.prepare as train_and_evaluate calls it (nothing compiles): (WarmStart, state shardings, log)."""
   mesh = parallel.create_mesh(config.mesh)

@@ -152,13 +152,6 @@ def load_sweep(spec: str, root: str, only: Sequence[str] = ()) -> Sweep:
     root = os.path.abspath(root)
   runs = tuple(Run(r['name'], dict(r.get('overrides', {})), _join(root, r['name']))
                for r in raw['runs'])
-  if only:
-    names = [r.name for r in runs]
-    missing = [n for n in only if n not in names]
-    if missing:
-      raise ValueError('--only: ' + '; '.join(
-          config_common.unknown_key_message(n, names, 'run') for n in missing))
-    runs = tuple(r for r in runs if r.name in only)
   sweep = Sweep(spec=spec, base=raw['base'], root=root, runs=runs)
   base_config = config_common.load_config(sweep.base)
   for run in sweep.runs:
@@ -168,7 +161,18 @@ def load_sweep(spec: str, root: str, only: Sequence[str] = ()) -> Sweep:
         _check_type(key, value, _value_at(base_config, key))
     except ValueError as e:
       raise ValueError(f'sweep run {run.name!r} (base {sweep.base}): {e}') from None
-  return sweep
+  return select_runs(sweep, only)
+
+
+def select_runs(sweep: Sweep, only: Sequence[str] = ()) -> Sweep:
+  """The sweep with only the runs named in `only` (all when empty); an unknown name is a ValueError."""
+  if not only:
+    return sweep
+  names = [r.name for r in sweep.runs]
+  missing = [n for n in only if n not in names]
+  if missing:
+    raise ValueError('--only: ' + '; '.join(config_common.unknown_key_message(n, names, 'run') for n in missing))
+  return dataclasses.replace(sweep, runs=tuple(r for r in sweep.runs if r.name in only))
 
 
 def _value_at(config, key: str):
@@ -494,10 +498,10 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
     parser.error(f'--max_runs={args.max_runs}: must be >= 0')
   try:
     sweep = load_sweep(args.sweep, args.root)
-    chosen = load_sweep(args.sweep, args.root, _split(args.only)).runs  # The summary still shows every run.
+    todo = select_runs(sweep, _split(args.only))  # The summary still shows every run.
     template, steps = _tpu_template(rest, trainer_args) if args.mode == 'tpu' else (None, ())
     check_trainer_args(sweep, trainer_args)
-    for run in chosen if template is not None else ():  # What each TPU run's trainer will read, before a TPU.
+    for run in todo.runs if template is not None else ():  # What each TPU run's trainer will read, before a TPU.
       common.check_job_config(sweep.base, run.override_args, trainer_args, template.source_dir,
                               None if template.repo_url else template.git_ref)
     if not (args.dry_run and _is_remote(sweep.root)):
@@ -510,7 +514,6 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
   runner.echo(f'# sweep {sweep.spec}: {len(sweep.runs)} runs of {sweep.base} under {sweep.root}')
   if not args.dry_run:
     sweep_summary.write_manifest(sweep)
-  todo = dataclasses.replace(sweep, runs=chosen)
   statuses = {}
   try:
     if args.mode == 'local':

@@ -297,6 +297,12 @@ def _parent_and_name(config: ml_collections.ConfigDict, key: str):
   return node, name
 
 
+def value_at(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of a dotted key ('optim.base_lr'); a KeyError when it is missing (see check_keys)."""
+  node, name = _parent_and_name(config, key)
+  return node[name]
+
+
 def parse_override(text: str, current: Any) -> Any:
   """Reads a command-line value as the type of the value it replaces (as config_flags does)."""
   if isinstance(current, str):

@@ -158,7 +158,7 @@ def load_sweep(spec: str, root: str, only: Sequence[str] = ()) -> Sweep:
     try:
       config_common.check_keys(base_config, list(run.overrides))
       for key, value in run.overrides.items():
-        _check_type(key, value, _value_at(base_config, key))
+        _check_type(key, value, config_common.value_at(base_config, key))
     except ValueError as e:
       raise ValueError(f'sweep run {run.name!r} (base {sweep.base}): {e}') from None
   return select_runs(sweep, only)
@@ -173,12 +173,6 @@ def select_runs(sweep: Sweep, only: Sequence[str] = ()) -> Sweep:
   if missing:
     raise ValueError('--only: ' + '; '.join(config_common.unknown_key_message(n, names, 'run') for n in missing))
   return dataclasses.replace(sweep, runs=tuple(r for r in sweep.runs if r.name in only))
-
-
-def _value_at(config, key: str):
-  for part in key.split('.'):
-    config = config[part]
-  return config
 
 
 def _check_type(key: str, value, base) -> None:

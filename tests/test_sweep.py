@@ -276,26 +276,40 @@ def test_tpu_dry_run_creates_once_and_runs_each(tmp_path):
   assert lines.index(next(line for line in lines if 'tpu-vm delete' in line)) > lines.index(runs[3])
 
 
+class ScriptedGcloud(common.Runner):
+  """Real-mode gcloud stand-in: every command succeeds; the trainer runs answer from `runs` in order (a list
+  of StreamResult per run, or an exception to raise), then succeed on all four workers of a v4-32."""
+
+  def __init__(self, runs=(), states=()):
+    super().__init__(out=io.StringIO())
+    self.runs, self.states = list(runs), list(states)
+
+  def sleep(self, seconds):
+    pass
+
+  def _call(self, command):
+    return 0
+
+  def _call_capture(self, command):
+    return 0, self.states.pop(0) if self.states else 'READY'
+
+  def _call_stream(self, commands, labels, marker):
+    if not any('mae_jax.main' in part for part in commands[0]):
+      return [common.StreamResult(0, 0) for _ in commands]
+    answer = self.runs.pop(0) if self.runs else [common.StreamResult(0, 4, (0,) * 4)]
+    if isinstance(answer, BaseException):
+      raise answer
+    return answer
+
+
 def test_tpu_mode_marks_done_and_skips_on_rerun(tmp_path):
-  """Real-mode TPU runs through a Runner that answers instead of calling gcloud."""
-
-  class FakeGcloud(common.Runner):
-    def _call(self, command):
-      return 0
-
-    def _call_capture(self, command):
-      return 0, 'READY'
-
-    def _call_stream(self, commands, labels, marker):
-      return [common.StreamResult(0, 4) for _ in commands]  # v4-32: 4 workers, all succeed.
-
   root = str(tmp_path / 'root')
-  runner = FakeGcloud(out=io.StringIO())
+  runner = ScriptedGcloud()
   status, _ = run_sweep(f'--sweep={TINY}', f'--root={root}', *TPU_FLAGS, '--max_runs=3', runner=runner)
   assert status == 0
   done = [os.path.exists(os.path.join(root, n, 'DONE')) for n in TINY_RUNS]
   assert done == [True, True, True, False]
-  runner = FakeGcloud(out=io.StringIO())
+  runner = ScriptedGcloud()
   status, _ = run_sweep(f'--sweep={TINY}', f'--root={root}', *TPU_FLAGS, runner=runner)
   assert status == 0
   jobs = [c for c in runner.commands if any('mae_jax.main' in part for part in c)]
@@ -306,21 +320,8 @@ def test_tpu_mode_marks_done_and_skips_on_rerun(tmp_path):
 def test_tpu_mode_interrupted_writes_the_summary_and_exits_75(tmp_path):
   """Ctrl-C (or SIGTERM / SIGHUP, which launch.tpu turns into it) during the second run: the TPU is deleted,
   the finished run keeps its marker, the summary says where it stopped."""
-
-  class InterruptedGcloud(common.Runner):
-    def _call(self, command):
-      return 0
-
-    def _call_capture(self, command):
-      return 0, 'READY'
-
-    def _call_stream(self, commands, labels, marker):
-      if any('mask0.5_dec2' in part for part in commands[0]):
-        raise KeyboardInterrupt('signal SIGTERM')
-      return [common.StreamResult(0, 4) for _ in commands]
-
   root = str(tmp_path / 'root')
-  runner = InterruptedGcloud(out=io.StringIO())
+  runner = ScriptedGcloud([[common.StreamResult(0, 4, (0,) * 4)], KeyboardInterrupt('signal SIGTERM')])
   status, _ = run_sweep(f'--sweep={TINY}', f'--root={root}', *TPU_FLAGS, runner=runner)
   text = runner.out.getvalue()
   assert status == sweep_lib.EXIT_INTERRUPTED, text
@@ -396,28 +397,6 @@ def test_trainer_nonfinite_halt_fails_the_run_without_retry_and_the_sweep_goes_o
   assert status == sweep_lib.EXIT_FAILED, text
   assert len(runner.commands) == 4  # Each run once.
   assert text.count(' | failed |') == 4
-
-
-class ScriptedGcloud(common.Runner):
-  """Real-mode gcloud stand-in: every command succeeds; runs answer from `runs` (one StreamResult list each)."""
-
-  def __init__(self, runs, states=()):
-    super().__init__(out=io.StringIO())
-    self.runs, self.states = list(runs), list(states)
-
-  def sleep(self, seconds):
-    pass
-
-  def _call(self, command):
-    return 0
-
-  def _call_capture(self, command):
-    return 0, self.states.pop(0) if self.states else 'READY'
-
-  def _call_stream(self, commands, labels, marker):
-    if any('mae_jax.main' in part for part in commands[0]):
-      return self.runs.pop(0)
-    return [common.StreamResult(0, 0) for _ in commands]
 
 
 def _run_commands(runner):

@@ -60,11 +60,12 @@ def finetune_step(state: train_state.TrainState, batch: dict, frozen=None, *, mo
 
 
 def mixer(config, mesh) -> Callable:
-  """mixup_cutmix with the config's settings: one draw per data-parallel shard of each micro-batch."""
+  """mixup_cutmix with the config's settings over the whole batch, in data-parallel size x grad_accum_steps
+  contiguous groups: as many draws, of as many examples each, as one per GPU and micro-batch in the reference."""
   return functools.partial(
       augment.mixup_cutmix, mixup_alpha=float(config.mixup), cutmix_alpha=float(config.cutmix),
       prob=float(config.mixup_prob), switch_prob=float(config.mixup_switch_prob), mode=config.mixup_mode,
-      # One draw per data-parallel shard of each micro-batch: as one per GPU in the reference.
+      # One draw per group: as one per GPU (and micro-batch) in the reference.
       num_groups=parallel.batch_axis_size(mesh) * config.grad_accum_steps)
 
 
@@ -159,6 +160,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   mesh = parallel.create_mesh(config.mesh)
   supervised.validate_config(config, mesh)  # Before the data set is read: a bad setting is named first.
+  inputs.check_input(config)
   inputs.check_eval_split(config)
   num_classes = inputs.resolve_num_classes(config)
   step = build_train_step(config, mesh, inputs.num_train_examples(config), num_classes)

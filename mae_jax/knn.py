@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from mae_jax import data, loop, metrics, parallel, train_state
-from mae_jax.data import input_pipeline, inputs
+from mae_jax.data import input_pipeline, inputs, sources
 from mae_jax.models import from_config
 from mae_jax.weights import pretrained
 
@@ -111,22 +111,34 @@ def extract_features(encode_fn, params, batches, mesh=None, max_examples: int = 
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'k'))
 def _knn_scores(train_features, train_labels, eval_features, temperature, *, num_classes, k):
-  sims = eval_features @ train_features.T  # [E, N] cosine similarities.
+  # [E, N] cosine similarities, in float32 on every backend (a TPU's default is one bfloat16 pass, which
+  # reorders near neighbours).
+  sims = jnp.matmul(eval_features, train_features.T, precision=jax.lax.Precision.HIGHEST)
   top_sims, top_index = jax.lax.top_k(sims, k)
   weights = jnp.exp(top_sims / temperature)
   votes = jax.nn.one_hot(train_labels[top_index], num_classes) * weights[..., None]
   return votes.sum(axis=1)  # [E, num_classes]
 
 
+# Bytes of one chunk's [queries, bank] similarities: a bank of ImageNet's 1.28M images takes 104 queries a
+# chunk, where 1024 would need 5.2 GB next to the bank on one device.
+SIMILARITY_BYTES = 512 * 2**20
+
+
 def knn_classify(train_features, train_labels, eval_features, *, num_classes: int, k: int = 20,
                  temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
-  """Class scores [E, num_classes] of weighted kNN: cosine similarity, votes exp(sim / T)."""
+  """Class scores [E, num_classes] of weighted kNN: cosine similarity, votes exp(sim / T).
+
+  Queries go `chunk` at a time, fewer when their similarities to the whole bank would exceed
+  SIMILARITY_BYTES.
+  """
   def normalize(x):
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   if len(train_features) == 0:
     raise ValueError('kNN needs at least one training example')
   k = min(k, len(train_features))
+  chunk = max(1, min(chunk, SIMILARITY_BYTES // (4 * len(train_features))))
   bank = jnp.asarray(normalize(train_features))
   bank_labels = jnp.asarray(train_labels, jnp.int32)
   queries = normalize(eval_features)
@@ -229,7 +241,9 @@ class KnnMonitor:
                            'has no examples')
         if count >= size:  # 'train[:10000]' of a smaller split is not a valid TFDS split.
           count = -1
-      self.splits[which] = inputs.limited_split(split, count)
+      # Absolute slices: the same examples for any number of processes.
+      self.splits[which] = inputs.limited_split(
+          split, count, None if self.synthetic else sources.get_builder(config.dataset).info.splits)
     pool = self.settings['pool']
     if encode_fn is None:
       def encode_fn(params, images):
@@ -285,6 +299,7 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """kNN top-1 / top-5 of the pretrained encoder's frozen features (config.knn.*); writes results.json."""
   jax.config.update('jax_threefry_partitionable', True)
   mesh = parallel.create_mesh(config.mesh)
+  inputs.check_input(config)
   num_classes = inputs.resolve_num_classes(config)
   knn = knn_settings(config)
   encoder = from_config.build_encoder(config)

@@ -162,6 +162,7 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh(config.mesh)
   supervised.validate_config(config, mesh)
   config = supervised.pin_pretrained_step(config, workdir)  # A resumed probe keeps its encoder.
+  inputs.check_input(config)
   inputs.check_eval_split(config)
   num_classes = inputs.resolve_num_classes(config)
   feature_fn, encoder = probe_feature_fn(config)

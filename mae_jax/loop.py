@@ -380,9 +380,19 @@ def _log_metrics(writer, step: int, pending: list, state, window: Window, batch_
   return scalars
 
 
-def check_corrupt(corrupt: int, seen: int, limit: float, what: str, fix: str = 'check the data set') -> None:
-  """Stops when more than `limit` of the `seen` images (`what`) are undecodable: a bug, not a few bad files."""
-  if seen and corrupt / seen > limit:
+# Training stops on corrupt images only once they exceed the fraction of at least this many images: one bad
+# image among the first few batches of a large data set is not a broken data set.
+CORRUPT_CHECK_MIN_IMAGES = 1000
+
+
+def check_corrupt(corrupt: int, seen: int, limit: float, what: str, fix: str = 'check the data set',
+                  min_seen: int = 0) -> None:
+  """Stops when more than `limit` of the `seen` images (`what`) are undecodable: a bug, not a few bad files.
+
+  min_seen: the fraction is taken of max(seen, min_seen) images (while fewer are read, more than
+  limit * min_seen corrupt images stop it).
+  """
+  if seen and corrupt > limit * max(seen, min_seen):
     raise ValueError(
         f'{corrupt} of the {seen} images {what} ({100 * corrupt / seen:.1f}%) could not be decoded or '
         f'preprocessed, more than dataset.max_corrupt_fraction={limit}: {fix}, or raise the setting')
@@ -461,7 +471,7 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
           corrupt_seen += int(last.get('train/corrupt_images', 0))
           check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config.dataset.max_corrupt_fraction,
                         'read so far', f'check the data set (dataset.name={config.dataset.name!r}) and the '
-                        'preprocessing (the warnings above name the errors)')
+                        'preprocessing (the warnings above name the errors)', min_seen=CORRUPT_CHECK_MIN_IMAGES)
           pending = []
           window.restart(step)
           if bool(jax.device_get(state.halted)):

@@ -42,6 +42,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh(config.mesh)
   wandb_writer.check(config)  # Before the data set is read: a bad setting is named first.
   pretrain_step.validate_config(config, mesh)
+  inputs.check_input(config)  # The data set against the settings, before a model is built.
   config = inputs.resolve_dataset_stats(config)  # dataset.mean / std = (): the data set's stored ones.
   ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
   loop.check_resume(config, workdir)

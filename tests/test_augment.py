@@ -153,6 +153,18 @@ def test_random_erasing_erases_one_box_of_the_reference_size():
   np.testing.assert_array_equal(kept, image.numpy())
 
 
+def test_random_erasing_with_several_boxes_divides_the_area_by_the_count_drawn():
+  """timm: n boxes in [1, recount], each of U(min, max) area / n: the erased area does not shrink with recount."""
+  image = tf.ones([64, 64, 3])
+
+  def mean_erased(count):
+    return np.mean([1 - augment.random_erasing(image, tf.constant([0, s], tf.int64), probability=1.0, mode='const',
+                                               count=count).numpy().mean() for s in range(150)])
+
+  one, three = mean_erased(1), mean_erased(3)
+  assert 0.15 < one < 0.2 and 0.85 * one < three < 1.05 * one, (one, three)  # Dividing by recount: 2/3 of it.
+
+
 def test_train_transform_is_deterministic_per_seed():
   config = finetune_recipe.get_config('variant=B/16,runlocal=True')
   assert config.randaug.num_layers > 0 and config.reprob > 0

@@ -6,6 +6,7 @@ the 8 CPU devices of tests/conftest.py (one process).
 
 import itertools
 import os
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from configs import finetune as finetune_recipe
 from configs import linprobe as linprobe_recipe
 from configs import test as test_config
 from mae_jax import finetune, linprobe, supervised
-from mae_jax.data import inputs, prepare, synthetic
+from mae_jax.data import input_pipeline, inputs, prepare, sources, synthetic
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -113,8 +114,72 @@ def test_synthetic_eval_split_yields_every_example_once_padded():
   assert (batches[-1]['label'][~batches[-1]['mask']] == -1).all()
 
 
-def test_limited_split_slices_plain_splits_and_passes_sliced_ones_through():
+def test_limited_split_slices_plain_splits_and_makes_sliced_ones_absolute():
   assert inputs.limited_split('train', 100) == 'train[:100]'
   assert inputs.limited_split('train', -1) == 'train'
   for split in ('train[:95%]', 'train[95%:]', 'train[10:20]', 'train+validation'):
-    assert inputs.limited_split(split, 100) == split  # Readers stop after 100 themselves.
+    assert inputs.limited_split(split, 100) == split  # No sizes known: readers stop after 100 themselves.
+  # With the split sizes, the first examples of the sliced split, as absolute slices: the same examples for any
+  # number of processes (each reads its share of the slice).
+  infos = {'train': types.SimpleNamespace(num_examples=1000), 'validation': types.SimpleNamespace(num_examples=50)}
+  assert inputs.limited_split('train[10%:95%]', 100, infos) == 'train[100:200]'
+  assert inputs.limited_split('train[95%:]', 100, infos) == 'train[950:1000]'
+  assert inputs.limited_split('train[990:]+validation', 30, infos) == 'train[990:1000]+validation[0:20]'
+  assert inputs.limited_split('train[:95%]', -1, infos) == 'train[:95%]'
+
+
+def test_a_limited_sliced_split_holds_the_same_examples_for_one_and_two_processes(shades):
+  """The kNN monitor's bank: the first knn.train_examples of a sliced dataset.train_split, whatever the
+  process count (each process reading its share of the absolute slice)."""
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  config.dataset.update(shades)
+  split = inputs.limited_split('train[1:]', 5, sources.get_builder(config.dataset).info.splits)
+  assert split == 'train[1:6]'
+
+  def shades_read(process_count):
+    seen = []
+    for index in range(process_count):
+      for batch in input_pipeline.create_eval_iterator(config.dataset, split=split, batch_size=4,
+                                                       process_index=index, process_count=process_count):
+        seen += [round(float(image.mean()), 4) for image, real in zip(batch['image'], batch['mask']) if real]
+    return sorted(seen)
+
+  assert len(shades_read(1)) == 5 and shades_read(1) == shades_read(2)
+
+
+def test_the_data_set_is_checked_against_the_settings_before_anything_is_built(shades, tmp_path, monkeypatch):
+  """Channels, RandAugment's 8-bit rule and the kNN monitor's labels fail in seconds, as settings (exit 78)."""
+  from mae_jax import config_tools, knn, pretrain_step, train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pretrain_step, 'build_train_step', lambda *a, **k: pytest.fail('built the step'))
+  monkeypatch.setattr(finetune, 'build_train_step', lambda *a, **k: pytest.fail('built the step'))
+  config = test_config.get_config('steps=1')
+  config.dataset.update({**shades, 'channels': 4, 'image_size': 32, 'mean': (0.5,) * 4, 'std': (0.25,) * 4})
+  with pytest.raises(config_tools.ConfigError, match=r'dataset.channels=4.*--config.dataset.channels=3'):
+    train.train_and_evaluate(config, str(tmp_path / 'pretrain'))
+  assert not os.path.exists(tmp_path / 'pretrain' / 'config.json')
+
+  unlabelled = tmp_path / 'unlabelled'
+  unlabelled.mkdir()
+  for i in range(3):
+    Image.new('RGB', (8, 8), (40 * i,) * 3).save(unlabelled / f'{i}.png')
+  prepare.prepare_folder(str(unlabelled), shades['data_dir'], name='unlabelled', progress=False)
+  config.dataset.update({**shades, 'name': 'unlabelled', 'image_size': 32})
+  config.eval_every_steps = 1
+  with pytest.raises(config_tools.ConfigError,
+                     match=r'eval_every_steps=1: the kNN monitor.*--config.eval_every_steps=0'):
+    train.train_and_evaluate(config, str(tmp_path / 'pretrain'))
+
+  array_dir = tmp_path / 'arrays'
+  array_dir.mkdir()
+  for i, label in enumerate(('a', 'b', 'a', 'b')):
+    (array_dir / label).mkdir(exist_ok=True)
+    np.save(array_dir / label / f'{i}.npy', np.full((8, 8, 3), 1000 * i, np.uint16))
+  from mae_jax.data import arrays  # pylint: disable=g-import-not-at-top
+  arrays.prepare_arrays(str(array_dir), shades['data_dir'], name='deep', progress=False)
+  config = finetune_recipe.get_config('variant=B/16,runlocal=True')
+  config.dataset.update({**shades, 'name': 'deep', 'mean': (), 'std': ()})
+  config.randaug.num_layers = 2
+  with pytest.raises(config_tools.ConfigError, match=r"randaug.num_layers=2: RandAugment works on 8-bit grey or "
+                                                      r"RGB images, but data set 'deep' holds 3 channels of uint16"):
+    finetune.finetune(config, str(tmp_path / 'finetune'))
+  assert knn  # The kNN job runs the same check first (knn.run_knn).

@@ -330,3 +330,43 @@ def test_prepare_folder_errors(tmp_path):
   with pytest.raises(prepare.PrepareError, match='--name'):
     prepare.prepare_folder(str(fine), data_dir, name='Bad-Name',
                            progress=False)
+
+
+def test_prepare_folder_with_split_folders(tmp_path, capsys):
+  """ImageNet's layout: train/ and val/ are splits, the folders inside them the classes (one list)."""
+  root = tmp_path / 'pets'
+  for split, classes in (('train', ('cat', 'dog', 'fish')), ('val', ('cat', 'dog'))):
+    for label in classes:
+      (root / split / label).mkdir(parents=True)
+      for i in range(3 if split == 'train' else 1):
+        Image.new('RGB', (8, 8), (10 * i, 0, 0)).save(root / split / label / f'{i}.png')
+  data_dir = str(tmp_path / 'tfds')
+  out_dir = prepare.prepare_folder(str(root), data_dir, progress=False)
+  assert 'splits train 9, val 2; 3 classes from the sub-folder names inside them' in capsys.readouterr().out
+  builder = tfds.builder_from_directory(out_dir)
+  assert builder.info.features['label'].names == ['cat', 'dog', 'fish']
+  assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {'train': 9, 'val': 2}
+  for split in ('train', 'val'):
+    for example in builder.as_dataset(split=split).as_numpy_iterator():
+      name = example['file_name'].decode()
+      assert name.startswith(f'{split}/')
+      assert example['label'] == ['cat', 'dog', 'fish'].index(name.split('/')[1])
+  # --nosplit_folders: the first level is the classes again.
+  prepare.prepare_folder(str(root), data_dir, name='pets_flat', progress=False, split_folders=False)
+  flat = tfds.builder('pets_flat', data_dir=data_dir)
+  assert flat.info.features['label'].names == ['train', 'val'] and list(flat.info.splits) == ['train']
+  # Any other first-level name keeps the single split.
+  (root / 'extra').mkdir()
+  Image.new('RGB', (8, 8)).save(root / 'extra' / 'x.png')
+  prepare.prepare_folder(str(root), data_dir, name='pets_mixed', progress=False)
+  mixed = tfds.builder('pets_mixed', data_dir=data_dir)
+  assert mixed.info.features['label'].names == ['extra', 'train', 'val']
+
+
+def test_float_and_32_bit_tiffs_are_refused_pointing_to_the_array_source():
+  for array in (np.full((4, 4), 0.5, np.float32), np.full((4, 4), 70000, np.int32)):
+    with pytest.raises(ValueError, match=r'pixels \(PIL mode [FI]\).*--source=arrays:'):
+      prepare.convert_image(_encode(Image.fromarray(array), 'TIFF'), channels=1)
+  sixteen = _decode(prepare.convert_image(_encode(Image.fromarray(np.full((4, 4), 257 * 7, np.uint16)), 'TIFF'),
+                                          channels=1))
+  assert sixteen.getpixel((0, 0)) == 7

@@ -58,6 +58,19 @@ def test_knn_votes_are_temperature_weighted_cosine_similarities():
   np.testing.assert_allclose(scores[0], want, rtol=1e-5)
 
 
+def test_knn_queries_in_chunks_bounded_by_the_similarity_bytes(monkeypatch):
+  rng = np.random.default_rng(3)
+  bank, labels = rng.standard_normal((50, 8)).astype(np.float32), rng.integers(0, 4, 50)
+  queries = rng.standard_normal((23, 8)).astype(np.float32)
+  whole = knn.knn_classify(bank, labels, queries, num_classes=4, k=5)
+  calls = []
+  scores_fn = knn._knn_scores  # pylint: disable=protected-access
+  monkeypatch.setattr(knn, '_knn_scores', lambda *a, **k: calls.append(a[2].shape[0]) or scores_fn(*a, **k))
+  monkeypatch.setattr(knn, 'SIMILARITY_BYTES', 4 * 50 * 6)  # Six queries' similarities to the bank.
+  np.testing.assert_allclose(knn.knn_classify(bank, labels, queries, num_classes=4, k=5), whole, rtol=1e-6)
+  assert calls == [6, 6, 6, 5]
+
+
 def test_knn_monitor_on_the_pretraining_model(pretrained):
   config = test_config.get_config('steps=1')
   params = checkpoint.load_params(pretrained)[0]

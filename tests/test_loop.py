@@ -260,3 +260,15 @@ def test_every_process_takes_process_0s_newest_checkpoint(monkeypatch):
   assert checkpoint._agreed_step(5) == 7 and sent == [5]  # pylint: disable=protected-access
   monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', lambda x: sent.append(int(x)) or np.int32(-1))
   assert checkpoint._agreed_step(None) is None and sent == [5, -1]  # pylint: disable=protected-access
+
+
+def test_corrupt_images_stop_training_above_the_fraction_of_at_least_the_minimum_read():
+  # One bad image in the first batches of a large data set is not a broken data set.
+  loop.check_corrupt(1, 64, 0.01, 'read so far', min_seen=loop.CORRUPT_CHECK_MIN_IMAGES)
+  loop.check_corrupt(10, 640, 0.01, 'read so far', min_seen=1000)  # 10 = 0.01 * 1000: not more.
+  with pytest.raises(ValueError, match=r'11 of the 640 images read so far \(1.7%\) could not be decoded'):
+    loop.check_corrupt(11, 640, 0.01, 'read so far', min_seen=1000)
+  with pytest.raises(ValueError, match=r'21 of the 2000 images'):
+    loop.check_corrupt(21, 2000, 0.01, 'read so far', min_seen=1000)
+  with pytest.raises(ValueError, match=r'1 of the 64 images of the split \(1.6%\)'):
+    loop.check_corrupt(1, 64, 0.01, 'of the split')  # A whole split read (evaluation): its own fraction.

@@ -196,3 +196,40 @@ def test_arrays_of_varying_sizes_train_and_evaluate(tmp_path, cache):
   want = np.stack([eval_fn(tf.constant(image)).numpy() for image in images])
   distances = np.abs(got[:, None] - want[None]).max(axis=(2, 3, 4))  # Each read image is one of the arrays.
   assert sorted(distances.argmin(axis=1)) == list(range(6)) and distances.min(axis=1).max() < 1e-5
+
+
+def test_nan_pixels_are_refused_unreadable_files_skipped_and_split_folders_kept(tmp_path, capsys):
+  rng = np.random.default_rng(1)
+  tiles = tmp_path / 'tiles'
+  for split, count in (('train', 4), ('val', 2)):
+    (tiles / split).mkdir(parents=True)
+    for i in range(count):
+      np.save(tiles / split / f'{i}.npy', rng.uniform(0, 2, (6, 5, 2)).astype(np.float32))
+  (tiles / 'train' / 'cut.npy').write_bytes(open(tiles / 'train' / '0.npy', 'rb').read()[:100])  # Cut short.
+  data_dir = str(tmp_path / 'tfds')
+  out_dir = arrays.prepare_arrays(str(tiles), data_dir, name='tiles', progress=False)
+  output = capsys.readouterr().out
+  assert 'Skipped 1 unreadable array files' in output and 'train/cut.npy' in output
+  builder = sources.get_builder({'name': 'tiles', 'data_dir': data_dir})
+  assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {'train': 4, 'val': 2}
+  stats = sources.channel_stats(builder)
+  train = np.stack([np.load(tiles / 'train' / f'{i}.npy') for i in range(4)]).reshape(-1, 2)
+  np.testing.assert_allclose(stats['mean'], train.mean(0), rtol=1e-6)  # Over the train split only.
+  assert stats['split'] == 'train'
+  with open(os.path.join(out_dir, 'skipped_files.txt')) as f:
+    assert f.read().startswith('train/cut.npy\t')
+
+  nan = np.load(tiles / 'val' / '1.npy')
+  nan[2, 3, 1] = np.nan
+  np.save(tiles / 'val' / '1.npy', nan)
+  with pytest.raises(arrays.PrepareError, match=r'val/1\.npy: 1 of its 60 values are NaN or infinite.*nan_to_num'):
+    arrays.prepare_arrays(str(tiles), data_dir, name='tiles_nan', progress=False)
+  # Statistics that are not finite (a data set prepared before the check) are refused where they are read.
+  metadata = os.path.join(out_dir, sources.METADATA_FILENAME)
+  with open(metadata) as f:
+    text = f.read()
+  with open(metadata, 'w') as f:
+    f.write(text.replace(f'"mean": [{stats["mean"][0]!r}', '"mean": [NaN'))
+  with pytest.raises(ValueError, match=r'stores channel statistics that are not finite'):
+    sources.resolve_stats(sources.DatasetConfig.from_config(
+        {'name': 'tiles', 'data_dir': data_dir, 'channels': 2, 'mean': (), 'std': ()}))

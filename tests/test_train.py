@@ -325,8 +325,12 @@ def test_corrupt_images_are_skipped_and_counted_in_pretraining(tmp_path):
   config.dataset.shuffle_buffer = 8
   config.num_train_steps = 5  # 80 images: two passes over the 40
   config.checkpoint_every_steps = 5
-  with pytest.raises(ValueError, match=r'could not be decoded.*dataset.max_corrupt_fraction=0.01'):
-    train.train_and_evaluate(config, str(tmp_path / 'strict'))  # 10% corrupt: a data or code bug
+  # 10% corrupt: a data or code bug. Over fewer than loop.CORRUPT_CHECK_MIN_IMAGES images read (80), the limit
+  # is a fraction of that minimum: 8 > 0.005 * 1000.
+  config.dataset.max_corrupt_fraction = 0.005
+  with pytest.raises(ValueError, match=r'\d+ of the \d+ images read so far \(\d+.\d%\) could not be decoded.*'
+                                       r'dataset.max_corrupt_fraction=0.005'):
+    train.train_and_evaluate(config, str(tmp_path / 'strict'))
   config.dataset.max_corrupt_fraction = 0.2
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['status'] == 'done'

@@ -19,7 +19,10 @@ otherwise sizes may vary (training crops and resizes to
 config.dataset.image_size). Images are stored as zlib-compressed tensors of
 their own dtype, so reading returns exactly the values written.
 
-Labels come from first-level sub-folder names, as for folders of images.
+Labels come from first-level sub-folder names, as for folders of images, and
+first-level folders train/, val/, validation/, test/ are splits as there.
+Files that cannot be read are skipped and listed (skipped_files.txt); a
+float file holding NaN or infinite values stops the preparation, naming it.
 Per-channel mean and std over the split are stored in the data set's
 metadata.json (see `ChannelStats`); configs with config.dataset.mean = ()
 and std = () use them.
@@ -95,6 +98,24 @@ class ChannelStats:
     return {'mean': [float(v) for v in self.mean], 'std': [float(v) for v in self.std],
             'units': units, 'dtype': str(self.dtype), 'split': split,
             'num_pixels': int(self.count), 'num_images': int(self.num_images)}
+
+
+class UnreadableFile(Exception):
+  """A file that cannot be read as an array (skipped and listed by prepare_arrays)."""
+
+
+def _first_readable(files: Sequence[str], read) -> tuple[np.ndarray, str]:
+  """The first file that reads, which sets the data set's channels and dtype; PrepareError when none does."""
+  errors = []
+  for relpath in files:
+    try:
+      return read(relpath), relpath
+    except UnreadableFile as e:
+      errors.append((relpath, str(e)))
+      if len(errors) >= 20:
+        break
+  raise PrepareError(f'none of the first {len(errors)} array files could be read:\n'
+                     + dataset_writer.format_skipped(errors))
 
 
 def read_array(data: bytes, filename: str) -> np.ndarray:
@@ -175,8 +196,8 @@ def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int]
 def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, channels: int = 0,
                    image_size: str | int | Sequence[int] | None = None, labels: str = 'auto',
                    num_workers: int | None = None, overwrite: bool = False, progress: bool = True,
-                   seed: int = 0) -> str:
-  """Writes every array file under `folder` as TFDS data set `name`, split 'train'.
+                   seed: int = 0, split_folders: bool = True) -> str:
+  """Writes every array file under `folder` as TFDS data set `name`, split 'train' (or one split per folder).
 
   Args:
     folder: root of the tree of .npy / .npz / TIFF files (local or gs://).
@@ -189,13 +210,16 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
     overwrite: rebuild even if already prepared.
     progress: show a progress bar.
     seed: seed of the fixed shuffle of examples before they are sharded.
+    split_folders: first-level folders train/, val/, validation/, test/ become
+      splits, as for folders of images (`dataset_writer.split_layout`).
 
   Returns:
     The prepared version directory, DIR/NAME/1.0.0.
 
   Raises:
     PrepareError: a file's channel count, dtype or size differs from the
-      data set's (the message names the file and the setting).
+      data set's, or it holds NaN or infinite values (the message names the
+      file and the setting). Files that cannot be read are skipped and listed.
   """
   folder = folder.rstrip('/') or '/'
   if not tf.io.gfile.isdir(folder):
@@ -214,7 +238,7 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
     raise sources.DatasetNotFoundError(
         f'--source=arrays:{folder}: no array files ({", ".join(ARRAY_EXTENSIONS)}) found in the folder '
         'or its sub-folders.')
-  class_names, label_of = dataset_writer.class_labels(files, labels, folder)
+  splits, class_names, label_of = dataset_writer.split_layout(files, labels, folder, split_folders)
 
   def read(relpath):
     path = os.path.join(folder, relpath)
@@ -224,54 +248,81 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
     except PrepareError:
       raise
     except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
-      raise PrepareError(f'{path}: cannot be read ({type(e).__name__}: {e}).') from None
+      raise UnreadableFile(f'{type(e).__name__}: {e}') from None
 
-  first = read(files[0])
+  first, first_path = _first_readable(files, read)
   channels = channels or first.shape[-1]
   dtype = first.dtype
   shape = (*(size or (None, None)), channels)
   features = dataset_writer.folder_features(
       tfds.features.Tensor(shape=shape, dtype=dtype, encoding=tfds.features.Encoding.ZLIB), class_names)
-  files, num_shards = dataset_writer.shuffle_and_shard(folder, files, seed)
-  print(f'Preparing {name} from {len(files)} array files under {folder} ({channels} channels of {dtype}, '
+  print(f'Preparing {name} from {len(files)} array files under {folder} '
+        f'({dataset_writer.describe_layout(splits, class_names)}; {channels} channels of {dtype}, '
         f'{"size %dx%d" % size if size else "any size"}) into {out_dir}.')
 
   def checked(relpath):
-    array = read(relpath)
+    """(array, None), or (None, why) for a file that cannot be read; PrepareError when it does not fit."""
+    try:
+      array = read(relpath)
+    except UnreadableFile as e:
+      return None, str(e)
     path = os.path.join(folder, relpath)
     if array.shape[-1] != channels:
       raise PrepareError(f'{path}: {array.shape[-1]} channels, but the data set has {channels} (--channels, '
                          'config.dataset.channels); every image needs the same channels.')
     if array.dtype != dtype:
       raise PrepareError(f'{path}: pixels of dtype {array.dtype}, but the data set stores {dtype} (the first '
-                         f'file, {os.path.join(folder, files[0])}); convert the files to one dtype.')
+                         f'file, {first_path}); convert the files to one dtype.')
     if size and array.shape[:2] != size:
       raise PrepareError(f'{path}: size {array.shape[0]}x{array.shape[1]} (HxW), but --image_size='
                          f'{size[0]},{size[1]}; resize the file or leave --image_size unset (training '
                          'resizes to config.dataset.image_size).')
-    return array
+    if array.dtype.kind == 'f' and not np.isfinite(array).all():
+      bad = int(array.size - np.isfinite(array).sum())
+      raise PrepareError(f'{path}: {bad} of its {array.size} values are NaN or infinite (e.g. a "no data" '
+                         'value); training would spread them to every pixel of the batch through the channel '
+                         'statistics. Replace them with a value the model may see, e.g. np.nan_to_num(a, nan=0.0), '
+                         'and prepare again.')
+    return array, None
 
+  stats_split = 'train' if 'train' in splits else next(iter(splits))
   stats = ChannelStats(channels, dtype)
+  skipped = []
   start = time.time()
   with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       len(files), f'Preparing {name}', progress) as bar:
+    split_infos = []
+    for split, split_files in splits.items():
+      split_files, num_shards = dataset_writer.shuffle_and_shard(folder, split_files, seed)
 
-    def examples():
-      arrays = dataset_writer.ordered_map(checked, files, num_workers or os.cpu_count())
-      for index, (relpath, array) in enumerate(zip(files, arrays)):
-        bar.update(1)
-        stats.add(array)
-        example = {'image': array, 'file_name': relpath}
-        if class_names:
-          example['label'] = label_of(relpath)
-        yield index * num_shards // len(files), features.serialize_example(example)
+      def examples(split=split, split_files=split_files, num_shards=num_shards):
+        results = dataset_writer.ordered_map(checked, split_files, num_workers or os.cpu_count())
+        for index, (relpath, (array, error)) in enumerate(zip(split_files, results)):
+          bar.update(1)
+          if error is not None:
+            skipped.append((relpath, error))
+            continue
+          if split == stats_split:
+            stats.add(array)
+          example = {'image': array, 'file_name': relpath}
+          if class_names:
+            example['label'] = label_of(relpath)
+          yield index * num_shards // len(split_files), features.serialize_example(example)
 
-    split_info = dataset_writer.write_shards(tmp_dir, name, 'train', examples(), num_shards)
+      split_infos.append(dataset_writer.write_shards(tmp_dir, name, split, examples(), num_shards))
     dataset_writer.write_metadata(
-        tmp_dir, features, [split_info], VERSION, channel_stats=stats.as_metadata('train'),
+        tmp_dir, features, split_infos, VERSION, channel_stats=stats.as_metadata(stats_split),
         description=f'Arrays from {folder}, prepared by mae_jax.data.prepare.',
         supervised_keys=('image', 'label') if class_names else None)
-  print(f'Prepared {name}: {split_info.num_examples} examples in {len(split_info.shard_lengths)} shards in '
-        f'{out_dir} in {time.time() - start:.1f} s. Channel mean {np.round(stats.mean, 4).tolist()}, std '
-        f'{np.round(stats.std, 4).tolist()} ({stats.as_metadata()["units"]}).')
+    if skipped:
+      with tf.io.gfile.GFile(os.path.join(tmp_dir, dataset_writer.SKIPPED_FILES_NAME), 'w') as f:
+        f.write(''.join(f'{path}\t{error}\n' for path, error in skipped))
+  counts = ', '.join(f'{info.name} {info.num_examples}' for info in split_infos)
+  shards = sum(len(info.shard_lengths) for info in split_infos)
+  print(f'Prepared {name}: {counts} examples in {shards} shards in {out_dir} in {time.time() - start:.1f} s. '
+        f'Channel mean {np.round(stats.mean, 4).tolist()}, std {np.round(stats.std, 4).tolist()} '
+        f'({stats.as_metadata()["units"]}, over split {stats_split}).')
+  if skipped:
+    print(f'Skipped {len(skipped)} unreadable array files (listed in '
+          f'{os.path.join(out_dir, dataset_writer.SKIPPED_FILES_NAME)}):\n' + dataset_writer.format_skipped(skipped))
   return out_dir

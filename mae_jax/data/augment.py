@@ -108,6 +108,8 @@ def _rand_augment_op(index, image, level, sign, fill):
   enhance = 1.0 + sign * frac * 0.9
 
   def rotate():
+    # For a given sign this turns the other way than PIL's img.rotate; the sign is +-1 at random, so the
+    # augmentations drawn are the same.
     angle = sign * frac * 30.0 * math.pi / 180.0
     cx, cy = (width - 1) / 2, (height - 1) / 2
     cos, sin = tf.cos(angle), tf.sin(angle)
@@ -188,8 +190,8 @@ def random_erasing(image, seed, *, probability: float, mode: str = 'pixel', coun
                    attempts: int = 10):
   """timm's RandomErasing on a normalised float32 [H, W, C] image.
 
-  With `probability`, erases `count` boxes (a random count in [1, count] when
-  count > 1), each of area U(min_area, max_area) * H * W / count and aspect
+  With `probability`, erases n boxes (n = count, or a random n in [1, count]
+  when count > 1), each of area U(min_area, max_area) * H * W / n and aspect
   log-uniform in [min_aspect, 1 / min_aspect]: the first of `attempts` draws
   that fits, placed uniformly. The box is filled with N(0, 1) per pixel
   ('pixel'), per channel ('rand') or zeros ('const').
@@ -206,7 +208,8 @@ def random_erasing(image, seed, *, probability: float, mode: str = 'pixel', coun
   for box in range(count):
     area_seed, aspect_seed, offset_seed, fill_seed = tf.unstack(
         tf.random.experimental.stateless_split(box_seeds[box], 4))
-    area = tf.random.stateless_uniform([attempts], area_seed, min_area, max_area) * height_f * width_f / count
+    area = (tf.random.stateless_uniform([attempts], area_seed, min_area, max_area) * height_f * width_f
+            / tf.cast(num_boxes, tf.float32))  # Divided by the count drawn, as timm.
     aspect = tf.exp(tf.random.stateless_uniform([attempts], aspect_seed, math.log(min_aspect),
                                                 -math.log(min_aspect)))
     h = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)

@@ -23,6 +23,8 @@ import tensorflow_datasets as tfds
 
 from mae_jax.data import sources
 
+SKIPPED_FILES_NAME = 'skipped_files.txt'  # Files a prepare skipped, one 'path<TAB>why' line each.
+
 
 class PrepareError(ValueError):
   """The source cannot be prepared as asked (the message says why)."""
@@ -221,6 +223,43 @@ def name_from_folder(folder: str) -> str:
   if not name or not name[0].isalpha():
     name = f'images_{name}'.rstrip('_')
   return name
+
+
+# First-level folders with these names are the data set's splits (ImageNet's train/ and val/ layout).
+SPLIT_FOLDER_NAMES = ('train', 'val', 'validation', 'test')
+
+
+def split_layout(files: Sequence[str], labels: str, folder: str, split_folders: bool = True
+                 ) -> tuple[dict[str, list[str]], list[str], Callable[[str], int] | None]:
+  """({split: relpaths}, class names, fn(relpath) -> label) of a tree of files.
+
+  When every file lies under a first-level folder named as a split (train/,
+  val/, validation/, test/) and split_folders is on, those folders are the
+  splits, and labels come from the second level with one class list for all
+  splits. Otherwise every file is in split 'train' and labels come from the
+  first level (`class_labels`).
+  """
+  tops = {f.split('/')[0] for f in files}
+  if not split_folders or any('/' not in f for f in files) or not tops <= set(SPLIT_FOLDER_NAMES):
+    class_names, label_of = class_labels(files, labels, folder)
+    return {'train': list(files)}, class_names, label_of
+  splits = {name: [f for f in files if f.split('/')[0] == name] for name in SPLIT_FOLDER_NAMES if name in tops}
+  inner = [f.split('/', 1)[1] for f in files]
+  class_names, inner_label = class_labels(inner, labels, f'{folder}/{{{",".join(splits)}}}')
+  if inner_label is None:
+    return splits, class_names, None
+  return splits, class_names, lambda relpath: inner_label(relpath.split('/', 1)[1])
+
+
+def describe_layout(splits: dict[str, Sequence[str]], class_names: Sequence[str]) -> str:
+  """'splits train 1000, val 50; 10 classes from sub-folder names' for the prepare message."""
+  if list(splits) == ['train']:
+    text = ''
+    where = 'sub-folder names'
+  else:
+    text = 'splits ' + ', '.join(f'{name} {len(paths)}' for name, paths in splits.items()) + '; '
+    where = 'the sub-folder names inside them'
+  return text + (f'{len(class_names)} classes from {where}' if class_names else 'no labels')
 
 
 def class_labels(files: Sequence[str], labels: str, folder: str

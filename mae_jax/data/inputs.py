@@ -12,13 +12,15 @@ pure function of (config.seed, step) or of the split: resuming at a step
 yields what an uninterrupted run yields from there.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from mae_jax import data
+from mae_jax import config_tools, data
 from mae_jax.data import augment, input_pipeline, preprocess, sources, synthetic
 
 SYNTHETIC = 'synthetic'  # config.dataset.name of the in-memory source.
@@ -37,6 +39,35 @@ def num_train_examples(config) -> int:
   if _is_synthetic(config):
     return int(config.dataset.num_examples)
   return input_pipeline.num_examples(config.dataset, config.dataset.train_split)
+
+
+@config_tools.settings_check
+def check_input(config) -> None:
+  """Checks the data set against the settings before a model is built or a checkpoint read.
+
+  The data set exists (DatasetNotFoundError with the prepare command), its
+  images fit config.dataset.channels, the statistics that mean = std = ()
+  stand for are there and finite, RandAugment (randaug.num_layers > 0) gets
+  8-bit grey or RGB images, and a pretraining kNN monitor (eval_every_steps
+  > 0) has labels. The same checks run again where the pipeline is built; here
+  they fail in seconds instead of after the compile.
+  """
+  if _is_synthetic(config):
+    return
+  data = sources.DatasetConfig.from_config(config.dataset.to_dict())
+  builder = sources.get_builder(data)
+  sources.check_channels(builder, data)
+  sources.resolve_stats(data, builder)
+  _, dtype = sources.stored_image(builder)
+  num_layers = int(config.randaug.num_layers) if 'randaug' in config else 0
+  if num_layers > 0 and (sources.pixel_scale(dtype) != 255.0 or data.channels not in (1, 3)):
+    raise ValueError(f'randaug.num_layers={num_layers}: RandAugment works on 8-bit grey or RGB images, but data '
+                     f'set {builder.name!r} holds {data.channels} channels of {np.dtype(dtype).name}; set '
+                     '--config.randaug.num_layers=0')
+  if 'downstream' not in config and config.eval_every_steps > 0 and not sources.has_labels(builder):
+    raise ValueError(f'eval_every_steps={config.eval_every_steps}: the kNN monitor of pretraining needs labels, '
+                     f'and data set {builder.name!r} has none; set --config.eval_every_steps=0 (or prepare the '
+                     'data with one sub-folder per class)')
 
 
 def check_eval_split(config) -> None:
@@ -210,13 +241,29 @@ def pad_batches(batches: Iterator[dict], local: int, num_batches: int, image_sha
     yielded += 1
 
 
-def limited_split(split: str, count: int) -> str:
+def limited_split(split: str, count: int, split_infos: Mapping[str, Any] | None = None) -> str:
   """`split` limited to its first `count` examples ('train' -> 'train[:count]'); count <= 0: all.
 
-  A split that is already sliced or combined ('train[:95%]', 'train+validation')
-  comes back unchanged: readers of it stop after `count` examples themselves
-  (the kNN feature extraction's max_examples), so the count still holds.
+  A sliced or combined split ('train[10%:95%]', 'train+validation') becomes
+  absolute slices ('train[100:1100]') from `split_infos` (a builder's
+  info.splits), so that the examples do not depend on the number of
+  processes that read them; without split_infos it comes back unchanged, and
+  readers of it stop after `count` examples themselves.
   """
-  if count <= 0 or '[' in split or '+' in split:
+  if count <= 0:
     return split
-  return f'{split}[:{count}]'
+  if '[' not in split and '+' not in split:
+    return f'{split}[:{count}]'
+  if split_infos is None:
+    return split
+  pieces = []
+  for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(split_infos):
+    start = part.from_ or 0
+    stop = part.to if part.to is not None else split_infos[part.splitname].num_examples
+    stop = min(stop, start + count)
+    if stop > start:
+      pieces.append(f'{part.splitname}[{start}:{stop}]')
+      count -= stop - start
+    if count <= 0:
+      break
+  return '+'.join(pieces) or split

@@ -19,7 +19,10 @@ the TFDS catalog builder, so `tfds.load('fashion_mnist', data_dir=DIR)` finds
 it prepared. A folder of images (any tree; JPEG, PNG, WebP, BMP, GIF, TIFF;
 any size) becomes data set NAME, version 1.0.0, with one 'train' split
 (take eval parts with split strings such as 'train[95%:]'). Labels come from
-the first-level sub-folder names when every image lies in one. Images are
+the first-level sub-folder names when every image lies in one. A tree whose
+first-level folders are all split names (train/, val/, validation/, test/,
+as ImageNet's train/ and val/) gives those splits instead, labelled by the
+folders inside them with one class list (--nosplit_folders: classes). Images are
 converted to --channels (alpha composited over white, EXIF rotation
 applied); JPEG and PNG files that need no conversion are stored unchanged.
 
@@ -54,7 +57,7 @@ FASHION_MNIST_FILES = {
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif',
                     '.tiff')
 FOLDER_VERSION = '1.0.0'
-SKIPPED_FILES_NAME = 'skipped_files.txt'
+SKIPPED_FILES_NAME = dataset_writer.SKIPPED_FILES_NAME
 _LOSSY_FORMATS = ('JPEG', 'MPO', 'WEBP')  # Re-encoded as JPEG, others as PNG.
 _JPEG_QUALITY = 95
 
@@ -154,8 +157,8 @@ def read_idx(path: str) -> np.ndarray:
 def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
                    channels: int = 3, labels: str = 'auto', max_size: int = 0,
                    num_workers: int | None = None, overwrite: bool = False,
-                   progress: bool = True, seed: int = 0) -> str:
-  """Writes every image under `folder` as TFDS data set `name`, split 'train'.
+                   progress: bool = True, seed: int = 0, split_folders: bool = True) -> str:
+  """Writes every image under `folder` as TFDS data set `name`, split 'train' (or one split per folder).
 
   Args:
     folder: root of the image tree (local or gs://).
@@ -171,6 +174,9 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
     overwrite: rebuild even if already prepared.
     progress: show a progress bar.
     seed: seed of the fixed shuffle of examples before they are sharded.
+    split_folders: first-level folders named train/, val/, validation/ or
+      test/ (all of them) become splits of those names, labels then come from
+      the folders inside them (`dataset_writer.split_layout`).
 
   Returns:
     The prepared version directory, DIR/NAME/1.0.0.
@@ -195,42 +201,43 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
         f'--source=folder:{folder}: no images ({", ".join(IMAGE_EXTENSIONS)}) '
         'found in the folder or its sub-folders. Put your images there, '
         'optionally one sub-folder per class, and run this command again.')
-  class_names, label_of = dataset_writer.class_labels(files, labels, folder)
+  splits, class_names, label_of = dataset_writer.split_layout(files, labels, folder, split_folders)
   labeled = bool(class_names)
 
   features = dataset_writer.folder_features(tfds.features.Image(shape=(None, None, channels)), class_names)
-  files, num_shards = dataset_writer.shuffle_and_shard(folder, files, seed)
-  label_text = (f'{len(class_names)} classes from sub-folder names'
-                if labeled else 'no labels')
   print(f'Preparing {name} from {len(files)} image files under {folder} '
-        f'({label_text}) into {out_dir}.')
+        f'({dataset_writer.describe_layout(splits, class_names)}) into {out_dir}.')
 
   skipped = []
   start = time.time()
   convert = _make_converter(folder, channels, max_size)
   with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       len(files), f'Preparing {name}', progress) as bar:
+    split_infos = []
+    for split, split_files in splits.items():
+      split_files, num_shards = dataset_writer.shuffle_and_shard(folder, split_files, seed)
 
-    def examples():
-      results = dataset_writer.ordered_map(convert, files, num_workers or os.cpu_count())
-      for index, (relpath, (data, error)) in enumerate(zip(files, results)):
-        bar.update(1)
-        if error is not None:
-          skipped.append((relpath, error))
-          continue
-        example = {'image': data, 'file_name': relpath}
-        if labeled:
-          example['label'] = label_of(relpath)
-        yield index * num_shards // len(files), features.serialize_example(
-            example)
+      def examples(split_files=split_files, num_shards=num_shards):
+        results = dataset_writer.ordered_map(convert, split_files, num_workers or os.cpu_count())
+        for index, (relpath, (data, error)) in enumerate(zip(split_files, results)):
+          bar.update(1)
+          if error is not None:
+            skipped.append((relpath, error))
+            continue
+          example = {'image': data, 'file_name': relpath}
+          if labeled:
+            example['label'] = label_of(relpath)
+          yield index * num_shards // len(split_files), features.serialize_example(example)
 
-    split_info = dataset_writer.write_shards(tmp_dir, name, 'train', examples(), num_shards)
-    if split_info.num_examples == 0:
+      split_infos.append(dataset_writer.write_shards(tmp_dir, name, split, examples(), num_shards))
+    empty = [info.name for info in split_infos if info.num_examples == 0]
+    if empty:
+      which = f' of split {empty[0]}' if len(splits) > 1 else ''
       raise PrepareError(
-          f'--source=folder:{folder}: none of the {len(files)} image files '
-          'could be read:\n' + dataset_writer.format_skipped(skipped))
+          f'--source=folder:{folder}: none of the {len(splits[empty[0]])} image files{which} could be read:\n'
+          + dataset_writer.format_skipped([item for item in skipped if item[0] in set(splits[empty[0]])]))
     dataset_writer.write_metadata(
-        tmp_dir, features, [split_info], FOLDER_VERSION,
+        tmp_dir, features, split_infos, FOLDER_VERSION,
         description=f'Images from {folder}, prepared by mae_jax.data.prepare.',
         supervised_keys=('image', 'label') if labeled else None)
     if skipped:
@@ -238,9 +245,9 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
                              'w') as f:
         f.write(''.join(f'{path}\t{error}\n' for path, error in skipped))
 
-  print(f'Prepared {name}: {split_info.num_examples} examples in '
-        f'{len(split_info.shard_lengths)} shards in {out_dir} in '
-        f'{time.time() - start:.1f} s.')
+  counts = ', '.join(f'{info.name} {info.num_examples}' for info in split_infos)
+  shards = sum(len(info.shard_lengths) for info in split_infos)
+  print(f'Prepared {name}: {counts} examples in {shards} shards in {out_dir} in {time.time() - start:.1f} s.')
   if skipped:
     print(f'Skipped {len(skipped)} unreadable image files (listed in '
           f'{os.path.join(out_dir, SKIPPED_FILES_NAME)}):\n'
@@ -273,7 +280,7 @@ def convert_image(data: bytes, *, channels: int, max_size: int = 0) -> bytes:
       return data
     if rotated:
       image = ImageOps.exif_transpose(image)
-    image = _to_mode(image, mode)
+    image = _to_mode(image, mode, source_format)
   if too_big:
     scale = max_size / min(image.size)
     size = tuple(max(1, round(s * scale)) for s in image.size)
@@ -286,11 +293,20 @@ def convert_image(data: bytes, *, channels: int, max_size: int = 0) -> bytes:
   return buffer.getvalue()
 
 
-def _to_mode(image: Image.Image, mode: str) -> Image.Image:
-  """Converts any PIL mode to 'L' or 'RGB'; alpha is composited over white."""
-  if image.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
-    scale = 1 / 257 if image.mode.startswith('I;16') else 1.0
-    pixels = np.clip(np.asarray(image, np.float64) * scale, 0, 255)
+def _to_mode(image: Image.Image, mode: str, source_format: str | None = None) -> Image.Image:
+  """Converts any PIL mode to 'L' or 'RGB'; alpha is composited over white; 16-bit pixels are divided by 257.
+
+  Float and 32-bit integer pixels (TIFF modes 'F' and 'I') have no known
+  white: they raise, pointing to the array source, which stores them as they are.
+  """
+  sixteen_bit = image.mode.startswith('I;16') or (image.mode == 'I' and source_format == 'PNG')
+  if image.mode in ('I', 'F') and not sixteen_bit:
+    kind = 'float' if image.mode == 'F' else '32-bit integer'
+    raise ValueError(f'{kind} pixels (PIL mode {image.mode}), which an 8-bit image cannot hold without a chosen '
+                     'range; prepare such files with --source=arrays:FOLDER (stored as they are, any channels), '
+                     'or convert them to 8- or 16-bit first')
+  if sixteen_bit:
+    pixels = np.clip(np.asarray(image, np.float64) / 257, 0, 255)
     image = Image.fromarray(np.round(pixels).astype(np.uint8), 'L')
   if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
       'transparency' in image.info):
@@ -360,6 +376,10 @@ def _define_flags():
                       'that every array must have; \'\' = any size.')
   flags.DEFINE_enum('labels', 'auto', ['auto', 'subdir', 'none'],
                     'Folder sources: labels from sub-folder names.')
+  flags.DEFINE_bool('split_folders', True,
+                    'Folder and array sources: when every first-level folder is named train, val, validation or '
+                    'test, they are the splits and the folders inside them the classes; --nosplit_folders reads '
+                    'them as classes.')
   flags.DEFINE_integer('max_size', 0,
                        'Folder sources: downscale images whose shorter side '
                        'exceeds this; 0 keeps sizes.')
@@ -387,13 +407,15 @@ def main(argv: Sequence[str]):
                      channels=FLAGS.channels or 3, labels=FLAGS.labels,
                      max_size=FLAGS.max_size,
                      num_workers=FLAGS.num_workers or None,
-                     overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+                     overwrite=FLAGS.overwrite, progress=FLAGS.progress,
+                     split_folders=FLAGS.split_folders)
     elif source.startswith('arrays:'):
       arrays.prepare_arrays(source[len('arrays:'):], data_dir, name=FLAGS.name,
                             channels=FLAGS.channels,
                             image_size=FLAGS.image_size, labels=FLAGS.labels,
                             num_workers=FLAGS.num_workers or None,
-                            overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+                            overwrite=FLAGS.overwrite, progress=FLAGS.progress,
+                            split_folders=FLAGS.split_folders)
     else:
       raise app.UsageError(
           f'--source={source!r}: use fashion_mnist, folder:PATH or '

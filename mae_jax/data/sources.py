@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -272,7 +273,7 @@ def check_channels(builder: tfds.core.DatasetBuilder, config: DatasetConfig):
       raise ValueError(
           f'config.dataset.channels={config.channels}: data set '
           f'{builder.name!r} stores encoded images (JPEG/PNG), which decode '
-          'to 1 or 3 channels.')
+          'to 1 or 3 channels: set --config.dataset.channels=3 (or 1 for grey).')
   elif stored is not None and stored != config.channels:
     raise ValueError(
         f'config.dataset.channels={config.channels} but data set '
@@ -318,6 +319,12 @@ def resolve_stats(config: DatasetConfig,
         'python -m mae_jax.data.prepare, which stores them.')
   mean = tuple(float(v) for v in stats['mean'])
   std = tuple(float(v) for v in stats['std'])
+  if not all(math.isfinite(v) for v in mean + std):
+    raise ValueError(
+        f'data set {config.name!r} stores channel statistics that are not finite (mean {list(mean)}, std '
+        f'{list(std)} in {builder.data_dir}/{METADATA_FILENAME}): some of its pixels are NaN or infinite. '
+        'Replace them in the source files and prepare the data set again (mae_jax.data.prepare now refuses '
+        'such files, naming them).')
   if len(mean) != config.channels:
     raise ValueError(
         f'config.dataset.channels={config.channels} but data set '

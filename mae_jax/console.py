@@ -130,6 +130,16 @@ class _QuietFilter(logging.Filter):
     return not any(note in message for note in QUIET_WARNINGS)
 
 
+class _TerminalFormatter(logging.Formatter):
+  """'Warning: message' on the terminal; the log file keeps absl's prefix of time, thread and source line."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    text = f'{record.levelname.capitalize()}: {record.getMessage()}'
+    if record.exc_info:
+      text += '\n' + self.formatException(record.exc_info)
+    return text
+
+
 class _FileHandler(logging.FileHandler):
   """The run's log file (a class of its own, so that a second `setup` replaces it)."""
 
@@ -179,6 +189,7 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
   if terminal not in root.handlers:
     root.addHandler(terminal)
   terminal.setLevel(logging.NOTSET if verbose else logging.WARNING)
+  terminal.setFormatter(absl_logging.PythonFormatter() if verbose else _TerminalFormatter())
   for old in [f for f in terminal.filters if isinstance(f, _QuietFilter)]:
     terminal.removeFilter(old)
   if not verbose:
@@ -268,10 +279,12 @@ def _format(value) -> str:
   return f'{value:.4f}' if isinstance(value, float) and abs(value) < 1000 else f'{value:.4g}'
 
 
-def _format_metric(key: str, value: float) -> str:
+def format_metric(key: str, value: float) -> str:
   """An accuracy (a key ending in top1, top5, ... or accuracy) as a percentage, as the demo's summary shows it."""
   if re.search(r'(top\d+|accuracy)$', key) and 0.0 <= value <= 1.0:
     return f'{100 * value:.2f}%'
+  if value.is_integer() and abs(value) >= 1000:  # A count (eval/num_examples): 10000, not 1e+04.
+    return str(int(value))
   return _format(value)
 
 
@@ -386,7 +399,7 @@ class ProgressHook:
       elif self.mode == 'lines':
         self._write(self._line(step))
     if evals:
-      self._write(f'step {step}: ' + ', '.join(f'{k} {_format_metric(k, float(v))}' for k, v in sorted(evals.items())))
+      self._write(f'step {step}: ' + ', '.join(f'{k} {format_metric(k, float(v))}' for k, v in sorted(evals.items())))
       # The evaluation's time is not training speed: the rate restarts from here, and the ETA counts it.
       now = time.time()
       self._evals.append((step, max(0.0, now - self._step_time)))

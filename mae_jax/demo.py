@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from configs import demo  # The demo is an entry point: it may read the project's configs.
-from mae_jax import console, fileio, knn, metrics, train, visualize
+from mae_jax import checkpoint, console, fileio, knn, metrics, train, visualize
 from mae_jax.data import prepare, sources
 
 FLAGS = flags.FLAGS
@@ -41,13 +41,13 @@ def summary(config, workdir: str, result: dict, history: list, pixels: float, pi
     lines = [f'Stopped at step {result["step"]} of {config.num_train_steps} ({result["status"]}): run the same '
              'command again to resume.']
   elif 'train/loss' not in result:  # Nothing was trained: the workdir held the finished run.
-    lines = [f'{workdir} already holds this run, finished ({result["step"]} steps of {config.batch_size} images); '
-             'nothing was trained. For a new run: --workdir=ANOTHER_FOLDER.']
+    lines = [f'The finished run ({result["step"]} steps of {config.batch_size} images) is shown again. For a new '
+             'run: --workdir=ANOTHER_FOLDER; to train further: --steps=MORE.']
   else:
     lines = [f'Done: {result["step"]} steps of {config.batch_size} images.']
   if 'train/loss' in result:
-    lines.append(f'Reconstruction error of the hidden patches: {result["train/loss"]:.3f} (mean squared, in units '
-                 'of the pixel variance: 1.0 is guessing the average pixel).')
+    lines.append(f'Reconstruction error of the hidden patches, last training steps: {result["train/loss"]:.3f} (mean '
+                 'squared, in units of the pixel variance: 1.0 is guessing the average pixel).')
   if history:
     (first_step, first), (last_step, last) = history[0], history[-1]
     verdict = 'above' if last > pixels else 'below'
@@ -86,9 +86,11 @@ def main(argv):
   source_dir = FLAGS.source_dir or sources.DEFAULT_FASHION_MNIST_DIR
   prepare.prepare_fashion_mnist(FLAGS.data_dir, source_dir=source_dir, overwrite=FLAGS.overwrite)
   config = demo.get_config(f'steps={FLAGS.steps},data_dir={FLAGS.data_dir}')
-  print(f'Pretraining a tiny MAE ({config.model.name}, plain pixel targets, {config.mask_ratio:.0%} of patches '
-        f'hidden) for {config.num_train_steps} steps; kNN accuracy every {config.eval_every_steps} steps.',
-        flush=True)
+  held = checkpoint.latest_step(FLAGS.workdir)
+  if held is None or held < config.num_train_steps:
+    print(f'Pretraining a tiny MAE ({config.model.name}, plain pixel targets, {config.mask_ratio:.0%} of patches '
+          f'hidden) for {config.num_train_steps} steps; kNN accuracy every {config.eval_every_steps} steps.',
+          flush=True)
   result = train.train_and_evaluate(config, FLAGS.workdir)
   picture = visualize.visualize_checkpoint(FLAGS.workdir, fileio.join(FLAGS.workdir, 'reconstructions.png'))
   picture = os.fspath(fileio.path(picture))

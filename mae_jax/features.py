@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from PIL import UnidentifiedImageError
 
 from mae_jax import console  # Before TensorFlow: console imports it with its native log lines sent to the log file.
 
@@ -264,6 +265,8 @@ def folder_batches(folder: str, names: Sequence[str], config: dict, batch_size: 
     try:
       with tf.io.gfile.GFile(fileio.join(folder, names[i]), 'rb') as f:
         return i, prepare.convert_image(f.read(), channels=channels), None
+    except UnidentifiedImageError:
+      return i, None, 'not an image in a known format, or a corrupt header'
     except Exception as e:  # pylint: disable=broad-except  # One bad file is skipped, reported by name.
       return i, None, f'{type(e).__name__}: {e}'
 
@@ -379,6 +382,20 @@ def extract(features_fn, params, batches: Iterator[dict], *, num_batches: int, t
 # ----------------------------------------------------------------------------
 
 
+def _run_dataset(run_dataset: dict, dataset: str | None, data_dir: str, workdir: str | None) -> tuple[str, str]:
+  """(--dataset, --data_dir), defaulting to the --workdir run's data set and, for that data set, its data_dir."""
+  name = run_dataset.get('name')
+  if not dataset:
+    if not name or name == 'synthetic':
+      raise FeaturesError(f'the run at {workdir} trained on {name or "no named"} data: give --images or --dataset')
+    dataset = name
+    logging.info('--dataset: the run\'s, %s', name)
+  if not data_dir and dataset == name and run_dataset.get('data_dir'):
+    data_dir = run_dataset['data_dir']
+    logging.info('--data_dir: the run\'s, %s', data_dir)
+  return dataset, data_dir
+
+
 def write_embeddings(out: str, *, weights: str | None = None, workdir: str | None = None, step: int | None = None,
                      images: str | None = None, dataset: str | None = None, data_dir: str = '',
                      split: str = 'train', layers=None, pool: str = 'cls', batch_size: int = 64,
@@ -392,9 +409,9 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
   if bool(weights) == bool(workdir):
     raise FeaturesError('give exactly one of --weights (an export, .pth, safetensors or Hugging Face folder) '
                         'and --workdir (a training run)')
-  if bool(images) == bool(dataset):
+  if (images and dataset) or not (images or dataset or workdir):
     raise FeaturesError('give exactly one of --images (a folder of image files) and --dataset (a prepared '
-                        'data set name or version folder)')
+                        'data set name or version folder; with --workdir, default the run\'s)')
   if pool not in POOLS:
     raise FeaturesError(f'--pool={pool}: must be one of {", ".join(POOLS)}')
   if batch_size < 1:
@@ -410,6 +427,8 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
     raise FeaturesError("--override goes with --weights: a --workdir run's model is in its config")
   encoder_kwargs, params, facts = load_encoder(weights=weights, workdir=workdir, step=step, model_name=model_name,
                                                dtype=dtype, model_overrides=model_overrides)
+  if not images:
+    dataset, data_dir = _run_dataset(facts['dataset'], dataset, data_dir, workdir)
   layers = check_layers(layers, encoder_kwargs['depth'], facts['model_name'])
   final_norm = 'norm' in params
   if layers is None and not final_norm:
@@ -433,7 +452,8 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
   arrays, index, labels = extract(fn, params, batches, num_batches=num_batches, total=total, mesh=mesh,
                                   progress=progress)
   if skipped:
-    logging.warning('Skipped %d unreadable files, e.g. %s', len(skipped), skipped[:5])
+    logging.warning('Skipped %d unreadable files (listed in the output\'s metadata): %s', len(skipped),
+                    '; '.join(f'{name} ({why})' for name, why in skipped[:5]) + ('; ...' if len(skipped) > 5 else ''))
   if not len(index):
     raise FeaturesError(f'none of the {total} images could be read: e.g. {skipped[:5]}')
   names = [names[i] for i in index] if images else [f'{split}/{i}' for i in index]
@@ -460,8 +480,10 @@ def _define_flags():
   flags.DEFINE_multi_string('override', [], 'With --weights: a model field KEY=VALUE (repeatable), e.g. '
                             'image_size=448, in_channels=4; default: the metadata\'s, else what the file shows.')
   flags.DEFINE_string('images', None, 'A folder of image files (any tree).')
-  flags.DEFINE_string('dataset', None, 'Instead of --images: a prepared data set (name, or version folder).')
-  flags.DEFINE_string('data_dir', '', 'With --dataset: its TFDS data_dir.')
+  flags.DEFINE_string('dataset', None, "Instead of --images: a prepared data set (name, or version folder); "
+                      "with --workdir, default the run's.")
+  flags.DEFINE_string('data_dir', '', "With --dataset: its TFDS data_dir (default: the run's, for the run's "
+                      'data set).')
   flags.DEFINE_string('split', 'train', "With --dataset: a TFDS split string, e.g. 'test' or 'train[:10%]'.")
   flags.DEFINE_list('layers', [], 'Block outputs to take, e.g. 3,5,7,11 (default: the final normed output).')
   flags.DEFINE_enum('pool', 'cls', list(POOLS), 'cls token, mean of the patch tokens, or none (all tokens).')
@@ -486,8 +508,8 @@ def main(argv):
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.split, layers=FLAGS.layers, pool=FLAGS.pool,
         batch_size=FLAGS.batch_size, model_name=FLAGS.model, mean=FLAGS.mean, std=FLAGS.std, dtype=FLAGS.dtype,
         overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers, progress=FLAGS.progress, overrides=FLAGS.override)
-  except FeaturesError as e:
-    raise app.UsageError(str(e)) from e
+  except FeaturesError as e:  # A flag to fix: one line (and the usage status), not the whole --help.
+    console.exit_on_error(e, 'mae_jax.features', code=2)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointReadError) as e:  # E.g. --workdir without
     # checkpoints: one line, traceback in the log.
     console.exit_on_error(e, 'mae_jax.features')

@@ -115,16 +115,24 @@ def _save_in_flight(checkpointer) -> int | None:
   return None if int(np.max(steps)) < 0 else int(np.max(steps))
 
 
+def stop_requested(checkpointer, preemption, step: int) -> bool:
+  """Whether the job must save and stop after `step` (SIGTERM, Ctrl-C, JAX's preemption notice); the same
+  answer on every process. Ask once per step: both sources may synchronise the processes."""
+  return preemption.requested(step) or checkpointer.reached_preemption(step)
+
+
 def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted,
-                 save_fn) -> tuple[bool, int | None]:
+                 save_fn, preempted: bool | None = None) -> tuple[bool, int | None]:
   """Saves on schedule, at the end and on preemption; (whether the loop must stop now, the newest save).
 
   A run halted on non-finite steps is not saved, so the last good checkpoint
   stays the newest. A preemption that comes while a scheduled save is still
   being written keeps that save instead of starting a second one inside the
-  grace period (the resume redoes the steps after it).
+  grace period (the resume redoes the steps after it). `preempted`: the
+  step's `stop_requested` when the caller asked already.
   """
-  preempted = preemption.requested(step) or checkpointer.reached_preemption(step)
+  if preempted is None:
+    preempted = stop_requested(checkpointer, preemption, step)
   scheduled = checkpointer.should_save(step) or step == total_steps
   saved = step
   if scheduled or preempted:
@@ -140,7 +148,8 @@ def save_or_stop(checkpointer, preemption, step: int, total_steps: int, halted,
     else:
       save_fn()
   if preempted and step < total_steps:
-    logging.warning('Preemption requested: saved step %s and stopping', saved)
+    logging.warning('Asked to stop (SIGTERM, Ctrl-C or a preemption notice): saved step %s; rerun the same '
+                    'command to resume', saved)
     return True, saved
   return False, saved
 
@@ -436,8 +445,8 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
   start_step = int(jax.device_get(state.step))
   progress = console.ProgressHook(total_steps, start_step)  # A bar on a terminal, else a line per log period.
   if start_step >= total_steps:
-    progress.note(f'{workdir} already holds step {start_step} (num_train_steps={total_steps}): nothing to train; '
-                  'raise num_train_steps to train on')
+    progress.note(f'{workdir} already holds step {start_step} (num_train_steps={total_steps}): nothing to train '
+                  '(a larger num_train_steps trains further).')
   elif start_step:
     progress.note(f'Resuming at step {start_step} from the checkpoint in {workdir}')
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
@@ -479,7 +488,12 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
                 f'{config.max_nonfinite_steps} consecutive steps had a non-finite loss or gradients '
                 f'(at step {step}); the last good checkpoint is step {checkpointer.latest_step()}. '
                 'Lower optim.base_lr, set optim.grad_clip_norm, or check the input data.')
-        if evaluate is not None:  # Evaluations and pictures are not training time.
+        preempted = stop_requested(checkpointer, preemption, step)
+        if preempted and step < total_steps and evaluate is not None:
+          # The grace period is for the save: an evaluation due now (a kNN bank, a pass over a split) could
+          # outlast it. The resumed run goes on from this step; this step's evaluation is not redone.
+          logging.warning('Stopping after step %d: its evaluation, if one was due, is skipped', step)
+        elif evaluate is not None:  # Evaluations and pictures are not training time.
           results = window.excluding(evaluate, step, state, batch)
           if results:
             evals = dict(results)
@@ -489,7 +503,7 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
         save = lambda: checkpointer.save(step, saved_tree(state), state.opt_state,
                                          checkpoint_meta(state, config, **extra_meta(evals)))
         stop, saved_step = window.excluding(save_or_stop, checkpointer, preemption, step, total_steps,
-                                            state.halted, save)
+                                            state.halted, save, preempted)
         if stop:
           status = 'preempted'
           break

@@ -15,8 +15,12 @@ whole through `mae_jax.fileio`.
   appears twice.
 - `workdir/events.out.tfevents.*`: TensorBoard scalars, images and hparams,
   as write-once event files (one per flush), which TensorBoard reads as one run.
+
+`python -m mae_jax.metrics WORKDIR` prints a run's last training record and
+the last value of each evaluation (`--jsonl`: every record, one JSON line each).
 """
 
+import argparse
 import io
 import json
 import os
@@ -27,6 +31,10 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from mae_jax import console  # Before clu imports TensorFlow: console sends its native lines to the log file.
+
+# isort: split
 from clu import metric_writers
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -223,3 +231,43 @@ def create_writer(workdir: str, start_step: int | None = None, config=None) -> m
     return logging_writer
   writers = [logging_writer, TensorBoardWriter(workdir, start_step), JsonlWriter(workdir, start_step)]
   return metric_writers.MultiWriter(writers + ([tracker] if tracker is not None else []))
+
+
+def summary_lines(records: list[dict]) -> list[str]:
+  """The last record with training metrics, and each evaluation metric's last value with its step."""
+  lines = []
+  train = [r for r in records if any(k.startswith(('train/', 'perf/')) for k in r)]
+  if train:
+    last = train[-1]
+    lines.append(f'step {last["step"]}: ' + ', '.join(f'{k} {console.format_metric(k, float(v))}'
+                                                      for k, v in sorted(last.items()) if k != 'step'))
+  evals = {}
+  for record in records:
+    for key, value in record.items():
+      if key.startswith('eval/'):
+        evals[key] = (record['step'], value)
+  by_step = {}
+  for key, (step, value) in sorted(evals.items()):
+    by_step.setdefault(step, []).append(f'{key} {console.format_metric(key, float(value))}')
+  lines += [f'step {step}: ' + ', '.join(items) for step, items in sorted(by_step.items())]
+  return lines
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m mae_jax.metrics',
+                                   description="Prints a run's last training record and its last evaluations.")
+  parser.add_argument('workdir', help='The run (local or gs://).')
+  parser.add_argument('--jsonl', action='store_true', help='Every record instead, one JSON object per line.')
+  args = parser.parse_args(argv)
+  records = read_metrics(args.workdir)
+  if not records:
+    raise SystemExit(f'{args.workdir}: no metrics logged ({METRICS_DIR}/part-*.jsonl)')
+  if args.jsonl:
+    print('\n'.join(json.dumps(r, sort_keys=True) for r in records))
+    return
+  print(f'{args.workdir}: {len(records)} records, steps {records[0]["step"]}-{records[-1]["step"]}')
+  print('\n'.join(summary_lines(records)))
+
+
+if __name__ == '__main__':
+  main()

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -376,6 +377,9 @@ def _parts(paths) -> list[str]:
 def _log(source, loaded, fresh, not_used):
   fresh_parts = [p if p not in _parts(loaded) else f'{p} ({", ".join(f for f in fresh if f.startswith(p + "/"))})'
                  for p in _parts(fresh)]
-  logging.info('Warm start from %s: step 0, fresh optimizer state and schedule. From the file: %s (%d tensors); '
-               'initialised afresh: %s%s', source, ' and '.join(_parts(loaded)), len(loaded),
-               ', '.join(fresh_parts) or 'nothing', f'; not used: {", ".join(not_used)}' if not_used else '')
+  line = (f'Warm start from {source}: step 0, fresh optimizer state and schedule. From the file: '
+          f'{" and ".join(_parts(loaded))} ({len(loaded)} tensors); initialised afresh: '
+          f'{", ".join(fresh_parts) or "nothing"}' + (f'; not used: {", ".join(not_used)}' if not_used else ''))
+  logging.info('%s', line)
+  if jax.process_index() == 0:  # On the terminal too, as a resume's first line is.
+    sys.stderr.write(line + '\n')

@@ -54,6 +54,9 @@ def test_info_goes_to_the_log_file_warnings_and_errors_to_the_terminal(tmp_path)
     assert line in log
     assert line not in stderr
   assert 'a-warning-line' in stderr and 'an-error-line' in stderr and 'a-warning-line' in log
+  # Plain on the terminal; the file keeps absl's prefix (time, thread, source line).
+  assert re.search(r'^Warning: .*a-warning-line', stderr, re.M) and re.search(r'^Error: .*an-error-line', stderr, re.M)
+  assert re.search(r"^W\d{4} [\d:.]+ +\d+ \S+:\d+\] a-warning-line", log, re.M), log
   assert 'read_only=True' in log and 'read_only=True' not in stderr  # Orbax's expected note: the file only.
   assert f'Logs: {path}' in stderr
   assert 'oneDNN' not in stderr and 'port.cc' not in stderr  # TensorFlow's native import lines.
@@ -91,7 +94,7 @@ def test_verbose_shows_the_info_lines_on_the_terminal_too(tmp_path):
 def restored_logging():
   """console.setup changes process-wide logging: put it back for the other tests."""
   root, terminal = logging.getLogger(), absl_logging.get_absl_handler()
-  saved = (list(root.handlers), root.level, terminal.level, list(terminal.filters))
+  saved = (list(root.handlers), root.level, terminal.level, list(terminal.filters), terminal.python_handler.formatter)
   yield
   for handler in root.handlers:
     if handler not in saved[0]:
@@ -100,6 +103,7 @@ def restored_logging():
   root.setLevel(saved[1])
   terminal.setLevel(saved[2])
   terminal.filters[:] = saved[3]
+  terminal.setFormatter(saved[4])
 
 
 def test_setup_again_replaces_the_file_and_a_gs_workdir_logs_locally(tmp_path, restored_logging, capsys):

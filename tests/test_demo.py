@@ -32,8 +32,8 @@ def test_summary_of_a_run_that_trained_nothing_names_no_accuracy(tmp_path):
   config = demo_config.get_config('steps=600')
   lines = demo.summary(config, str(tmp_path), {'step': 600, 'status': 'done'}, [], 0.8, 'p.png')
   assert not any('accuracy' in line for line in lines)
-  assert lines[0] == (f'{tmp_path} already holds this run, finished (600 steps of 256 images); nothing was '
-                      'trained. For a new run: --workdir=ANOTHER_FOLDER.')
+  assert lines[0] == ('The finished run (600 steps of 256 images) is shown again. For a new run: '
+                      '--workdir=ANOTHER_FOLDER; to train further: --steps=MORE.')
   stopped = demo.summary(config, str(tmp_path), {'step': 200, 'status': 'preempted'}, [], 0.8, 'p.png')
   assert stopped[0] == 'Stopped at step 200 of 600 (preempted): run the same command again to resume.'
 

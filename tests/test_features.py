@@ -185,6 +185,17 @@ def test_workdir_checkpoint_gives_its_export_features(pretrained, folder, tmp_pa
   assert arrays['features'].shape == (7, 32) and len(names) == 7
 
 
+def test_a_workdir_defaults_to_its_runs_data_set_and_data_dir(pretrained, tmp_path):
+  run = {'name': 'fashion_mnist', 'data_dir': '.data/tensorflow_datasets'}
+  assert features._run_dataset(run, None, '', 'w') == ('fashion_mnist', '.data/tensorflow_datasets')
+  assert features._run_dataset(run, 'fashion_mnist', '', 'w') == ('fashion_mnist', '.data/tensorflow_datasets')
+  assert features._run_dataset(run, 'fashion_mnist', '/data', 'w') == ('fashion_mnist', '/data')
+  assert features._run_dataset(run, 'other', '', 'w') == ('other', '')  # Another data set: not the run's folder.
+  # The test run trained on synthetic data: nothing to default to.
+  with pytest.raises(features.FeaturesError, match=r'trained on synthetic data: give --images or --dataset'):
+    features.write_embeddings(str(tmp_path / 'x.npz'), workdir=pretrained, progress=False)
+
+
 # ----------------------------------------------------------------------------
 # Errors name the flag.
 # ----------------------------------------------------------------------------
@@ -260,5 +271,6 @@ def test_bad_out_names_the_flag(weights_file, folder, tmp_path):
 def test_command_line_usage_error_names_the_flag(tmp_path):
   result = subprocess.run([sys.executable, '-m', 'mae_jax.features', f'--images={tmp_path}',
                            f'--out={tmp_path / "x.npz"}'], cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert 'exactly one of --weights' in result.stderr and 'Traceback' not in result.stderr
+  assert '--num_workers' not in result.stderr  # One line, not the whole --help.

@@ -2,6 +2,7 @@
 
 import glob
 import io
+import json
 import os
 import signal
 import subprocess
@@ -359,3 +360,20 @@ def test_knn_monitor_during_pretraining(tmp_path):
   knn = [r for r in records if 'eval/knn_top1' in r]
   assert [r['step'] for r in knn] == [2, 4]
   assert 0.0 <= result['eval/knn_top1'] <= 1.0
+
+
+def test_the_metrics_command_prints_the_last_training_record_and_evaluations(tmp_path, capsys):
+  writer = metrics.JsonlWriter(str(tmp_path), 0)
+  writer.write_scalars(10, {'train/loss': 0.5, 'train/lr': 1e-3})
+  writer.write_scalars(10, {'eval/knn_top1': 0.25, 'eval/num_examples': 10000.0})
+  writer.write_scalars(20, {'train/loss': 0.25, 'train/lr': 5e-4})
+  writer.flush()
+  metrics.main([str(tmp_path)])
+  assert capsys.readouterr().out.splitlines() == [
+      f'{tmp_path}: 3 records, steps 10-20',
+      'step 20: train/loss 0.2500, train/lr 0.0005',
+      'step 10: eval/knn_top1 25.00%, eval/num_examples 10000']
+  metrics.main([str(tmp_path), '--jsonl'])
+  assert [json.loads(line)['step'] for line in capsys.readouterr().out.splitlines()] == [10, 10, 20]
+  with pytest.raises(SystemExit, match='no metrics logged'):
+    metrics.main([str(tmp_path / 'elsewhere')])

@@ -265,3 +265,9 @@ def test_two_processes_warm_start_with_params_spanning_both(pth_file, source, tm
   assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   assert all(f'Warm start from {pth_file}: step 0' in out for out in outputs)
   _assert_equal(source, _start_params(workdir))
+
+
+def test_the_warm_start_line_reaches_the_terminal(capsys):
+  warm_start._log('w.pth', ('encoder/cls_token', 'encoder/norm/scale'), ('decoder/mask_token',), ('head',))
+  assert capsys.readouterr().err == ('Warm start from w.pth: step 0, fresh optimizer state and schedule. From the '
+                                     'file: encoder (2 tensors); initialised afresh: decoder; not used: head\n')

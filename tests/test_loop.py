@@ -272,3 +272,24 @@ def test_corrupt_images_stop_training_above_the_fraction_of_at_least_the_minimum
     loop.check_corrupt(21, 2000, 0.01, 'read so far', min_seen=1000)
   with pytest.raises(ValueError, match=r'1 of the 64 images of the split \(1.6%\)'):
     loop.check_corrupt(1, 64, 0.01, 'of the split')  # A whole split read (evaluation): its own fraction.
+
+
+def test_a_stop_request_skips_the_evaluation_due_at_that_step(tmp_path, monkeypatch):
+  """The grace period is for the save: a kNN evaluation due at the step the stop arrives is skipped."""
+  from mae_jax import metrics  # pylint: disable=g-import-not-at-top
+  asked = []
+
+  def requested(self, step):
+    asked.append(step)
+    return step == 4  # SIGTERM arrives during step 4, an evaluation step.
+
+  monkeypatch.setattr(loop.PreemptionFlag, 'requested', requested)
+  config = test_config.get_config('steps=8')
+  config.eval_every_steps = 2
+  config.log_every_steps = 2
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(config, workdir)
+  assert result['status'] == 'preempted' and result['step'] == 4 and checkpoint.latest_step(workdir) == 4
+  assert asked == [1, 2, 3, 4]  # Once per step.
+  evaluated = [r['step'] for r in metrics.read_metrics(workdir) if 'eval/knn_top1' in r]
+  assert evaluated == [2]

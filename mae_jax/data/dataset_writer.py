@@ -154,7 +154,8 @@ class progress_bar:  # pylint: disable=invalid-name
     if enabled:
       import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr,  # Logs and pipes: seldom.
-                           mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                           mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                           leave=False)  # The 'Prepared ...' line that follows says it all.
 
   def __enter__(self):
     return self

@@ -14,6 +14,7 @@ from launch import common
 
 TARBALL = 'mae-jax-code.tar.gz'  # The code as `git archive` made it, copied to the home folder.
 PID_FILE = '.mae_jax_job_{}.pid'  # In the home folder, beside --remote_dir (which setup replaces).
+OUT_FILE = '.mae_jax_job_{}.out'  # The trainer's output, beside its pid file (tail streams it to ssh).
 VENV_PYTHON = '.venv/bin/python'  # What .ci/setup makes in --remote_dir: the default interpreter.
 KEPT_VENV = '.mae_jax_venv_{}'  # Where setup keeps --remote_dir's .venv while it replaces the code.
 
@@ -60,21 +61,26 @@ def trainer_args(job) -> list[str]:
 def run_script(job) -> str:
   """Shell command run on every worker: wait for a stale copy, run the trainer, report its status.
 
-  The trainer's pid goes to a file so that a rerun on the same VM (say after a
-  dropped ssh connection, which leaves the old process holding the TPU) can stop
-  exactly that process first: SIGTERM, then wait until it is gone (it may be
-  saving a checkpoint into the same workdir), SIGKILL after
-  --stale_trainer_timeout seconds. The exit status is printed as
-  EXIT_MARKER=STATUS, plus the success marker for 0.
+  The trainer runs under nohup with its output in a file beside the pid file,
+  which `tail` streams to the ssh session: a dropped ssh connection (a closed
+  pipe, a hangup) leaves the trainer running instead of killing it at its next
+  line. Its pid goes to a file so that a rerun on the same VM can stop exactly
+  that process first: SIGTERM, then wait until it is gone (it may be saving a
+  checkpoint into the same workdir), SIGKILL after --stale_trainer_timeout
+  seconds. A SIGTERM to this script (a maintenance event stops every process)
+  does not end it before the trainer: it waits for the trainer's save and
+  status. The exit status is printed as EXIT_MARKER=STATUS, plus the success
+  marker for 0.
   """
   q = shlex.quote
   env = [('PYTHONUNBUFFERED', '1'), *common.parse_env(job.env)]
-  trainer = shlex.join(common.job_argv(job.python or VENV_PYTHON, job.config, job.workdir, job.overrides,
-                                       trainer_args(job), env))
+  trainer = shlex.join(['nohup', *common.job_argv(job.python or VENV_PYTHON, job.config, job.workdir,
+                                                  job.overrides, trainer_args(job), env)])
   pid_file = '"$pid_file"'
   timeout = int(job.stale_trainer_timeout)
   return '; '.join([
       'pid_file="$PWD"/' + q(PID_FILE.format(_name(job))),
+      'out_file="$PWD"/' + q(OUT_FILE.format(_name(job))),
       f'cd {q(job.remote_dir)} || exit 1',
       # Alive and still a trainer: not a zombie (empty cmdline), not a reused pid.
       "alive() { tr '\\000' ' ' < \"/proc/$1/cmdline\" 2>/dev/null | grep -q -F mae_jax.main; }",
@@ -87,9 +93,15 @@ def run_script(job) -> str:
       f'echo "# the previous trainer is still running after {timeout}s; killing it"; '
       'kill -KILL "$old" 2>/dev/null; waited=0; '
       'while alive "$old" && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done; fi; fi',
-      f'{trainer} & echo $! > {pid_file}',
-      'wait $!',
+      # A trap (not an ignore, which the trainer would inherit): `wait` returns early, the loop waits again.
+      "trap 'echo \"# SIGTERM: waiting for the trainer to save and exit\"' TERM",
+      f'{trainer} > "$out_file" 2>&1 < /dev/null & pid=$!',
+      f'echo "$pid" > {pid_file}',
+      'tail -n +1 -f --pid="$pid" "$out_file" & tail_pid=$!',
+      'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done',
+      'wait "$pid"',
       'status=$?',
+      'wait "$tail_pid"',
       f'rm -f {pid_file}',
       f'echo {common.EXIT_MARKER}"$status"',
       f'if [ "$status" -eq 0 ]; then echo {common.SUCCESS_MARKER}; fi',

@@ -147,4 +147,13 @@ def initialize(mode: str = 'auto', coordinator_address: str | None = None, num_p
         f'jax.distributed.initialize() failed ({decision.reason}): {e}. JAX finds the processes under SLURM '
         '(srun), on Cloud TPU VMs and GKE TPU pods; elsewhere pass --coordinator_address=HOST:PORT, '
         '--num_processes=N and --process_id=I, or --distributed=off for a single process.') from e
+  _STARTED.append(decision)
   return decision
+
+
+_STARTED = []  # The decision of the initialize() that started jax.distributed in this process.
+
+
+def is_initialized() -> bool:
+  """Whether `initialize` started jax.distributed in this process (a multi-process job)."""
+  return bool(_STARTED)

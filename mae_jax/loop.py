@@ -504,6 +504,8 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
                                          checkpoint_meta(state, config, **extra_meta(evals)))
         stop, saved_step = window.excluding(save_or_stop, checkpointer, preemption, step, total_steps,
                                             state.halted, save, preempted)
+        if checkpointer.should_save(step):  # gs:// workdirs: the log so far, should the worker die unannounced.
+          window.excluding(console.copy_log_to_workdir)
         if stop:
           status = 'preempted'
           break

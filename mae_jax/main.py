@@ -19,7 +19,9 @@ in the log file).
 """
 
 import json
+import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -69,9 +71,34 @@ def main(argv):
   except BaseException as e:  # The traceback also goes to the log file (and with it to a gs:// workdir).
     if not isinstance(e, SystemExit):
       logging.info('Stopped on this exception:', exc_info=e)
+    console.copy_log_to_workdir()
+    _leave_a_failed_job(e)
     raise
-  finally:
-    console.copy_log_to_workdir()  # gs:// workdirs: the log outlives the worker's disk.
+  console.copy_log_to_workdir()  # gs:// workdirs: the log outlives the worker's disk.
+
+
+def _leave_a_failed_job(error: BaseException) -> None:
+  """A process of a multi-process job that fails leaves at once, with its status.
+
+  Its normal exit waits in jax.distributed's shutdown barrier for every other
+  process (5 minutes), while they wait in a collective for it, and then all
+  abort with status 134. Leaving without the barrier ends the others within
+  seconds (they lose the job's coordination service: 134 there), and this
+  process's status, the one that says what went wrong, reaches the launcher.
+  A preemption (75) is every process's, agreed: it leaves the normal way.
+  """
+  code = error.code if isinstance(error, SystemExit) else 1
+  code = code if isinstance(code, int) else 1  # sys.exit('message') is status 1.
+  if code in (0, PREEMPTED_EXIT_CODE) or not distributed.is_initialized():
+    return
+  if isinstance(error, SystemExit) and not isinstance(error.code, (int, type(None))):
+    sys.stderr.write(f'{error.code}\n')
+  elif not isinstance(error, SystemExit):
+    traceback.print_exception(error)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _run_main():

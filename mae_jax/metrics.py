@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 
 from mae_jax import console  # Before clu imports TensorFlow: console sends its native lines to the log file.
 
@@ -47,6 +48,33 @@ METRICS_DIR = 'metrics'
 LEGACY_FILE = 'metrics.jsonl'  # Workdirs written before the part files.
 LINES_PER_PART = 500
 _PART = re.compile(r'part-(\d+)-(\d+)-(\d+)\.jsonl$')  # writer (start time, ns), first step, seq
+
+
+class _Storage:
+  """Writes of one writer that a storage error does not end: the run trains on, the next write tries again.
+
+  Metrics, TensorBoard events and pictures are written by process 0 alone: an
+  error there (a gs:// hiccup, a full disk) must not stop one process of a
+  multi-process job while the others wait for it. What was not written stays
+  in memory and goes out with the next write that works.
+  """
+
+  def __init__(self):
+    self.failing = False
+
+  def write(self, write_fn, path: str, data) -> bool:
+    try:
+      write_fn(path, data)
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Any storage client's error.
+      if not self.failing:
+        logging.warning('Could not write %s (%s: %s); training goes on, the next write tries again', path,
+                        type(e).__name__, e)
+      self.failing = True
+      return False
+    if self.failing:
+      logging.warning('Writing %s works again', path)
+    self.failing = False
+    return True
 
 
 class _NoOpWriter(metric_writers.MetricWriter):
@@ -95,6 +123,8 @@ class JsonlWriter(_NoOpWriter):
     self._first = None if start_step is None else int(start_step) + 1
     self._writer_id = time.time_ns()  # Later writers supersede earlier ones.
     self._seq, self._lines = 0, []
+    self._storage = _Storage()
+    self._unwritten = []  # Full parts whose last write failed: (path, text), oldest first.
 
   def _part_path(self) -> str:
     return fileio.join(self._dir, f'part-{self._writer_id}-{self._first:010d}-{self._seq:05d}.jsonl')
@@ -107,9 +137,13 @@ class JsonlWriter(_NoOpWriter):
     if self._first is None:
       self._first = record['step']
     if len(self._lines) >= LINES_PER_PART:
+      if self._storage.failing:  # The full part's last write failed: keep it for the next write.
+        self._unwritten.append((self._part_path(), '\n'.join(self._lines) + '\n'))
       self._seq, self._lines = self._seq + 1, []
     self._lines.append(json.dumps(record))
-    fileio.write_text(self._part_path(), '\n'.join(self._lines) + '\n')
+    while self._unwritten and self._storage.write(fileio.write_text, *self._unwritten[0]):
+      self._unwritten.pop(0)
+    self._storage.write(fileio.write_text, self._part_path(), '\n'.join(self._lines) + '\n')
 
 
 def _parse(text: str, source: str) -> list[dict]:
@@ -172,6 +206,7 @@ class TensorBoardWriter(_NoOpWriter):
     self._prefix = f'events.out.tfevents.{time.time_ns()}.{socket.gethostname()}.{os.getpid()}'
     self._flush_every = flush_every_secs
     self._seq, self._buffer, self._since = 0, io.BytesIO(), None
+    self._storage = _Storage()
 
   def _add(self, step: int | None, summary: summary_pb2.Summary) -> None:
     event = event_pb2.Event(wall_time=time.time(), summary=summary)
@@ -212,8 +247,10 @@ class TensorBoardWriter(_NoOpWriter):
   def flush(self):
     if self._since is None:
       return
-    fileio.write_bytes(fileio.join(self._logdir, f'{self._prefix}.{self._seq:05d}.v2'), self._buffer.getvalue())
-    self._seq, self._buffer, self._since = self._seq + 1, io.BytesIO(), None
+    path = fileio.join(self._logdir, f'{self._prefix}.{self._seq:05d}.v2')
+    if self._storage.write(fileio.write_bytes, path, self._buffer.getvalue()):
+      self._seq, self._buffer, self._since = self._seq + 1, io.BytesIO(), None
+    # Else the events stay buffered (the file starts with its version record) and the next flush writes them.
 
   def close(self):
     self.flush()

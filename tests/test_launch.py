@@ -591,6 +591,54 @@ def test_remote_run_script_executes_under_bash(tmp_path, exit_status):
   assert not (tmp_path / '.mae_jax_job_mae-jax.pid').exists()
 
 
+def _talking_trainer(tmp_path):
+  """Stands in for python: prints a line every 0.05 s for 2 s (SIGTERM: 'saves' and exits 75), then writes done."""
+  path = tmp_path / 'talking_python'
+  path.write_text(f'#!{sys.executable}\nimport signal, sys, time\n'
+                  'def stop(*_):\n'
+                  f'  time.sleep(0.5); open({str(tmp_path / "saved")!r}, "w").close(); sys.exit(75)\n'
+                  'signal.signal(signal.SIGTERM, stop)\n'
+                  f'open({str(tmp_path / "started")!r}, "w").close()\n'
+                  'for i in range(40):\n'
+                  '  print("step", i, flush=True); time.sleep(0.05)\n'
+                  f'open({str(tmp_path / "done")!r}, "w").close()\n')
+  path.chmod(0o755)
+  job = tpu.TpuJob(tpu_name='mae-test', zone=ZONE, accelerator_type='v4-8', config='c.py', workdir='/tmp/w',
+                   python=str(path))
+  (tmp_path / 'mae-jax').mkdir()
+  return worker_scripts.run_script(job)
+
+
+def test_a_dropped_ssh_connection_leaves_the_trainer_running(tmp_path):
+  """The session's pipe closes early (as when ssh drops): the trainer writes to its file and finishes."""
+  script = _talking_trainer(tmp_path)
+  done = subprocess.run(['bash', '-c', f'({script}) | head -c 10'], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=60, check=False)
+  assert done.stdout == 'step 0\nste'
+  deadline = time.time() + 30
+  while not (tmp_path / 'done').exists():
+    assert time.time() < deadline, 'the trainer died with the pipe'
+    time.sleep(0.1)
+  assert (tmp_path / '.mae_jax_job_mae-jax.out').read_text().count('step') == 40
+
+
+def test_sigterm_to_the_worker_script_reports_the_trainers_save(tmp_path):
+  """A maintenance event stops every process: the script outlives its SIGTERM and reports the trainer's 75."""
+  script = _talking_trainer(tmp_path)
+  proc = subprocess.Popen(['bash', '-c', script], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not (tmp_path / 'started').exists():
+    assert time.time() < deadline
+    time.sleep(0.05)
+  time.sleep(0.3)
+  pid = int((tmp_path / '.mae_jax_job_mae-jax.pid').read_text())
+  proc.send_signal(signal.SIGTERM)
+  os.kill(pid, signal.SIGTERM)
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 75, out
+  assert f'{common.EXIT_MARKER}75' in out and (tmp_path / 'saved').exists() and not (tmp_path / 'done').exists()
+
+
 # Bad inputs: the error names the flag.
 
 

@@ -51,6 +51,8 @@ def test_remote_workdir_pretrain_sigterm_resume_and_read_back(gcs, tmp_path):
       assert first.poll() is None, _tail(log)
       assert time.time() < deadline, 'no training progress'
       time.sleep(0.2)
+    # The log so far was copied at the step-5 save: a worker that dies unannounced leaves it behind.
+    assert len(fileio.glob(fileio.join(workdir, 'logs'), 'main.*.log')) == 1, _tail(log)
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=240)
   finally:

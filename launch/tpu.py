@@ -21,14 +21,18 @@ Steps, in order (pick a subset with --steps):
           are read here as the trainer will, and the config file must be committed
           at --git_ref.) Otherwise the TPU state is
           read with `describe`; a PREEMPTED/TERMINATED VM (or a SUSPENDED/FAILED
-          queued resource) is deleted, recreated and set up again, a healthy one
-          simply reruns the job. A failed re-create or setup is tried again after
-          a backoff (--retry_backoff_seconds, doubling). Reruns, re-creates and
+          queued resource) is deleted, recreated and set up again, one being
+          repaired or restarted is waited for, a healthy one reruns the job. A
+          failed run, re-create or setup is tried again after a backoff
+          (--retry_backoff_seconds, doubling; a preempted run at once). Reruns, re-creates and
           setups together take at most --max_retries retries; the trainer resumes
           from the newest checkpoint in --workdir. A trainer left running by an
           earlier attempt on the same VM gets SIGTERM and is waited for (it may be
           saving) before the new one starts; after --stale_trainer_timeout seconds
           it is killed. On a multi-host slice the trainer gets --distributed=on.
+          On each worker the trainer runs under nohup, its output in a file
+          beside the pid file that is streamed back: a dropped ssh connection
+          leaves it training.
   delete  Delete the TPU VM or queued resource (also after a failure, Ctrl-C,
           SIGTERM or SIGHUP); --keep skips it.
 
@@ -390,12 +394,18 @@ def _run_once(job: TpuJob, runner: common.Runner) -> str:
 
 
 def _needs_recreate(job: TpuJob, runner: common.Runner) -> bool:
-  returncode, state = runner.capture(describe_command(job), dry_run_stdout='READY')
-  if returncode != 0:
-    state = ''  # Not found: deleted by the preemption.
+  """Whether the TPU is lost (delete and create it again); one being repaired or restarted is waited for."""
   lost = _QR_LOST_STATES if job.use_queued_resource else _VM_LOST_STATES
-  runner.echo(f'# {job.tpu_name} state: {state or "missing"}')
-  return state in lost
+  waiting = _QR_WAITING_STATES if job.use_queued_resource else _VM_WAITING_STATES
+  while True:
+    returncode, state = runner.capture(describe_command(job), dry_run_stdout='READY')
+    if returncode != 0:
+      state = ''  # Not found: deleted by the preemption.
+    runner.echo(f'# {job.tpu_name} state: {state or "missing"}')
+    if state not in waiting:  # A rerun on a TPU being repaired would fail at once and use up a retry.
+      return state in lost
+    runner.echo(f'# waiting {job.poll_seconds:g}s until it is up again')
+    runner.sleep(job.poll_seconds)
 
 
 def _run_with_retries(job: TpuJob, runner: common.Runner) -> None:
@@ -445,6 +455,7 @@ def _run_with_retries(job: TpuJob, runner: common.Runner) -> None:
       what = (f'{job.tpu_name} was lost (preempted?)' if lost else 'the trainer saved and stopped (exit status '
               f'{common.PREEMPTED_EXIT_CODE}: preempted?)' if outcome == 'preempted' else 'the job failed')
       todo = 'recreate' if lost else 'run'
+      failures = 0 if preempted else failures + 1  # A failed run is rerun after the backoff, not at once.
     retries += 1
     if retries > job.max_retries:
       error = common.Preempted if preempted else common.LaunchError

@@ -345,7 +345,7 @@ class ProgressHook:
     if self._last is None:  # The first step: its compile is not training speed.
       self._last = (now, step)
     if self._bar is not None and step > self.step:
-      self._bar.update(step - self.step)
+      self._guarded(self._bar.update, step - self.step)
     self.step = max(self.step, step)
     self._step_time = now
 
@@ -395,7 +395,7 @@ class ProgressHook:
       self.loss = float(scalars['train/loss'])
       self._step_time = time.time()
       if self._bar is not None:
-        self._bar.set_postfix_str(self._postfix(step), refresh=True)
+        self._guarded(self._bar.set_postfix_str, self._postfix(step), refresh=True)
       elif self.mode == 'lines':
         self._write(self._line(step))
     if evals:
@@ -416,10 +416,21 @@ class ProgressHook:
 
   def _write(self, line: str) -> None:
     if self._bar is not None:
-      self._bar.write(line, file=self.stream)
-    else:
-      self.stream.write(line + '\n')
-      self.stream.flush()
+      self._guarded(self._bar.write, line, file=self.stream)
+    elif self.mode != 'off':
+      self._guarded(self._print, line)
+
+  def _print(self, line: str) -> None:
+    self.stream.write(line + '\n')
+    self.stream.flush()
+
+  def _guarded(self, fn, *args, **kwargs) -> None:
+    try:
+      fn(*args, **kwargs)
+    except (BrokenPipeError, ValueError):  # Whoever read the terminal is gone (`| head`, a closed ssh session):
+      if self._bar is not None:  # training goes on; the log file still gets everything.
+        absl_logging.get_absl_handler().python_handler.setStream(self._log_stream)
+      self.mode, self._bar = 'off', None
 
   def close(self) -> None:
     if self._bar is not None:

@@ -130,7 +130,10 @@ def _run_main():
   logging.info('Finished: %s', result)
   if jax.process_index() == 0:  # The result, on stdout: evaluations, the last loss, where it stopped.
     shown = {k: v for k, v in result.items() if k.startswith('eval/') or k in ('status', 'step', 'train/loss')}
-    print(json.dumps(shown, sort_keys=True))
+    try:
+      print(json.dumps(shown, sort_keys=True), flush=True)
+    except BrokenPipeError:  # Nobody reads stdout any more (`| head`): the run itself went well.
+      sys.stdout = open(os.devnull, 'w', encoding='utf-8')  # pylint: disable=consider-using-with
   if result.get('status') == 'preempted':
     # Saved and stopped early: a non-zero code tells launchers to relaunch (resume is automatic).
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -254,3 +254,17 @@ def test_a_warning_logged_while_the_bar_is_up_gets_a_line_above_it(restored_logg
   lines = stream.getvalue().replace('\r', '\n').splitlines()
   assert any(line.endswith('Preemption requested: saved step 1') for line in lines), lines
   assert not any('train:' in line and 'Preemption' in line for line in lines)  # Not inside the bar's line.
+
+
+def test_a_closed_terminal_stops_the_progress_lines_not_the_run():
+  class Closed(io.StringIO):
+    def write(self, text):
+      raise BrokenPipeError(32, 'Broken pipe')
+
+  hook = console.ProgressHook(10, 0, mode='lines', stream=Closed())
+  hook(1)
+  hook.update_metrics(1, {'train/loss': 0.5})  # Would write a line: the pipe is gone.
+  hook.note('Resuming')
+  hook.update_metrics(2, {'eval/knn_top1': 0.5})
+  hook.close()
+  assert hook.mode == 'off'

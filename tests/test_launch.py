@@ -67,7 +67,7 @@ def trainer_words(argv):
   """The trainer's argv inside a run command's remote script."""
   words = shlex.split(remote_command(argv))
   start = words.index('mae_jax.main') - 2
-  return words[start:words.index('&', start)]
+  return words[start:words.index('>', start)]  # Its output goes to a file (`tail` streams it).
 
 
 class ScriptedRunner(common.Runner):
@@ -880,3 +880,15 @@ def test_worker_setup_keeps_the_venv_while_it_replaces_the_code(tmp_path):
   assert outputs[0] == 'extras=tpu demo_data=0 kept='
   assert outputs[1].startswith('extras=tpu demo_data=0 kept=') and outputs[1] != outputs[0]  # The first .venv.
   assert sorted(os.listdir(home)) == ['mae-jax']  # The tarball and the kept .venv are not left beside it.
+
+
+def test_a_tpu_being_repaired_is_waited_for_and_a_failed_run_rerun_after_the_backoff():
+  """A run fails while the TPU is REPAIRING: the launcher waits until it is READY (no retry used up at once),
+  then reruns after --retry_backoff_seconds; the rerun finishes."""
+  runner = ScriptedRunner(states=['REPAIRING', 'REPAIRING', 'READY'], job_results=[
+      [common.StreamResult(255, 0)], [common.StreamResult(0, 1, (0,))]])
+  assert tpu.main(tpu_argv(max_retries=1, retry_backoff_seconds=7, poll_seconds=3), runner=runner) == 0
+  assert runner.sleeps == [3.0, 3.0, 7.0]
+  assert kinds(runner) == ([('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh')] + [('tpu-vm', 'describe')] * 3
+                           + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')])
+  assert 'is up again' in runner.out.getvalue() and 'retry 1/1' in runner.out.getvalue()

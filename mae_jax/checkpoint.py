@@ -193,7 +193,7 @@ def check_shared_workdir(workdir: str) -> None:
       fileio.write_text(probe, 'written by process 0 to check that every process sees this workdir\n')
     except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Said on every process below.
       written = False
-      logging.error('--workdir=%s: process 0 cannot write there: %s', workdir, e)
+      logging.error('--workdir=%s: process 0 cannot write there: %s: %s', workdir, type(e).__name__, e)
   multihost_utils.sync_global_devices('mae_jax_shared_workdir_written')
   if not _from_process_0(int(written)):
     raise WorkdirError(f'--workdir={workdir}: process 0 cannot write there (its error is in its log): check the '

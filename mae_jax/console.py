@@ -51,7 +51,8 @@ def define_flags() -> None:
 
 LOGS_DIR = 'logs'
 # Orbax's notes when a checkpoint is opened read-only (visualize, export, warm starts): expected, not advice.
-QUIET_WARNINGS = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+QUIET_WARNINGS = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only',
+                  'Reached preemption sync point')  # Orbax's, at every check: our own stop line says it once.
 
 
 def _verbose_in_argv(argv) -> bool:

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from mae_jax import checkpoint, console, fileio, weights
+from mae_jax import checkpoint, console, fileio, metrics, weights
 from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, arrays, input_pipeline, preprocess, sources, synthetic
 from mae_jax.models import from_config
 from mae_jax.models import mae as mae_lib
@@ -269,14 +269,11 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
                              bands=bands, value_range=value_range)
   out = out or fileio.join(workdir, 'reconstructions.png')
   out = save_png(with_column_titles(grid), out)
-  try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-    writer.write_images(checkpoint.latest_step(workdir) if step is None else step,
-                        {'reconstructions': grid[None]})
-    writer.close()
-  except Exception:  # pylint: disable=broad-except  # TensorBoard is a convenience here
-    pass
+  # The run's TensorBoard gets the picture too, through the writer the trainers use (fileio: gs:// as well);
+  # a storage error there is a warning (metrics._Storage), the PNG above is the result.
+  writer = metrics.TensorBoardWriter(workdir)
+  writer.write_images(checkpoint.latest_step(workdir) if step is None else step, {'reconstructions': grid[None]})
+  writer.close()
   return out
 
 

@@ -1,5 +1,7 @@
 """Reconstruction grids."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,8 +114,15 @@ def _tiny_run(tmp_path, **overrides):
 
 def test_visualize_a_run_on_synthetic_data(tmp_path):
   workdir = _tiny_run(tmp_path)
+  before = set(os.listdir(workdir))
   path = visualize.visualize_checkpoint(workdir, str(tmp_path / 'grid.png'), num_images=3)
   assert Image.open(path).size[1] >= 3 * 32
+  # The run's TensorBoard gets the grid too, through the trainers' writer (gs:// workdirs alike).
+  (events,) = [f for f in set(os.listdir(workdir)) - before if f.startswith('events.out.tfevents')]
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(os.path.join(workdir, events))
+  accumulator.Reload()
+  assert accumulator.Tags()['images'] == ['reconstructions']
 
 
 def test_visualize_needs_a_decoder(tmp_path, monkeypatch):

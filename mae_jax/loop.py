@@ -430,7 +430,7 @@ def checkpoint_meta(state: train_state.TrainState, config, **extra) -> dict:
 def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, step_fn: Callable, batches: Iterator[dict],
                total_steps: int, checkpointer, writer, saved_tree: Callable = lambda s: s.params,
                extra_meta: Callable[[dict], dict] = lambda evals: {},
-               evaluate: Callable | None = None, flops_per_image: float | None = None) -> LoopResult:
+               evaluate: Callable | None = None, flops_per_image: float | None = None, lease=None) -> LoopResult:
   """Trains from state.step to total_steps: logs, evaluates, checkpoints, stops on SIGTERM.
 
   Args:
@@ -441,6 +441,7 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
     evaluate: (step, state, batch) -> metrics to write, or None at steps that
       do not evaluate. Its time is not counted in the throughput.
     flops_per_image: training FLOPs per image, for perf/mfu.
+    lease: the job's `workdir_lease.Lease`, renewed as it trains.
   """
   start_step = int(jax.device_get(state.step))
   progress = console.ProgressHook(total_steps, start_step)  # A bar on a terminal, else a line per log period.
@@ -478,6 +479,8 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
           last.update(scalars)
           progress.update_metrics(step, scalars)
           corrupt_seen += int(last.get('train/corrupt_images', 0))
+          if lease is not None:
+            lease.renew()
           check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config.dataset.max_corrupt_fraction,
                         'read so far', f'check the data set (dataset.name={config.dataset.name!r}) and the '
                         'preprocessing (the warnings above name the errors)', min_seen=CORRUPT_CHECK_MIN_IMAGES)

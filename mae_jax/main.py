@@ -28,7 +28,19 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import config_tools, console, distributed, finetune, knn, linprobe, loop, supervised, train, train_state
+from mae_jax import (
+  config_tools,
+  console,
+  distributed,
+  finetune,
+  knn,
+  linprobe,
+  loop,
+  supervised,
+  train,
+  train_state,
+  workdir_lease,
+)
 
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
@@ -95,6 +107,7 @@ def _leave_a_failed_job(error: BaseException) -> None:
     sys.stderr.write(f'{error.code}\n')
   elif not isinstance(error, SystemExit):
     traceback.print_exception(error)
+  workdir_lease.release_all()  # os._exit skips the atexit handlers that would.
   sys.stdout.flush()
   sys.stderr.flush()
   logging.flush()

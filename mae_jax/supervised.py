@@ -17,7 +17,7 @@ import optax
 from absl import logging
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import config_tools, loop, metrics, optim, parallel, train_state
+from mae_jax import config_tools, loop, metrics, optim, parallel, train_state, workdir_lease
 from mae_jax.data import augment
 
 KINDS = ('finetune', 'linprobe', 'knn')
@@ -222,6 +222,7 @@ def _best_so_far(workdir: str, default: float) -> float:
 def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoch: int) -> dict:
   """Initialises or resumes, trains to total_steps with evals and checkpoints; returns the metrics."""
   ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
+  lease = workdir_lease.acquire(workdir)  # One job per workdir, before any checkpoint is read.
   loop.check_resume(config, workdir)
   init_rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(task.init_fn, init_rng)
@@ -259,7 +260,7 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, saved_tree=task.saved_tree,
       extra_meta=lambda evals: {'downstream': task.kind, **task.meta,
                                 'eval': {k: float(v) for k, v in evals.items()}},
-      evaluate=evaluate_now)
+      evaluate=evaluate_now, lease=lease)
   evals = result.evals
   if result.status == 'done' and not evals:  # Resumed at the end: evaluate the final state again.
     with train_state.mesh_context(mesh):
@@ -268,5 +269,6 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
          'saved_step': result.saved_step}
   if result.status == 'done':
     loop.write_results(workdir, {**out, 'downstream': task.kind})
+  lease.release()
   return out
 

@@ -18,7 +18,7 @@ from absl import logging
 from clu import parameter_overview
 
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import knn, loop, metrics, parallel, pretrain_step, visualize, wandb_writer, warm_start
+from mae_jax import knn, loop, metrics, parallel, pretrain_step, visualize, wandb_writer, warm_start, workdir_lease
 from mae_jax.data import inputs
 
 # ----------------------------------------------------------------------------
@@ -45,6 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   inputs.check_input(config)  # The data set against the settings, before a model is built.
   config = inputs.resolve_dataset_stats(config)  # dataset.mean / std = (): the data set's stored ones.
   ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
+  lease = workdir_lease.acquire(workdir)  # One job per workdir, before any checkpoint is read.
   loop.check_resume(config, workdir)
   step = pretrain_step.build_train_step(config, mesh, inputs.num_train_examples(config))
   model = step.model
@@ -85,7 +86,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = loop.train_loop(
       config, workdir, mesh, state=state, step_fn=step.jitted, batches=batches,
       total_steps=step.total_steps, checkpointer=checkpointer, writer=writer, evaluate=evaluate,
-      flops_per_image=pretrain_step.train_flops_per_image(model, config.mask_ratio))
+      flops_per_image=pretrain_step.train_flops_per_image(model, config.mask_ratio), lease=lease)
+  lease.release()
   return {**result.metrics, 'status': result.status, 'step': result.step, 'saved_step': result.saved_step}
 
 

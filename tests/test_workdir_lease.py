@@ -1,0 +1,106 @@
+"""One training job per workdir: the lease file (mae_jax/workdir_lease.py)."""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from configs import test as test_config
+from mae_jax import checkpoint, train, workdir_lease
+
+
+class Clock:
+  """A clock that `sleep` moves on, and that runs `each_sleep` at every sleep (another job's renewals)."""
+
+  def __init__(self):
+    self.now = 1000.0
+    self.each_sleep = lambda: None
+
+  def __call__(self):
+    return self.now
+
+  def sleep(self, seconds):
+    self.now += seconds
+    self.each_sleep()
+
+
+def _lease(workdir, clock):
+  return workdir_lease.Lease(str(workdir), clock=clock, sleep=clock.sleep, renew_seconds=60, stale_seconds=300,
+                             poll_seconds=10)
+
+
+def _foreign(workdir, renewed, job='other'):
+  path = os.path.join(workdir, workdir_lease.LEASE_NAME)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump({'job': job, 'host': 'elsewhere', 'pid': 1, 'started': 0, 'renewed': renewed}, f)
+  return path
+
+
+def test_a_live_job_keeps_its_workdir_and_a_dead_ones_lease_is_taken_over(tmp_path):
+  clock = Clock()
+  mine = _lease(tmp_path, clock).acquire()
+  path = os.path.join(tmp_path, workdir_lease.LEASE_NAME)
+  assert json.loads(open(path).read())['job'] == mine.record['job']
+  mine.release()
+  assert not os.path.exists(path)
+
+  # Another job renews its lease while this one waits: refused (exit 78), without waiting out the 300 s.
+  _foreign(tmp_path, renewed=clock.now - 30)
+  clock.each_sleep = lambda: clock.now > 1040 and _foreign(tmp_path, renewed=clock.now)
+  with pytest.raises(checkpoint.WorkdirError, match=r'another job \(host elsewhere, pid 1\) is training in this '
+                                                    r'workdir.*Stop that job or use another --workdir'):
+    _lease(tmp_path, clock).acquire()
+  assert clock.now <= 1060
+
+  # A job that died: its lease is not renewed and is taken over once 300 s old.
+  clock.each_sleep = lambda: None
+  _foreign(tmp_path, renewed=clock.now - 100)
+  start = clock.now
+  lease = _lease(tmp_path, clock).acquire()
+  assert 199 <= clock.now - start <= 201 and lease.held
+  # Renewed as the job trains (every 60 s), and released on the way out.
+  renewed = lease.record['renewed']
+  clock.now += 30
+  lease.renew()
+  assert lease.record['renewed'] == renewed
+  clock.now += 31
+  lease.renew()
+  assert json.loads(open(path).read())['renewed'] == clock.now
+  lease.release()
+  assert not os.path.exists(path)
+  # A lease removed while this job waits: taken at once.
+  _foreign(tmp_path, renewed=clock.now)
+  clock.each_sleep = lambda: os.remove(path) if os.path.exists(path) else None
+  assert _lease(tmp_path, clock).acquire().held
+
+
+def test_a_second_training_job_on_a_workdir_stops_before_reading_it(tmp_path, monkeypatch):
+  """The trainer takes the lease before any checkpoint is read; a live job's lease stops it (WorkdirError)."""
+  workdir = str(tmp_path / 'run')
+  config = test_config.get_config('steps=2')
+  result = train.train_and_evaluate(config, workdir)
+  assert result['status'] == 'done' and not os.path.exists(os.path.join(workdir, workdir_lease.LEASE_NAME))
+  monkeypatch.setattr(workdir_lease, 'STALE_SECONDS', 30.0)
+  monkeypatch.setattr(workdir_lease, 'POLL_SECONDS', 0.1)
+  path = _foreign(workdir, renewed=time.time())
+  stop = threading.Event()
+
+  def other_job():  # Renews its lease while the second job waits.
+    while not stop.wait(0.05):
+      _foreign(workdir, renewed=time.time())
+
+  renewer = threading.Thread(target=other_job, daemon=True)
+  renewer.start()
+  config.num_train_steps = 4
+  start = time.time()
+  try:
+    with pytest.raises(checkpoint.WorkdirError, match='another job'):
+      train.train_and_evaluate(config, workdir)
+  finally:
+    stop.set()
+    renewer.join()
+  assert time.time() - start < 20  # Refused as soon as a renewal was seen, not after the 30 s.
+  assert checkpoint.latest_step(workdir) == 2  # Nothing trained.
+  os.remove(path)

@@ -30,9 +30,7 @@ Steps, in order (pick a subset with --steps):
           earlier attempt on the same VM gets SIGTERM and is waited for (it may be
           saving) before the new one starts; after --stale_trainer_timeout seconds
           it is killed. On a multi-host slice the trainer gets --distributed=on.
-          On each worker the trainer runs under nohup, its output in a file
-          beside the pid file that is streamed back: a dropped ssh connection
-          leaves it training.
+          Workers run it under nohup (launch/worker_scripts.py).
   delete  Delete the TPU VM or queued resource (also after a failure, Ctrl-C,
           SIGTERM or SIGHUP); --keep skips it.
 
@@ -101,6 +99,7 @@ _VM_LOST_STATES = ('PREEMPTED', 'TERMINATED', 'STOPPED', 'STOPPING', '')
 _QR_LOST_STATES = ('SUSPENDING', 'SUSPENDED', 'FAILED', '')
 _QR_WAITING_STATES = ('ACCEPTED', 'WAITING_FOR_RESOURCES', 'PROVISIONING', 'CREATING')
 _VM_WAITING_STATES = ('CREATING', 'STARTING', 'RESTARTING', 'REPAIRING')
+_MAX_REPAIR_WAIT_SECONDS = 1800.0  # A TPU still repairing or restarting after a failed run is then re-created.
 
 # The longest wait between two failed re-creates or setups.
 _MAX_BACKOFF_SECONDS = 900.0
@@ -397,6 +396,7 @@ def _needs_recreate(job: TpuJob, runner: common.Runner) -> bool:
   """Whether the TPU is lost (delete and create it again); one being repaired or restarted is waited for."""
   lost = _QR_LOST_STATES if job.use_queued_resource else _VM_LOST_STATES
   waiting = _QR_WAITING_STATES if job.use_queued_resource else _VM_WAITING_STATES
+  waited = 0.0
   while True:
     returncode, state = runner.capture(describe_command(job), dry_run_stdout='READY')
     if returncode != 0:
@@ -404,8 +404,11 @@ def _needs_recreate(job: TpuJob, runner: common.Runner) -> bool:
     runner.echo(f'# {job.tpu_name} state: {state or "missing"}')
     if state not in waiting:  # A rerun on a TPU being repaired would fail at once and use up a retry.
       return state in lost
+    if waited >= _MAX_REPAIR_WAIT_SECONDS:
+      return True  # Stuck: created again.
     runner.echo(f'# waiting {job.poll_seconds:g}s until it is up again')
     runner.sleep(job.poll_seconds)
+    waited += job.poll_seconds
 
 
 def _run_with_retries(job: TpuJob, runner: common.Runner) -> None:

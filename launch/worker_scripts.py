@@ -102,7 +102,8 @@ def run_script(job) -> str:
       'wait "$pid"',
       'status=$?',
       'wait "$tail_pid"',
-      f'rm -f {pid_file}',
+      # Only this trainer's pid: an old script waking up late must not remove a newer trainer's.
+      f'if [ "$(cat {pid_file} 2>/dev/null)" = "$pid" ]; then rm -f {pid_file}; fi',
       f'echo {common.EXIT_MARKER}"$status"',
       f'if [ "$status" -eq 0 ]; then echo {common.SUCCESS_MARKER}; fi',
       'exit "$status"',

@@ -441,7 +441,7 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
     evaluate: (step, state, batch) -> metrics to write, or None at steps that
       do not evaluate. Its time is not counted in the throughput.
     flops_per_image: training FLOPs per image, for perf/mfu.
-    lease: the job's `workdir_lease.Lease`, renewed as it trains.
+    lease: the job's `workdir_lease.Lease`: checked at log steps, marked when the job is asked to stop.
   """
   start_step = int(jax.device_get(state.step))
   progress = console.ProgressHook(total_steps, start_step)  # A bar on a terminal, else a line per log period.
@@ -479,8 +479,8 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
           last.update(scalars)
           progress.update_metrics(step, scalars)
           corrupt_seen += int(last.get('train/corrupt_images', 0))
-          if lease is not None:
-            lease.renew()
+          if lease is not None:  # Renewed in the background; taken over by another job after a stall?
+            lease.check()
           check_corrupt(corrupt_seen, (step - start_step) * config.batch_size, config.dataset.max_corrupt_fraction,
                         'read so far', f'check the data set (dataset.name={config.dataset.name!r}) and the '
                         'preprocessing (the warnings above name the errors)', min_seen=CORRUPT_CHECK_MIN_IMAGES)
@@ -492,6 +492,8 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
                 f'(at step {step}); the last good checkpoint is step {checkpointer.latest_step()}. '
                 'Lower optim.base_lr, set optim.grad_clip_norm, or check the input data.')
         preempted = stop_requested(checkpointer, preemption, step)
+        if preempted and lease is not None:
+          lease.mark_stopping()  # A job relaunched meanwhile waits for this one's save instead of refusing.
         if preempted and step < total_steps and evaluate is not None:
           # The grace period is for the save: an evaluation due now (a kNN bank, a pass over a split) could
           # outlast it. The resumed run goes on from this step; this step's evaluation is not redone.

@@ -99,7 +99,7 @@ def _leave_a_failed_job(error: BaseException) -> None:
   process's status, the one that says what went wrong, reaches the launcher.
   A preemption (75) is every process's, agreed: it leaves the normal way.
   """
-  code = error.code if isinstance(error, SystemExit) else 1
+  code = (0 if error.code is None else error.code) if isinstance(error, SystemExit) else 1
   code = code if isinstance(code, int) else 1  # sys.exit('message') is status 1.
   if code in (0, PREEMPTED_EXIT_CODE) or not distributed.is_initialized():
     return
@@ -108,9 +108,11 @@ def _leave_a_failed_job(error: BaseException) -> None:
   elif not isinstance(error, SystemExit):
     traceback.print_exception(error)
   workdir_lease.release_all()  # os._exit skips the atexit handlers that would.
-  sys.stdout.flush()
-  sys.stderr.flush()
-  logging.flush()
+  for flush in (sys.stdout.flush, sys.stderr.flush, logging.flush):
+    try:
+      flush()
+    except (OSError, ValueError):  # A closed pipe (`| head`) must not keep this process in the barrier.
+      pass
   os._exit(code)  # pylint: disable=protected-access
 
 

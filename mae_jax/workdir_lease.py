@@ -7,12 +7,17 @@ writes anything:
 
 - `WORKDIR/.mae_jax_lease.json` names the job holding it (host, pid, a random
   id, when it started) and when it was last renewed. Process 0 writes it when the
-  job starts, renews it every `RENEW_SECONDS` while it trains and removes it on
-  its way out, preempted or failed alike.
-- A job that finds a lease of another job waits: a lease that is renewed meanwhile
+  job starts; a background thread renews it every `RENEW_SECONDS` (compiles,
+  evaluations and saves included) until the job removes it on its way out.
+- A job that finds a lease of another job waits: a lease renewed meanwhile
   belongs to a live job, and the new one stops (`WorkdirError`, exit 78: not
-  retried); a lease left by a job that died without removing it (a worker VM
-  lost) is taken over once it is `STALE_SECONDS` old.
+  retried), unless that job is stopping (it marks its lease when asked to stop:
+  a requeued or relaunched job waits for its predecessor's save). A lease that is
+  not renewed (a job that died without removing it: a worker VM lost, SIGKILL) is
+  taken over `STALE_SECONDS` after its last renewal; one that cannot be read is
+  waited on, never taken for absent.
+- A holder whose lease names another job at its next renewal (taken over after a
+  stall longer than STALE_SECONDS) stops at its next log step (`check`).
 
 The file is read and written through `fileio`, local paths and gs:// alike.
 Storage is not a lock service: two jobs started within the same second may both
@@ -25,6 +30,7 @@ import atexit
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -41,7 +47,9 @@ RENEW_SECONDS = 60.0
 STALE_SECONDS = 300.0  # A lease not renewed for this long belongs to a job that died: it is taken over.
 POLL_SECONDS = 10.0
 
+_PROCESS = uuid.uuid4().hex  # This process: a lease it took in an earlier run (a failed call) is its own.
 _HELD = []  # The leases this process holds (released on the way out, also by main's fast exit).
+_ABSENT, _UNREADABLE = 'absent', 'unreadable'
 
 
 class Lease:
@@ -56,41 +64,52 @@ class Lease:
     self.renew_seconds = RENEW_SECONDS if renew_seconds is None else renew_seconds
     self.stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     self.poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
-    self.record = {'job': uuid.uuid4().hex, 'host': socket.gethostname(), 'pid': os.getpid(),
-                   'started': self.clock(), 'renewed': self.clock()}
+    self.record = {'job': uuid.uuid4().hex, 'process': _PROCESS, 'host': socket.gethostname(), 'pid': os.getpid(),
+                   'started': self.clock(), 'renewed': self.clock(), 'stopping': False}
     self.held = False
+    self.lost = ''  # Why the lease is no longer this job's (another job took it over).
+    self._lock = threading.Lock()
+    self._done = threading.Event()
+    self._thread = None
 
-  def _read(self) -> dict | None:
+  def _read(self):
+    """The lease record, _ABSENT, or _UNREADABLE (a storage error, a file being replaced)."""
     try:
       if not fileio.exists(self.path):
-        return None
+        return _ABSENT
       return json.loads(fileio.read_text(self.path))
-    except (ValueError, OSError) as e:  # Half-written or unreadable: not a live job's.
-      logging.warning('Could not read %s (%s); taking it as no lease', self.path, e)
-      return None
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Any storage client's error.
+      logging.warning('Could not read %s (%s: %s); taking it as held', self.path, type(e).__name__, e)
+      return _UNREADABLE
 
   def _write(self) -> None:
     self.record['renewed'] = self.clock()
     fileio.makedirs(self.workdir)
     fileio.write_text(self.path, json.dumps(self.record) + '\n')
 
-  def _wait_for(self, other: dict) -> str | None:
-    """Waits while `other`'s lease stands unchanged: None once it is gone or stale, else why it is live."""
-    deadline = float(other.get('renewed', 0)) + self.stale_seconds
+  def _wait_for(self, other) -> str | None:
+    """Waits while another job's lease stands: None once it is gone or stale, else why that job is live."""
+    renewed = float(other.get('renewed', 0)) if isinstance(other, dict) else self.clock()
+    deadline = renewed + self.stale_seconds
     if self.clock() < deadline:
-      logging.warning('%s holds a lease of another job (host %s, pid %s, renewed %.0f s ago): waiting up to '
-                      '%.0f s for it to end or go stale', self.workdir, other.get('host'), other.get('pid'),
-                      self.clock() - float(other.get('renewed', 0)), deadline - self.clock())
+      who = (f'host {other.get("host")}, pid {other.get("pid")}, renewed {self.clock() - renewed:.0f} s ago'
+             if isinstance(other, dict) else 'unreadable')
+      logging.warning('%s holds the lease of another job (%s): waiting up to %.0f s for it to end or go stale',
+                      self.workdir, who, deadline - self.clock())
     while self.clock() < deadline:
       self.sleep(min(self.poll_seconds, max(deadline - self.clock(), 0.0)))
       now = self._read()
-      if now is None:
+      if now == _ABSENT:
         return None
-      if now != other:
-        return (f'another job (host {now.get("host")}, pid {now.get("pid")}) is training in this workdir: it '
-                f'renewed its lease {self.path} while this job waited')
-    logging.warning('Taking over the lease of a job that stopped renewing it (host %s, pid %s)',
-                    other.get('host'), other.get('pid'))
+      if now == _UNREADABLE or now == other:
+        continue
+      if now.get('stopping'):  # Renewed by a job saving on its way out: wait for it from this renewal.
+        other, deadline = now, float(now.get('renewed', self.clock())) + self.stale_seconds
+        continue
+      return (f'another job (host {now.get("host")}, pid {now.get("pid")}) is training in this workdir: it '
+              f'renewed its lease {self.path} while this job waited')
+    logging.warning('Taking over the lease of a job that stopped renewing it (%s)',
+                    f'host {other.get("host")}, pid {other.get("pid")}' if isinstance(other, dict) else 'unreadable')
     return None
 
   def acquire(self) -> Lease:
@@ -98,14 +117,15 @@ class Lease:
     reason = ''
     if jax.process_index() == 0:
       other = self._read()
-      ours = other is None or other.get('job') == self.record['job'] or (  # Or this process's earlier run's.
-          other.get('host') == self.record['host'] and other.get('pid') == self.record['pid'])
+      ours = other == _ABSENT or (isinstance(other, dict) and other.get('process') == _PROCESS)
       live = None if ours else self._wait_for(other)
       if live is None:
         self._write()
         self.held = True
         _HELD.append(self)
-        atexit.register(self.release)  # Also when the job fails before its loop's own release.
+        atexit.register(self.release)  # Also when the job fails before it releases the lease itself.
+        self._thread = threading.Thread(target=self._heartbeat, name='workdir-lease', daemon=True)
+        self._thread.start()
       else:
         reason = live
     if jax.process_count() > 1:
@@ -117,28 +137,57 @@ class Lease:
                          f'of a job that died is taken over {self.stale_seconds:.0f} s after its last renewal.')
     return self
 
+  def _heartbeat(self) -> None:
+    while not self._done.wait(self.renew_seconds):
+      self.renew()
+
   def renew(self) -> None:
-    """Renews the lease when RENEW_SECONDS have passed (call it often); a storage error is a warning."""
-    if not self.held or self.clock() - self.record['renewed'] < self.renew_seconds:
-      return
-    try:
-      self._write()
-    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Any storage client's error.
-      logging.warning('Could not renew %s (%s: %s); trying again later', self.path, type(e).__name__, e)
+    """Writes the lease again, unless another job has taken it meanwhile (then `lost` says so)."""
+    with self._lock:
+      if not self.held or self.lost:
+        return
+      current = self._read()
+      if isinstance(current, dict) and current.get('job') != self.record['job']:
+        self.lost = (f'another job (host {current.get("host")}, pid {current.get("pid")}) took over the lease '
+                     f'{self.path} after this job had not renewed it for {self.stale_seconds:.0f} s')
+        logging.error('%s', self.lost)
+        return
+      try:
+        self._write()
+      except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Any storage client's error.
+        logging.warning('Could not renew %s (%s: %s); trying again later', self.path, type(e).__name__, e)
+
+  def mark_stopping(self) -> None:
+    """Says in the lease that this job is saving on its way out: a job waiting for it keeps waiting."""
+    if self.held and not self.record['stopping']:
+      self.record['stopping'] = True
+      self.renew()
+
+  def check(self) -> None:
+    """Raises WorkdirError when another job has taken the lease over (call it at log steps, every process)."""
+    lost = self.lost
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if int(multihost_utils.broadcast_one_to_all(np.int32(bool(lost)))):
+        lost = lost or 'another job took over the lease (process 0 says which)'
+    if lost:
+      raise WorkdirError(f'--workdir={self.workdir}: {lost}; stopping before both jobs write there')
 
   def release(self) -> None:
-    """Removes the lease if this job still holds it."""
-    if not self.held:
-      return
-    self.held = False
-    if self in _HELD:
-      _HELD.remove(self)
-    try:
+    """Stops renewing and removes the lease if this job still holds it."""
+    self._done.set()
+    with self._lock:
+      if not self.held:
+        return
+      self.held = False
+      if self in _HELD:
+        _HELD.remove(self)
       current = self._read()
-      if current is not None and current.get('job') == self.record['job']:
-        fileio.remove(self.path)
-    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
-      logging.warning('Could not remove %s (%s); the next job takes it over once stale', self.path, e)
+      if isinstance(current, dict) and current.get('job') == self.record['job']:
+        try:
+          fileio.remove(self.path)
+        except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+          logging.warning('Could not remove %s (%s); the next job takes it over once stale', self.path, e)
 
 
 def acquire(workdir: str) -> Lease:

@@ -182,4 +182,18 @@ def test_the_data_set_is_checked_against_the_settings_before_anything_is_built(s
   with pytest.raises(config_tools.ConfigError, match=r"randaug.num_layers=2: RandAugment works on 8-bit grey or "
                                                       r"RGB images, but data set 'deep' holds 3 channels of uint16"):
     finetune.finetune(config, str(tmp_path / 'finetune'))
-  assert knn  # The kNN job runs the same check first (knn.run_knn).
+  # The kNN job runs the same checks first; it never augments, so RandAugment's rule is not one of them.
+  config = linprobe_recipe.get_config('variant=B/16,runlocal=True')
+  config.downstream = 'knn'
+  config.dataset.update({**shades, 'name': 'deep', 'mean': (), 'std': ()})
+  config.randaug.num_layers = 2
+  config.num_classes = 0
+  def passed(*args, **kwargs):
+    raise RuntimeError('checks passed')
+
+  monkeypatch.setattr(knn, 'frozen_encoder_params', passed)
+  with pytest.raises(RuntimeError, match='checks passed'):  # 16-bit data and RandAugment: fine for kNN.
+    knn.run_knn(config, str(tmp_path / 'knn'))
+  config.dataset.channels = 4
+  with pytest.raises(config_tools.ConfigError, match=r"dataset.channels=4 but data set 'deep' stores 3-channel"):
+    knn.run_knn(config, str(tmp_path / 'knn'))

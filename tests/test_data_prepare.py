@@ -355,6 +355,14 @@ def test_prepare_folder_with_split_folders(tmp_path, capsys):
   prepare.prepare_folder(str(root), data_dir, name='pets_flat', progress=False, split_folders=False)
   flat = tfds.builder('pets_flat', data_dir=data_dir)
   assert flat.info.features['label'].names == ['train', 'val'] and list(flat.info.splits) == ['train']
+  # A split of loose images beside one of class folders: refused, as neither would be labelled.
+  (root / 'test').mkdir()
+  Image.new('RGB', (8, 8)).save(root / 'test' / 'loose.png')
+  with pytest.raises(prepare.PrepareError, match=r'test/ holds images directly while train/, val/ has class '
+                                                 r'folders.*--labels=none'):
+    prepare.prepare_folder(str(root), data_dir, name='pets_mix', progress=False)
+  (root / 'test' / 'loose.png').unlink()
+  (root / 'test').rmdir()
   # Any other first-level name keeps the single split.
   (root / 'extra').mkdir()
   Image.new('RGB', (8, 8)).save(root / 'extra' / 'x.png')

@@ -892,3 +892,13 @@ def test_a_tpu_being_repaired_is_waited_for_and_a_failed_run_rerun_after_the_bac
   assert kinds(runner) == ([('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh')] + [('tpu-vm', 'describe')] * 3
                            + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')])
   assert 'is up again' in runner.out.getvalue() and 'retry 1/1' in runner.out.getvalue()
+
+
+def test_a_tpu_stuck_in_repair_is_created_again():
+  runner = ScriptedRunner(states=['REPAIRING'] * 3, job_results=[
+      [common.StreamResult(255, 0)], [common.StreamResult(0, 1, (0,))]])
+  assert tpu.main(tpu_argv(max_retries=1, poll_seconds=900), runner=runner) == 0
+  assert runner.sleeps == [900.0, 900.0]  # 30 minutes, then delete and create.
+  assert kinds(runner) == ([('tpu-vm', 'create')] + SETUP + [('tpu-vm', 'ssh')] + [('tpu-vm', 'describe')] * 3
+                           + [('tpu-vm', 'delete'), ('tpu-vm', 'create')] + SETUP
+                           + [('tpu-vm', 'ssh'), ('tpu-vm', 'delete')])

@@ -219,6 +219,15 @@ def test_nan_pixels_are_refused_unreadable_files_skipped_and_split_folders_kept(
   with open(os.path.join(out_dir, 'skipped_files.txt')) as f:
     assert f.read().startswith('train/cut.npy\t')
 
+  # A split none of whose files reads: refused, naming it (its statistics would cover no image).
+  broken = tmp_path / 'broken'
+  for split in ('train', 'val'):
+    (broken / split).mkdir(parents=True)
+  np.save(broken / 'val' / 'ok.npy', np.zeros((4, 4, 2), np.float32))
+  (broken / 'train' / 'cut.npy').write_bytes(b'\x93NUMPY')
+  with pytest.raises(arrays.PrepareError, match=r'none of the 1 array files of split train could be read'):
+    arrays.prepare_arrays(str(broken), data_dir, name='broken', progress=False)
+
   nan = np.load(tiles / 'val' / '1.npy')
   nan[2, 3, 1] = np.nan
   np.save(tiles / 'val' / '1.npy', nan)

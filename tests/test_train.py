@@ -318,10 +318,10 @@ def test_an_error_on_one_process_ends_the_job_in_seconds(tmp_path):
                               '--config.num_train_steps=1000', '--config.log_every_steps=1'])
   command = [sys.executable, '-c', PROCESS_0_FAILS, *argv[3:]]
   start = time.time()
-  codes, outputs = two_processes.run(command, env, REPO, tmp_path, timeout=150)
+  codes, outputs = two_processes.run(command, env, REPO, tmp_path, timeout=100)
   assert codes[0] == 1 and codes[1] != 0, outputs
   assert 'RuntimeError: process 0 alone failed' in outputs[0]
-  assert time.time() - start < 150
+  assert time.time() - start < 100  # The shutdown barrier alone waited 300 s.
 
 
 def test_main_runs_the_downstream_configs(tmp_path):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from configs import test as test_config
-from mae_jax import checkpoint, train, workdir_lease
+from mae_jax import checkpoint, fileio, train, workdir_lease
 
 
 class Clock:
@@ -31,10 +31,10 @@ def _lease(workdir, clock):
                              poll_seconds=10)
 
 
-def _foreign(workdir, renewed, job='other'):
+def _foreign(workdir, renewed, job='other', stopping=False):
   path = os.path.join(workdir, workdir_lease.LEASE_NAME)
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump({'job': job, 'host': 'elsewhere', 'pid': 1, 'started': 0, 'renewed': renewed}, f)
+  fileio.write_text(path, json.dumps({'job': job, 'process': 'another', 'host': 'elsewhere', 'pid': 1,
+                                      'started': 0, 'renewed': renewed, 'stopping': stopping}))
   return path
 
 
@@ -60,14 +60,11 @@ def test_a_live_job_keeps_its_workdir_and_a_dead_ones_lease_is_taken_over(tmp_pa
   start = clock.now
   lease = _lease(tmp_path, clock).acquire()
   assert 199 <= clock.now - start <= 201 and lease.held
-  # Renewed as the job trains (every 60 s), and released on the way out.
-  renewed = lease.record['renewed']
-  clock.now += 30
-  lease.renew()
-  assert lease.record['renewed'] == renewed
-  clock.now += 31
+  # Renewed as the job trains, and released on the way out.
+  clock.now += 61
   lease.renew()
   assert json.loads(open(path).read())['renewed'] == clock.now
+  lease.check()
   lease.release()
   assert not os.path.exists(path)
   # A lease removed while this job waits: taken at once.
@@ -104,3 +101,44 @@ def test_a_second_training_job_on_a_workdir_stops_before_reading_it(tmp_path, mo
   assert time.time() - start < 20  # Refused as soon as a renewal was seen, not after the 30 s.
   assert checkpoint.latest_step(workdir) == 2  # Nothing trained.
   os.remove(path)
+
+
+def test_a_stopping_job_is_waited_for_a_stalled_holder_learns_it_lost_the_lease(tmp_path):
+  clock = Clock()
+  # The holder was asked to stop (SIGTERM) and renews while it saves: a relaunched job waits, then takes over.
+  _foreign(tmp_path, renewed=clock.now, stopping=True)
+  path = os.path.join(tmp_path, workdir_lease.LEASE_NAME)
+  saves = iter(range(3))
+  clock.each_sleep = lambda: (_foreign(tmp_path, renewed=clock.now, stopping=True) if next(saves, None) is not None
+                              else os.path.exists(path) and os.remove(path))
+  lease = _lease(tmp_path, clock).acquire()
+  assert lease.held and json.loads(open(path).read())['job'] == lease.record['job']
+  # Stalled for longer than the stale limit, it was taken over: its next renewal finds out, writes nothing, and
+  # the next log step stops the job.
+  _foreign(tmp_path, renewed=clock.now, job='successor')
+  lease.renew()
+  assert json.loads(open(path).read())['job'] == 'successor'
+  with pytest.raises(checkpoint.WorkdirError, match=r'another job \(host elsewhere, pid 1\) took over the lease'):
+    lease.check()
+  lease.release()
+  assert os.path.exists(path)  # The successor's lease stays.
+  # An unreadable lease is waited on, not taken for absent.
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('{"job": ')
+  clock.each_sleep = lambda: None
+  start = clock.now
+  _lease(tmp_path, clock).acquire()
+  assert clock.now - start >= 300
+
+
+def test_the_lease_is_renewed_in_the_background():
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as workdir:
+    lease = workdir_lease.Lease(workdir, renew_seconds=0.05).acquire()
+    first = lease.record['renewed']
+    deadline = time.time() + 10
+    while json.loads(open(os.path.join(workdir, workdir_lease.LEASE_NAME)).read())['renewed'] == first:
+      assert time.time() < deadline, 'not renewed'
+      time.sleep(0.02)
+    lease.release()
+    assert not os.path.exists(os.path.join(workdir, workdir_lease.LEASE_NAME))

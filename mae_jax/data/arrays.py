@@ -310,6 +310,11 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
           yield index * num_shards // len(split_files), features.serialize_example(example)
 
       split_infos.append(dataset_writer.write_shards(tmp_dir, name, split, examples(), num_shards))
+    empty = [info.name for info in split_infos if info.num_examples == 0]
+    if empty:
+      raise PrepareError(f'--source=arrays:{folder}: none of the {len(splits[empty[0]])} array files of split '
+                         f'{empty[0]} could be read:\n' + dataset_writer.format_skipped(
+                             [item for item in skipped if item[0] in set(splits[empty[0]])]))
     dataset_writer.write_metadata(
         tmp_dir, features, split_infos, VERSION, channel_stats=stats.as_metadata(stats_split),
         description=f'Arrays from {folder}, prepared by mae_jax.data.prepare.',

@@ -245,6 +245,12 @@ def split_layout(files: Sequence[str], labels: str, folder: str, split_folders: 
     class_names, label_of = class_labels(files, labels, folder)
     return {'train': list(files)}, class_names, label_of
   splits = {name: [f for f in files if f.split('/')[0] == name] for name in SPLIT_FOLDER_NAMES if name in tops}
+  flat = [name for name, paths in splits.items() if any(p.count('/') == 1 for p in paths)]
+  if labels == 'auto' and flat and len(flat) < len(splits):
+    foldered = [name for name in splits if name not in flat]
+    raise PrepareError(f'{folder}: {", ".join(f"{n}/" for n in flat)} holds images directly while '
+                       f'{", ".join(f"{n}/" for n in foldered)} has class folders, so neither would be labelled: '
+                       'put every split\'s images in class folders, or pass --labels=none')
   inner = [f.split('/', 1)[1] for f in files]
   class_names, inner_label = class_labels(inner, labels, f'{folder}/{{{",".join(splits)}}}')
   if inner_label is None:

@@ -59,7 +59,8 @@ def check_input(config) -> None:
   sources.check_channels(builder, data)
   sources.resolve_stats(data, builder)
   _, dtype = sources.stored_image(builder)
-  num_layers = int(config.randaug.num_layers) if 'randaug' in config else 0
+  augments = 'randaug' in config and config.downstream != 'knn'  # The kNN job reads the eval transform only.
+  num_layers = int(config.randaug.num_layers) if augments else 0
   if num_layers > 0 and (sources.pixel_scale(dtype) != 255.0 or data.channels not in (1, 3)):
     raise ValueError(f'randaug.num_layers={num_layers}: RandAugment works on 8-bit grey or RGB images, but data '
                      f'set {builder.name!r} holds {data.channels} channels of {np.dtype(dtype).name}; set '

@@ -222,7 +222,12 @@ def _best_so_far(workdir: str, default: float) -> float:
 def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoch: int) -> dict:
   """Initialises or resumes, trains to total_steps with evals and checkpoints; returns the metrics."""
   ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
-  lease = workdir_lease.acquire(workdir)  # One job per workdir, before any checkpoint is read.
+  with workdir_lease.held(workdir) as lease:  # One job per workdir, before any checkpoint is read.
+    return _run(config, workdir, mesh, task, total_steps, steps_per_epoch, lease)
+
+
+def _run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoch: int, lease) -> dict:
+  """run's training, while the job holds the workdir's lease."""
   loop.check_resume(config, workdir)
   init_rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(task.init_fn, init_rng)
@@ -269,6 +274,5 @@ def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoc
          'saved_step': result.saved_step}
   if result.status == 'done':
     loop.write_results(workdir, {**out, 'downstream': task.kind})
-  lease.release()
   return out
 

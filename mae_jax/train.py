@@ -45,7 +45,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   inputs.check_input(config)  # The data set against the settings, before a model is built.
   config = inputs.resolve_dataset_stats(config)  # dataset.mean / std = (): the data set's stored ones.
   ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
-  lease = workdir_lease.acquire(workdir)  # One job per workdir, before any checkpoint is read.
+  with workdir_lease.held(workdir) as lease:  # One job per workdir, before any checkpoint is read.
+    return _pretrain(config, workdir, mesh, lease)
+
+
+def _pretrain(config: ml_collections.ConfigDict, workdir: str, mesh, lease) -> dict:
+  """train_and_evaluate's run, while the job holds the workdir's lease."""
   loop.check_resume(config, workdir)
   step = pretrain_step.build_train_step(config, mesh, inputs.num_train_examples(config))
   model = step.model
@@ -87,7 +92,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, workdir, mesh, state=state, step_fn=step.jitted, batches=batches,
       total_steps=step.total_steps, checkpointer=checkpointer, writer=writer, evaluate=evaluate,
       flops_per_image=pretrain_step.train_flops_per_image(model, config.mask_ratio), lease=lease)
-  lease.release()
   return {**result.metrics, 'status': result.status, 'step': result.step, 'saved_step': result.saved_step}
 
 

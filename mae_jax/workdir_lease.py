@@ -27,13 +27,14 @@ take it; the case it is for, a second job started while one trains, is caught.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -193,6 +194,16 @@ class Lease:
 def acquire(workdir: str) -> Lease:
   """The workdir's lease for this job (call on every process together, before reading checkpoints)."""
   return Lease(workdir).acquire()
+
+
+@contextlib.contextmanager
+def held(workdir: str) -> Iterator[Lease]:
+  """The workdir's lease while the block runs, released however it ends (an error included)."""
+  lease = acquire(workdir)
+  try:
+    yield lease
+  finally:
+    lease.release()
 
 
 def release_all() -> None:

@@ -142,3 +142,15 @@ def test_the_lease_is_renewed_in_the_background():
       time.sleep(0.02)
     lease.release()
     assert not os.path.exists(os.path.join(workdir, workdir_lease.LEASE_NAME))
+
+
+def test_a_run_that_fails_releases_the_lease(tmp_path):
+  """A resume refused (or any error) after the lease was taken: the next job on the workdir does not wait."""
+  from mae_jax import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  assert train.train_and_evaluate(test_config.get_config('steps=1'), workdir)['status'] == 'done'
+  changed = test_config.get_config('steps=2')
+  changed.batch_size = 32
+  with pytest.raises(loop.ResumeError):
+    train.train_and_evaluate(changed, workdir)
+  assert not os.path.exists(os.path.join(workdir, workdir_lease.LEASE_NAME))

@@ -291,37 +291,15 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
   start = time.time()
   with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       len(files), f'Preparing {name}', progress) as bar:
-    split_infos = []
-    for split, split_files in splits.items():
-      split_files, num_shards = dataset_writer.shuffle_and_shard(folder, split_files, seed)
-
-      def examples(split=split, split_files=split_files, num_shards=num_shards):
-        results = dataset_writer.ordered_map(checked, split_files, num_workers or os.cpu_count())
-        for index, (relpath, (array, error)) in enumerate(zip(split_files, results)):
-          bar.update(1)
-          if error is not None:
-            skipped.append((relpath, error))
-            continue
-          if split == stats_split:
-            stats.add(array)
-          example = {'image': array, 'file_name': relpath}
-          if class_names:
-            example['label'] = label_of(relpath)
-          yield index * num_shards // len(split_files), features.serialize_example(example)
-
-      split_infos.append(dataset_writer.write_shards(tmp_dir, name, split, examples(), num_shards))
-    empty = [info.name for info in split_infos if info.num_examples == 0]
-    if empty:
-      raise PrepareError(f'--source=arrays:{folder}: none of the {len(splits[empty[0]])} array files of split '
-                         f'{empty[0]} could be read:\n' + dataset_writer.format_skipped(
-                             [item for item in skipped if item[0] in set(splits[empty[0]])]))
+    split_infos = dataset_writer.write_splits(
+        tmp_dir, name, 'arrays', folder, splits, features, checked, label_of if class_names else None, seed=seed,
+        num_workers=num_workers, bar=bar, skipped=skipped,
+        on_example=lambda split, array: stats.add(array) if split == stats_split else None)
     dataset_writer.write_metadata(
         tmp_dir, features, split_infos, VERSION, channel_stats=stats.as_metadata(stats_split),
         description=f'Arrays from {folder}, prepared by mae_jax.data.prepare.',
         supervised_keys=('image', 'label') if class_names else None)
-    if skipped:
-      with tf.io.gfile.GFile(os.path.join(tmp_dir, dataset_writer.SKIPPED_FILES_NAME), 'w') as f:
-        f.write(''.join(f'{path}\t{error}\n' for path, error in skipped))
+    dataset_writer.write_skipped(tmp_dir, skipped)
   counts = ', '.join(f'{info.name} {info.num_examples}' for info in split_infos)
   shards = sum(len(info.shard_lengths) for info in split_infos)
   print(f'Prepared {name}: {counts} examples in {shards} shards in {out_dir} in {time.time() - start:.1f} s. '

@@ -61,6 +61,50 @@ def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any],
       yield future.result()
 
 
+def write_splits(tmp_dir: str, name: str, source: str, folder: str, splits: dict[str, list[str]], features,
+                 read: Callable[[str], tuple[Any, str | None]], label_of: Callable[[str], int] | None, *,
+                 seed: int, num_workers: int | None, bar: progress_bar, skipped: list,
+                 on_example: Callable[[str, Any], None] = lambda split, value: None) -> list[tfds.core.SplitInfo]:
+  """Writes each split's files as sharded records, in a seeded random order; returns their SplitInfos.
+
+  read(relpath) -> (the 'image' value, None) or (None, why it cannot be read): such files are skipped and
+  appended to `skipped` as (relpath, why). on_example(split, value) sees every example written. A split
+  none of whose files reads is a PrepareError naming them (`source`: 'folder' or 'arrays').
+  """
+  split_infos = []
+  for split, split_files in splits.items():
+    split_files, num_shards = shuffle_and_shard(folder, split_files, seed)
+
+    def examples(split=split, split_files=split_files, num_shards=num_shards):
+      for index, (relpath, (value, error)) in enumerate(
+          zip(split_files, ordered_map(read, split_files, num_workers or os.cpu_count()))):
+        bar.update(1)
+        if error is not None:
+          skipped.append((relpath, error))
+          continue
+        on_example(split, value)
+        example = {'image': value, 'file_name': relpath}
+        if label_of is not None:
+          example['label'] = label_of(relpath)
+        yield index * num_shards // len(split_files), features.serialize_example(example)
+
+    split_infos.append(write_shards(tmp_dir, name, split, examples(), num_shards))
+  empty = [info.name for info in split_infos if info.num_examples == 0]
+  if empty:
+    which = f' of split {empty[0]}' if len(splits) > 1 else ''
+    kind = 'image' if source == 'folder' else 'array'
+    raise PrepareError(f'--source={source}:{folder}: none of the {len(splits[empty[0]])} {kind} files{which} could '
+                       'be read:\n' + format_skipped([item for item in skipped if item[0] in set(splits[empty[0]])]))
+  return split_infos
+
+
+def write_skipped(tmp_dir: str, skipped: Sequence[tuple[str, str]]) -> None:
+  """SKIPPED_FILES_NAME in the data set's folder: one 'path<TAB>why' line per skipped file (none: no file)."""
+  if skipped:
+    with tf.io.gfile.GFile(os.path.join(tmp_dir, SKIPPED_FILES_NAME), 'w') as f:
+      f.write(''.join(f'{path}\t{error}\n' for path, error in skipped))
+
+
 def format_skipped(skipped: Sequence[tuple[str, str]], limit: int = 50
                     ) -> str:
   lines = [f'  {path}: {error}' for path, error in skipped[:limit]]

@@ -213,37 +213,14 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
   convert = _make_converter(folder, channels, max_size)
   with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       len(files), f'Preparing {name}', progress) as bar:
-    split_infos = []
-    for split, split_files in splits.items():
-      split_files, num_shards = dataset_writer.shuffle_and_shard(folder, split_files, seed)
-
-      def examples(split_files=split_files, num_shards=num_shards):
-        results = dataset_writer.ordered_map(convert, split_files, num_workers or os.cpu_count())
-        for index, (relpath, (data, error)) in enumerate(zip(split_files, results)):
-          bar.update(1)
-          if error is not None:
-            skipped.append((relpath, error))
-            continue
-          example = {'image': data, 'file_name': relpath}
-          if labeled:
-            example['label'] = label_of(relpath)
-          yield index * num_shards // len(split_files), features.serialize_example(example)
-
-      split_infos.append(dataset_writer.write_shards(tmp_dir, name, split, examples(), num_shards))
-    empty = [info.name for info in split_infos if info.num_examples == 0]
-    if empty:
-      which = f' of split {empty[0]}' if len(splits) > 1 else ''
-      raise PrepareError(
-          f'--source=folder:{folder}: none of the {len(splits[empty[0]])} image files{which} could be read:\n'
-          + dataset_writer.format_skipped([item for item in skipped if item[0] in set(splits[empty[0]])]))
+    split_infos = dataset_writer.write_splits(tmp_dir, name, 'folder', folder, splits, features, convert,
+                                              label_of if labeled else None, seed=seed, num_workers=num_workers,
+                                              bar=bar, skipped=skipped)
     dataset_writer.write_metadata(
         tmp_dir, features, split_infos, FOLDER_VERSION,
         description=f'Images from {folder}, prepared by mae_jax.data.prepare.',
         supervised_keys=('image', 'label') if labeled else None)
-    if skipped:
-      with tf.io.gfile.GFile(os.path.join(tmp_dir, SKIPPED_FILES_NAME),
-                             'w') as f:
-        f.write(''.join(f'{path}\t{error}\n' for path, error in skipped))
+    dataset_writer.write_skipped(tmp_dir, skipped)
 
   counts = ', '.join(f'{info.name} {info.num_examples}' for info in split_infos)
   shards = sum(len(info.shard_lengths) for info in split_infos)

@@ -81,7 +81,6 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 
 if __package__ in (None, ''):
@@ -89,6 +88,16 @@ if __package__ in (None, ''):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch import common, worker_scripts  # pylint: disable=g-import-not-at-top
+from launch.gcloud_commands import (  # noqa: F401  # pylint: disable=g-import-not-at-top  # Part of this API.
+  accelerator_type_command,
+  archive_command,
+  create_command,
+  delete_command,
+  describe_command,
+  local_tarball,
+  scp_command,
+  ssh_command,
+)
 from mae_jax import accelerators  # pylint: disable=g-import-not-at-top  # the TPU table; needs no jax
 
 STEPS = ('create', 'setup', 'run', 'delete')
@@ -212,56 +221,6 @@ class TpuJob:
     return self.runtime_version or self.slice_type.chip.runtime_version
 
 
-def _location(job: TpuJob) -> list[str]:
-  flags = [f'--zone={job.zone}']
-  if job.project:
-    flags.append(f'--project={job.project}')
-  return flags
-
-
-_TPU_VM = ('gcloud', 'compute', 'tpus', 'tpu-vm')
-_QUEUED = ('gcloud', 'compute', 'tpus', 'queued-resources')
-
-
-def create_command(job: TpuJob) -> list[str]:
-  """The gcloud command that creates the TPU VM or queued resource."""
-  if job.use_queued_resource:
-    argv = [*_QUEUED, 'create', job.tpu_name, *_location(job),
-            f'--accelerator-type={job.slice_type.name}',
-            f'--runtime-version={job.resolved_runtime_version}']
-    if job.num_slices == 1:
-      argv.append(f'--node-id={job.tpu_name}')
-    else:
-      argv += [f'--node-count={job.num_slices}',
-               f'--node-prefix={job.node_prefix or job.tpu_name}']
-  else:
-    argv = [*_TPU_VM, 'create', job.tpu_name, *_location(job),
-            f'--accelerator-type={job.slice_type.name}',
-            f'--version={job.resolved_runtime_version}']
-  if job.spot:
-    argv.append('--spot')
-  if job.preemptible:
-    argv.append('--preemptible')
-  if job.reserved:
-    argv.append('--reserved')
-  return argv + list(job.create_flags)
-
-
-def describe_command(job: TpuJob) -> list[str]:
-  """The gcloud command that prints the resource state (one word)."""
-  if job.use_queued_resource:
-    return [*_QUEUED, 'describe', job.tpu_name, *_location(job), '--format=value(state.state)']
-  return [*_TPU_VM, 'describe', job.tpu_name, *_location(job), '--format=value(state)']
-
-
-def accelerator_type_command(job: TpuJob) -> list[str]:
-  """The gcloud command that prints the accelerator type of the TPU of that name (e.g. v4-8)."""
-  if job.use_queued_resource:
-    return [*_QUEUED, 'describe', job.tpu_name, *_location(job),
-            '--format=value(tpu.nodeSpec[0].node.acceleratorType)']
-  return [*_TPU_VM, 'describe', job.tpu_name, *_location(job), '--format=value(acceleratorType)']
-
-
 class ForeignTpu(common.LaunchError):
   """A TPU of the job's name is not the slice asked for: it is left alone, not deleted."""
 
@@ -281,34 +240,6 @@ def _check_existing_type(job: TpuJob, runner: common.Runner) -> None:
     raise ForeignTpu(
         f'{job.tpu_name} already exists as a {found}, not the --accelerator_type={job.accelerator_type} '
         f'({wanted}) asked for: choose another --tpu_name, or delete it first: {shlex.join(delete_command(job))}')
-
-
-def delete_command(job: TpuJob) -> list[str]:
-  """The gcloud command that deletes the TPU VM or queued resource (and its nodes)."""
-  if job.use_queued_resource:
-    return [*_QUEUED, 'delete', job.tpu_name, *_location(job), '--force', '--quiet']
-  return [*_TPU_VM, 'delete', job.tpu_name, *_location(job), '--quiet']
-
-
-def ssh_command(job: TpuJob, node: str, remote_command: str) -> list[str]:
-  """Runs a shell command on every worker of one node."""
-  return [*_TPU_VM, 'ssh', node, *_location(job), '--worker=all',
-          f'--command={remote_command}']
-
-
-def local_tarball(job: TpuJob) -> str:
-  return os.path.join(tempfile.gettempdir(), f'{job.tpu_name}-code.tar.gz')
-
-
-def archive_command(job: TpuJob) -> list[str]:
-  """Packs the committed tree of --source_dir at --git_ref into a local tarball."""
-  return ['git', '-C', job.source_dir, 'archive', '--format=tar.gz',
-          f'--output={local_tarball(job)}', job.git_ref]
-
-
-def scp_command(job: TpuJob, node: str) -> list[str]:
-  return [*_TPU_VM, 'scp', local_tarball(job), f'{node}:{worker_scripts.TARBALL}', *_location(job),
-          '--worker=all']
 
 
 def _create(job: TpuJob, runner: common.Runner, reuse: bool = False) -> None:

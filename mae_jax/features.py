@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from PIL import UnidentifiedImageError
 
 from mae_jax import console  # Before TensorFlow: console imports it with its native log lines sent to the log file.
 
@@ -259,16 +258,10 @@ def folder_batches(folder: str, names: Sequence[str], config: dict, batch_size: 
   mine = np.array_split(np.arange(len(names)), count)[index]
   num_batches = math.ceil(max(len(part) for part in np.array_split(np.arange(len(names)), count)) / local)
   skipped = [] if skipped is None else skipped
-  channels = config['channels']
+  read = prepare.make_converter(folder, config['channels'])  # As prepare stores a folder's files.
 
   def convert(i):
-    try:
-      with tf.io.gfile.GFile(fileio.join(folder, names[i]), 'rb') as f:
-        return i, prepare.convert_image(f.read(), channels=channels), None
-    except UnidentifiedImageError:
-      return i, None, 'not an image in a known format, or a corrupt header'
-    except Exception as e:  # pylint: disable=broad-except  # One bad file is skipped, reported by name.
-      return i, None, f'{type(e).__name__}: {e}'
+    return (i, *read(names[i]))  # One bad file is skipped, reported by name.
 
   def encoded():
     for i, data, error in _ordered_map(convert, mine, num_workers):

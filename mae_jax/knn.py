@@ -228,7 +228,7 @@ class KnnMonitor:
     self.mesh = mesh or parallel.create_mesh(config.mesh)
     self.num_classes = num_classes or monitor_num_classes(config)
     self.synthetic = config.dataset.name == inputs.SYNTHETIC
-    self.splits = {}  # The splits read: the bank and the queries.
+    limits = {}  # (split, examples) of the bank and the queries.
     for which in ('train', 'eval'):
       split, count = config.dataset[f'{which}_split'], self.settings[f'{which}_examples']
       if not self.synthetic:
@@ -241,9 +241,10 @@ class KnnMonitor:
                            'has no examples')
         if count >= size:  # 'train[:10000]' of a smaller split is not a valid TFDS split.
           count = -1
-      # Absolute slices: the same examples for any number of processes.
-      self.splits[which] = inputs.limited_split(
-          split, count, None if self.synthetic else sources.get_builder(config.dataset).info.splits)
+      limits[which] = (split, count)
+    # The splits read, as absolute slices: the same examples for any number of processes.
+    split_infos = None if self.synthetic else sources.get_builder(config.dataset).info.splits
+    self.splits = {which: inputs.limited_split(split, count, split_infos) for which, (split, count) in limits.items()}
     pool = self.settings['pool']
     if encode_fn is None:
       def encode_fn(params, images):

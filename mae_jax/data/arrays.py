@@ -272,7 +272,7 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
                          'config.dataset.channels); every image needs the same channels.')
     if array.dtype != dtype:
       raise PrepareError(f'{path}: pixels of dtype {array.dtype}, but the data set stores {dtype} (the first '
-                         f'file, {first_path}); convert the files to one dtype.')
+                         f'file, {os.path.join(folder, first_path)}); convert the files to one dtype.')
     if size and array.shape[:2] != size:
       raise PrepareError(f'{path}: size {array.shape[0]}x{array.shape[1]} (HxW), but --image_size='
                          f'{size[0]},{size[1]}; resize the file or leave --image_size unset (training '

@@ -61,14 +61,19 @@ def check_input(config) -> None:
   _, dtype = sources.stored_image(builder)
   augments = 'randaug' in config and config.downstream != 'knn'  # The kNN job reads the eval transform only.
   num_layers = int(config.randaug.num_layers) if augments else 0
-  if num_layers > 0 and (sources.pixel_scale(dtype) != 255.0 or data.channels not in (1, 3)):
-    raise ValueError(f'randaug.num_layers={num_layers}: RandAugment works on 8-bit grey or RGB images, but data '
-                     f'set {builder.name!r} holds {data.channels} channels of {np.dtype(dtype).name}; set '
-                     '--config.randaug.num_layers=0')
+  _check_rand_augment(num_layers, sources.pixel_scale(dtype), data.channels, np.dtype(dtype).name,
+                      f'data set {builder.name!r}')
   if 'downstream' not in config and config.eval_every_steps > 0 and not sources.has_labels(builder):
     raise ValueError(f'eval_every_steps={config.eval_every_steps}: the kNN monitor of pretraining needs labels, '
                      f'and data set {builder.name!r} has none; set --config.eval_every_steps=0 (or prepare the '
                      'data with one sub-folder per class)')
+
+
+def _check_rand_augment(num_layers: int, pixel_max: float | None, channels: int, dtype_name: str, what: str):
+  """RandAugment's ops take 8-bit grey or RGB images (`check_input` asks first, the training transform again)."""
+  if num_layers > 0 and (pixel_max != 255.0 or channels not in (1, 3)):
+    raise ValueError(f'randaug.num_layers={num_layers}: RandAugment works on 8-bit grey or RGB images, but {what} '
+                     f'holds {channels} channels of {dtype_name}; set --config.randaug.num_layers=0')
 
 
 def check_eval_split(config) -> None:
@@ -149,9 +154,7 @@ def make_train_preprocess_fn(config) -> Callable:
                                            ratio=data.crop_ratio)
 
     max_value = preprocess.pixel_max(image)
-    if num_layers > 0 and (max_value != 255.0 or data.channels not in (1, 3)):
-      raise ValueError(f'randaug.num_layers={num_layers}: RandAugment works on 8-bit grey or RGB images, '
-                       f'not {data.channels} channels of {image.dtype.name}; set --config.randaug.num_layers=0')
+    _check_rand_augment(num_layers, max_value, data.channels, image.dtype.name, f'data set {data.name!r}')
     image = preprocess.resize(preprocess.decode_and_crop(image, window_fn, data.channels), data.image_size,
                               max_value)
     image = preprocess.random_flip(image, flip_seed)

@@ -210,7 +210,7 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
 
   skipped = []
   start = time.time()
-  convert = _make_converter(folder, channels, max_size)
+  convert = make_converter(folder, channels, max_size)
   with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       len(files), f'Preparing {name}', progress) as bar:
     split_infos = dataset_writer.write_splits(tmp_dir, name, 'folder', folder, splits, features, convert,
@@ -293,8 +293,9 @@ def _to_mode(image: Image.Image, mode: str, source_format: str | None = None) ->
   return image.convert(mode)
 
 
-def _make_converter(folder: str, channels: int, max_size: int
-                    ) -> Callable[[str], tuple[bytes | None, str | None]]:
+def make_converter(folder: str, channels: int, max_size: int = 0
+                   ) -> Callable[[str], tuple[bytes | None, str | None]]:
+  """fn(relpath) -> (the file as `convert_image` stores it, None), or (None, why it cannot be read)."""
   def convert(relpath):
     try:
       with tf.io.gfile.GFile(os.path.join(folder, relpath), 'rb') as f:

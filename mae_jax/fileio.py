@@ -105,6 +105,25 @@ def write_text(p: PathLike, text: str) -> None:
   write_bytes(p, text.encode('utf-8'))
 
 
+def create_exclusive(p: PathLike, data: bytes) -> bool | None:
+  """Creates a local file only if it does not exist: True when created, False when it was there.
+
+  None for object stores (gs://), which this layer cannot ask to create an
+  object only if absent: the caller writes and reads back instead.
+  """
+  if is_remote(p):
+    return None
+  target = path(p)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    fd = os.open(os.fspath(target), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, 'wb') as f:
+    f.write(data)
+  return True
+
+
 def rmtree(p: PathLike) -> None:
   target = path(p)
   if target.exists():

@@ -19,9 +19,13 @@ writes anything:
 - A holder whose lease names another job at its next renewal (taken over after a
   stall longer than STALE_SECONDS) stops at its next log step (`check`).
 
-The file is read and written through `fileio`, local paths and gs:// alike.
-Storage is not a lock service: two jobs started within the same second may both
-take it; the case it is for, a second job started while one trains, is caught.
+Two jobs that take the lease at the same moment: on a local (or NFS) workdir the
+file is created exclusively, so one of them finds the other's and waits as above.
+Object stores cannot create only if absent, so there (and when replacing a stale
+lease) the job writes its lease, waits `SETTLE_SECONDS` for writes racing with it
+to land, and reads it back: the job whose write came last holds it, the other
+waits. A write delayed by more than that is still caught at the holder's next
+renewal (`check`). The file is read and written through `fileio`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ LEASE_NAME = '.mae_jax_lease.json'
 RENEW_SECONDS = 60.0
 STALE_SECONDS = 300.0  # A lease not renewed for this long belongs to a job that died: it is taken over.
 POLL_SECONDS = 10.0
+SETTLE_SECONDS = 2.0  # After writing a lease that others may write at the same moment, before reading it back.
 
 _PROCESS = uuid.uuid4().hex  # This process: a lease it took in an earlier run (a failed call) is its own.
 _HELD = []  # The leases this process holds (released on the way out, also by main's fast exit).
@@ -58,13 +63,15 @@ class Lease:
 
   def __init__(self, workdir: str, *, clock: Callable[[], float] | None = None,
                sleep: Callable[[float], None] | None = None, renew_seconds: float | None = None,
-               stale_seconds: float | None = None, poll_seconds: float | None = None):
+               stale_seconds: float | None = None, poll_seconds: float | None = None,
+               settle_seconds: float | None = None):
     self.path = fileio.join(workdir, LEASE_NAME)
     self.workdir = workdir
     self.clock, self.sleep = clock or time.time, sleep or time.sleep
     self.renew_seconds = RENEW_SECONDS if renew_seconds is None else renew_seconds
     self.stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     self.poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
+    self.settle_seconds = SETTLE_SECONDS if settle_seconds is None else settle_seconds
     self.record = {'job': uuid.uuid4().hex, 'process': _PROCESS, 'host': socket.gethostname(), 'pid': os.getpid(),
                    'started': self.clock(), 'renewed': self.clock(), 'stopping': False}
     self.held = False
@@ -83,13 +90,42 @@ class Lease:
       logging.warning('Could not read %s (%s: %s); taking it as held', self.path, type(e).__name__, e)
       return _UNREADABLE
 
-  def _write(self) -> None:
+  def _payload(self) -> str:
     self.record['renewed'] = self.clock()
-    fileio.makedirs(self.workdir)
-    fileio.write_text(self.path, json.dumps(self.record) + '\n')
+    return json.dumps(self.record) + '\n'
 
-  def _wait_for(self, other) -> str | None:
-    """Waits while another job's lease stands: None once it is gone or stale, else why that job is live."""
+  def _write(self) -> None:
+    payload = self._payload()
+    fileio.makedirs(self.workdir)
+    fileio.write_text(self.path, payload)
+
+  def _is_ours(self, record) -> bool:
+    return isinstance(record, dict) and record.get('job') == self.record['job']
+
+  def _take(self, replacing):
+    """Writes this job's lease over `replacing` (what was found: absent, stale or this process's own).
+
+    None when the lease is this job's; otherwise the lease found instead (another
+    job's, written at the same moment), for the caller to wait on.
+    """
+    created = fileio.create_exclusive(self.path, self._payload().encode('utf-8'))
+    if created:
+      return None
+    if created is False:  # A local file was there: the one being replaced, or a job that came first.
+      found = self._read()
+      if found != replacing and not (isinstance(found, dict) and found.get('process') == _PROCESS):
+        return found
+    self._write()
+    self.sleep(self.settle_seconds)  # Racing writes land; the last one holds the lease.
+    found = self._read()
+    return None if self._is_ours(found) else found
+
+  def _wait_for(self, other) -> tuple[str | None, object]:
+    """Waits while another job's lease stands.
+
+    (None, what to replace: _ABSENT or the stale lease) once it is gone or
+    stale, else (why that job is live, its lease).
+    """
     renewed = float(other.get('renewed', 0)) if isinstance(other, dict) else self.clock()
     deadline = renewed + self.stale_seconds
     if self.clock() < deadline:
@@ -101,27 +137,33 @@ class Lease:
       self.sleep(min(self.poll_seconds, max(deadline - self.clock(), 0.0)))
       now = self._read()
       if now == _ABSENT:
-        return None
+        return None, _ABSENT
       if now == _UNREADABLE or now == other:
         continue
       if now.get('stopping'):  # Renewed by a job saving on its way out: wait for it from this renewal.
         other, deadline = now, float(now.get('renewed', self.clock())) + self.stale_seconds
         continue
       return (f'another job (host {now.get("host")}, pid {now.get("pid")}) is training in this workdir: it '
-              f'renewed its lease {self.path} while this job waited')
+              f'renewed its lease {self.path} while this job waited'), now
     logging.warning('Taking over the lease of a job that stopped renewing it (%s)',
                     f'host {other.get("host")}, pid {other.get("pid")}' if isinstance(other, dict) else 'unreadable')
-    return None
+    return None, other
 
   def acquire(self) -> Lease:
     """Takes the lease on process 0; WorkdirError on every process when another live job holds it."""
     reason = ''
     if jax.process_index() == 0:
       other = self._read()
-      ours = other == _ABSENT or (isinstance(other, dict) and other.get('process') == _PROCESS)
-      live = None if ours else self._wait_for(other)
+      while True:
+        ours = other == _ABSENT or (isinstance(other, dict) and other.get('process') == _PROCESS)
+        live, other = (None, other) if ours else self._wait_for(other)
+        if live is not None:
+          break
+        other = self._take(other)
+        if other is None:
+          break
+        # Another job took the lease at the same moment: it is waited on as any other.
       if live is None:
-        self._write()
         self.held = True
         _HELD.append(self)
         atexit.register(self.release)  # Also when the job fails before it releases the lease itself.

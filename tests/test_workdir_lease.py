@@ -59,7 +59,7 @@ def test_a_live_job_keeps_its_workdir_and_a_dead_ones_lease_is_taken_over(tmp_pa
   _foreign(tmp_path, renewed=clock.now - 100)
   start = clock.now
   lease = _lease(tmp_path, clock).acquire()
-  assert 199 <= clock.now - start <= 201 and lease.held
+  assert 199 <= clock.now - start <= 203 and lease.held  # 200 s to go stale, 2 s for racing writes to land.
   # Renewed as the job trains, and released on the way out.
   clock.now += 61
   lease.renew()
@@ -129,6 +129,68 @@ def test_a_stopping_job_is_waited_for_a_stalled_holder_learns_it_lost_the_lease(
   start = clock.now
   _lease(tmp_path, clock).acquire()
   assert clock.now - start >= 300
+
+
+def test_two_jobs_taking_a_free_lease_at_once_one_holds_it_the_other_waits_and_stops(tmp_path):
+  """Two processes started together on a local workdir (both read the lease before either writes it): the file
+  is created exclusively, one job holds it, the other finds it, waits, sees it renewed and stops."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  go = tmp_path / 'go'
+  script = f'''
+import os, sys, time
+from mae_jax import checkpoint, workdir_lease
+workdir_lease.RENEW_SECONDS, workdir_lease.POLL_SECONDS, workdir_lease.STALE_SECONDS = 0.2, 0.05, 60.0
+read = workdir_lease.Lease._read
+def slow_read(self):  # Slow storage: both jobs read the free lease before either writes its own.
+  found = read(self)
+  time.sleep(0.5)
+  return found
+workdir_lease.Lease._read = slow_read
+open(os.path.join({str(tmp_path)!r}, 'ready-' + sys.argv[1]), 'w').close()
+while not os.path.exists({str(go)!r}):
+  time.sleep(0.001)
+try:
+  lease = workdir_lease.acquire({str(tmp_path / 'run')!r})
+except checkpoint.WorkdirError as e:
+  print('refused:', e, flush=True)
+  sys.exit(78)
+print('held', flush=True)
+time.sleep(3)
+lease.release()
+'''
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  jobs = [subprocess.Popen([sys.executable, '-c', script, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env) for i in range(2)]
+  deadline = time.time() + 120
+  while not all((tmp_path / f'ready-{i}').exists() for i in range(2)):
+    assert time.time() < deadline and all(job.poll() is None for job in jobs), [j.communicate() for j in jobs]
+    time.sleep(0.05)
+  go.touch()
+  outputs = [job.communicate(timeout=120) for job in jobs]
+  assert sorted(job.returncode for job in jobs) == [0, 78], outputs
+  refused = next(out for out, _ in outputs if out.startswith('refused'))
+  assert 'is training in this workdir' in refused, outputs
+
+
+def test_on_an_object_store_a_racing_write_that_lands_last_holds_the_lease(tmp_path, monkeypatch):
+  """Without an exclusive create (gs://), a job reads its lease back after writing it: when another job's write
+  landed after its own, the lease is that job's, which it then waits on like any other (and is refused when that
+  job renews it)."""
+  monkeypatch.setattr(fileio, 'create_exclusive', lambda path, data: None)
+  path = os.path.join(tmp_path, workdir_lease.LEASE_NAME)
+  clock = Clock()
+  sleeps = iter(range(1000))
+  clock.each_sleep = lambda: (next(sleeps) == 0 or clock.now > 1030) and _foreign(tmp_path, renewed=clock.now)
+  with pytest.raises(checkpoint.WorkdirError, match=r'another job \(host elsewhere, pid 1\) is training'):
+    _lease(tmp_path, clock).acquire()
+  assert json.loads(open(path).read())['job'] == 'other'
+  os.remove(path)
+  # No racing write: the lease read back is this job's.
+  clock.each_sleep = lambda: None
+  lease = _lease(tmp_path, clock).acquire()
+  assert lease.held and json.loads(open(path).read())['job'] == lease.record['job']
+  lease.release()
 
 
 def test_the_lease_is_renewed_in_the_background():

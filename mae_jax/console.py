@@ -3,8 +3,8 @@
 Every entry point (main, downstream, demo, export, visualize, features, aot) calls `setup(entry, workdir)`
 first thing in its `main`: INFO lines of absl, Orbax, TensorFlow, jax and this
 package then go to `WORKDIR/logs/ENTRY.TIME.HOST.PID.log` (a local workdir; with
-a gs:// workdir or none, to `$TMPDIR/mae_jax_logs/`, and the terminal says
-where; main copies it to gs://.../logs/ on its way out, since a pod's local
+a gs:// workdir or none, to `$TMPDIR/mae_jax_logs/`, pruned of files older
+than two weeks, and the terminal says where; main copies it to gs://.../logs/ on its way out, since a pod's local
 disks go with the TPU), warnings and errors reach the terminal as
 before, and `--verbose` shows everything on the terminal too.
 
@@ -156,6 +156,25 @@ def log_dir(workdir: str | None, reads_only: bool = False) -> str:
   return os.path.join(tempfile.gettempdir(), 'mae_jax_logs')
 
 
+TEMP_LOG_DAYS = 14  # Log files in the shared temporary folder older than this are removed by the next setup.
+
+
+def _prune_temporary_logs(directory: str) -> None:
+  """Removes this package's log files older than TEMP_LOG_DAYS from the temporary log folder (never WORKDIR/logs:
+  those are the runs' own). Another user's files, or a file removed meanwhile, are left alone."""
+  cutoff = time.time() - TEMP_LOG_DAYS * 86400
+  try:
+    entries = list(os.scandir(directory))
+  except OSError:
+    return
+  for entry in entries:
+    try:
+      if entry.name.endswith('.log') and entry.is_file() and entry.stat().st_mtime < cutoff:
+        os.remove(entry.path)
+    except OSError:
+      pass
+
+
 def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None, announce: bool = True,
           reads_only: bool = False) -> str:
   """Sends log records to a file (INFO and up) and only warnings and errors to the terminal; returns the path.
@@ -171,6 +190,8 @@ def setup(entry: str, workdir: str | None = None, *, verbose: bool | None = None
     verbose = bool(FLAGS.verbose) if FLAGS.is_parsed() and 'verbose' in FLAGS else False
   directory = log_dir(workdir, reads_only)
   os.makedirs(directory, exist_ok=True)
+  if directory == log_dir(None):
+    _prune_temporary_logs(directory)
   path = os.path.join(directory, f'{entry}.{time.strftime("%Y%m%d-%H%M%S")}.{socket.gethostname()}.{os.getpid()}.log')
   root = logging.getLogger()
   for old in [h for h in root.handlers if isinstance(h, _FileHandler)]:

@@ -6,7 +6,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 
 import pytest
 from absl import logging as absl_logging
@@ -127,6 +129,22 @@ def test_entry_points_that_only_read_a_workdir_do_not_create_a_missing_one(tmp_p
   assert in_tmp.startswith(console.log_dir(None)) and not missing.exists()
   os.remove(in_tmp)
   assert console.setup('main', str(missing), announce=False).startswith(str(missing / 'logs'))  # A run makes it.
+
+
+def test_the_temporary_log_folder_is_pruned_of_old_files_and_workdir_logs_are_kept(tmp_path, restored_logging,
+                                                                                    monkeypatch):
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+  folder, workdir_logs = tmp_path / 'tmp' / 'mae_jax_logs', tmp_path / 'run' / 'logs'
+  old = time.time() - (console.TEMP_LOG_DAYS + 1) * 86400
+  for directory in (folder, workdir_logs):
+    directory.mkdir(parents=True)
+    for name in ('main.old.log', 'main.recent.log', 'notes.txt'):
+      (directory / name).write_text('x')
+      os.utime(directory / name, (old, old) if name != 'main.recent.log' else None)
+  console.setup('main', str(tmp_path / 'run'), announce=False)
+  assert len(os.listdir(workdir_logs)) == 4  # The run's own folder: nothing removed.
+  new = console.setup('aot', announce=False)
+  assert sorted(os.listdir(folder)) == sorted(['main.recent.log', 'notes.txt', os.path.basename(new)])
 
 
 def _drive(hook, total):

@@ -30,8 +30,6 @@ Names are the files' paths relative to --images, or SPLIT/INDEX for a data set.
 `read_features(path)` reads any of them back.
 """
 
-import collections
-import concurrent.futures
 import math
 import sys
 import time
@@ -48,7 +46,7 @@ from mae_jax import console  # Before TensorFlow: console imports it with its na
 import tensorflow as tf
 
 from mae_jax import checkpoint, fileio, parallel, train_state
-from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, input_pipeline, prepare, preprocess, sources
+from mae_jax.data import IMAGENET_MEAN, IMAGENET_STD, dataset_writer, input_pipeline, prepare, preprocess, sources
 from mae_jax.feature_files import (  # noqa: F401  # Part of this module's API (read_features, ...).
   METADATA_KEY,
   OUT_EXTENSIONS,
@@ -264,7 +262,7 @@ def folder_batches(folder: str, names: Sequence[str], config: dict, batch_size: 
     return (i, *read(names[i]))  # One bad file is skipped, reported by name.
 
   def encoded():
-    for i, data, error in _ordered_map(convert, mine, num_workers):
+    for i, data, error in dataset_writer.ordered_map(convert, mine, max(1, num_workers)):
       if error is None:
         yield int(i), data
       else:
@@ -278,18 +276,6 @@ def folder_batches(folder: str, names: Sequence[str], config: dict, batch_size: 
   ds = ds.batch(local).prefetch(2)
   image_shape = tuple(ds.element_spec['image'].shape[1:])
   return _padded(ds.as_numpy_iterator(), local, num_batches, image_shape), num_batches
-
-
-def _ordered_map(fn, items, num_workers: int):
-  """fn over items on a thread pool, in order, with a bounded look-ahead."""
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    pending = collections.deque()
-    for item in items:
-      pending.append(pool.submit(fn, item))
-      if len(pending) >= 4 * num_workers:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
 
 
 def dataset_batches(config: dict, split: str, batch_size: int) -> tuple[Iterator[dict], int, int, bool]:

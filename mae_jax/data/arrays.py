@@ -300,12 +300,8 @@ def prepare_arrays(folder: str, data_dir: str, *, name: str | None = None, chann
         description=f'Arrays from {folder}, prepared by mae_jax.data.prepare.',
         supervised_keys=('image', 'label') if class_names else None)
     dataset_writer.write_skipped(tmp_dir, skipped)
-  counts = ', '.join(f'{info.name} {info.num_examples}' for info in split_infos)
-  shards = sum(len(info.shard_lengths) for info in split_infos)
-  print(f'Prepared {name}: {counts} examples in {shards} shards in {out_dir} in {time.time() - start:.1f} s. '
-        f'Channel mean {np.round(stats.mean, 4).tolist()}, std {np.round(stats.std, 4).tolist()} '
-        f'({stats.as_metadata()["units"]}, over split {stats_split}).')
-  if skipped:
-    print(f'Skipped {len(skipped)} unreadable array files (listed in '
-          f'{os.path.join(out_dir, dataset_writer.SKIPPED_FILES_NAME)}):\n' + dataset_writer.format_skipped(skipped))
+  dataset_writer.report(
+      name, out_dir, split_infos, time.time() - start, skipped, 'array',
+      extra=(f'Channel mean {np.round(stats.mean, 4).tolist()}, std {np.round(stats.std, 4).tolist()} '
+             f'({stats.as_metadata()["units"]}, over split {stats_split}).'))
   return out_dir

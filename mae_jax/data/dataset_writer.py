@@ -113,6 +113,18 @@ def format_skipped(skipped: Sequence[tuple[str, str]], limit: int = 50
   return '\n'.join(lines)
 
 
+def report(name: str, out_dir: str, split_infos: Sequence[tfds.core.SplitInfo], seconds: float,
+           skipped: Sequence[tuple[str, str]], what: str, extra: str = '') -> None:
+  """Prints what a prepare wrote ('Prepared NAME: train N, ... examples in S shards ...') and what it skipped."""
+  counts = ', '.join(f'{info.name} {info.num_examples}' for info in split_infos)
+  shards = sum(len(info.shard_lengths) for info in split_infos)
+  print(f'Prepared {name}: {counts} examples in {shards} shards in {out_dir} in {seconds:.1f} s.'
+        + (f' {extra}' if extra else ''))
+  if skipped:
+    print(f'Skipped {len(skipped)} unreadable {what} files (listed in {os.path.join(out_dir, SKIPPED_FILES_NAME)}):\n'
+          + format_skipped(skipped))
+
+
 def write_shards(directory: str, name: str, split: str,
                   examples: Iterable[tuple[int, bytes]],
                   num_shards: int) -> tfds.core.SplitInfo:

@@ -222,13 +222,7 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
         supervised_keys=('image', 'label') if labeled else None)
     dataset_writer.write_skipped(tmp_dir, skipped)
 
-  counts = ', '.join(f'{info.name} {info.num_examples}' for info in split_infos)
-  shards = sum(len(info.shard_lengths) for info in split_infos)
-  print(f'Prepared {name}: {counts} examples in {shards} shards in {out_dir} in {time.time() - start:.1f} s.')
-  if skipped:
-    print(f'Skipped {len(skipped)} unreadable image files (listed in '
-          f'{os.path.join(out_dir, SKIPPED_FILES_NAME)}):\n'
-          + dataset_writer.format_skipped(skipped))
+  dataset_writer.report(name, out_dir, split_infos, time.time() - start, skipped, 'image')
   return out_dir
 
 

@@ -15,8 +15,8 @@ from absl import app, flags
 
 from mae_jax import checkpoint, console, fileio
 from mae_jax.models import from_config
-from mae_jax.weights import FORMATS, export_weights, metadata_path, read_metadata
-from mae_jax.weights.files import load_weights, parse_overrides
+from mae_jax.weights import FORMATS, export_weights, layout, metadata_path, read_metadata
+from mae_jax.weights.files import check_out, load_weights, parse_overrides
 
 
 def model_from_config(run_config: dict) -> tuple[str, dict]:
@@ -29,9 +29,17 @@ def model_from_config(run_config: dict) -> tuple[str, dict]:
 def export_from_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
                         full: bool = False, overwrite: bool = False) -> str:
   """Restores a run's params (mae_jax.checkpoint.load_params) and exports them."""
+  check_out(out, fmt, overwrite)  # Before a restore that may take minutes.
   params, run_config = checkpoint.load_params(workdir, step=step)
   if step is None:
     step = checkpoint.latest_step(workdir)
+  tree = layout.plain(params)
+  tree = tree.get('params', tree)
+  if 'encoder' not in tree:
+    source = run_config.get('pretrained_workdir') or run_config.get('pretrained_path')
+    raise ValueError(f'--workdir={workdir}: its checkpoint holds no encoder (params {sorted(tree)}): '
+                     'a linear probe trains its head on a frozen encoder and saves the head alone; export the '
+                     'encoder it probed' + (f' ({source})' if source else ''))
   name, overrides = model_from_config(run_config)
   metadata = {'step': step, 'config': run_config, 'workdir': os.fspath(fileio.path(workdir)),
               'mask_ratio': run_config.get('mask_ratio', 0.75)}
@@ -42,6 +50,7 @@ def export_from_workdir(workdir: str, fmt: str, out: str, *, step: int | None = 
 def convert(source: str, fmt: str, out: str, *, model_name: str | None = None, full: bool = False,
             overwrite: bool = False, **model_overrides) -> str:
   """Imports a .pth / safetensors / hf / orbax export and writes it in another format."""
+  check_out(out, fmt, overwrite)
   params, model_name, model_overrides = load_weights(source, model_name, **model_overrides)
   meta = read_metadata(source) or {}
   if full and 'decoder' not in params and 'head' not in params:

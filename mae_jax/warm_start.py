@@ -24,7 +24,6 @@ ignored (logged).
 """
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -222,25 +221,6 @@ def is_workdir(path: str) -> bool:
   return fileio.isdir(checkpoint.checkpoint_dir(path))
 
 
-def _heads(model_name: str, overrides: dict) -> dict:
-  settings = layout.model_settings(model_name, overrides)
-  return {'num_heads': settings.num_heads, 'decoder_num_heads': settings.decoder_num_heads}
-
-
-def _declared_heads(path: str) -> dict:
-  """Attention heads the source's own config declares (shapes do not tell them); {} when unknown."""
-  config_json = fileio.join(path, 'config.json')
-  if fileio.isdir(path) and fileio.exists(config_json):
-    hf_config = json.loads(fileio.read_text(config_json))
-    return {'num_heads': hf_config.get('num_attention_heads'),
-            'decoder_num_heads': hf_config.get('decoder_num_attention_heads')}
-  meta = files.read_metadata(path)
-  if meta and meta.get('model_name') in models.MODELS:
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get('model_overrides') or {}).items()}
-    return _heads(meta['model_name'], overrides)
-  return {}
-
-
 def _read_workdir(path: str) -> tuple[dict, str, dict]:
   """(unscanned host params, description, declared heads) of a pretraining workdir's newest checkpoint.
 
@@ -250,7 +230,16 @@ def _read_workdir(path: str) -> tuple[dict, str, dict]:
   meta = checkpoint.load_meta(path)
   saved = meta.get('config') or {}
   if 'downstream' in saved:
-    raise ValueError(f'config.init_from={path} is a {saved["downstream"]} run\'s workdir; warm starts read '
+    kind, source = saved['downstream'], saved.get('pretrained_workdir') or saved.get('pretrained_path')
+    start = f': config.init_from={source}' if source else ''
+    if kind != 'finetune':  # A probe saves its head alone.
+      raise ValueError(f'config.init_from={path} is a {kind} run\'s workdir: it holds no encoder (a probe trains '
+                       f'its head on a frozen one). Start from the encoder it probed{start}')
+    if saved.get('global_pool'):
+      raise ValueError(f'config.init_from={path} is a fine-tuning run\'s workdir with global pooling: its encoder '
+                       'has no final norm for pretraining to start from. Start from the encoder it was fine-tuned '
+                       f'from{start}')
+    raise ValueError(f'config.init_from={path} is a {kind} run\'s workdir; warm starts read '
                      'pretraining runs. Export its encoder (python -m mae_jax.export --workdir=... '
                      '--format=orbax --out=EXPORT) and set config.init_from=EXPORT')
   name = from_config.model_name(saved)
@@ -268,7 +257,7 @@ def _read_workdir(path: str) -> tuple[dict, str, dict]:
     raise ValueError(f'config.init_from={path}: its checkpoint at step {meta["step"]} does not hold the params '
                      f'of the model its config describes ({name}, {overrides}): {e}') from e
   params = layout.unstack_blocks(layout.numpy_tree(layout.plain(params)))
-  return params, f'{path} (step {meta["step"]})', _heads(name, overrides)
+  return params, f'{path} (step {meta["step"]})', files.model_heads(name, overrides)
 
 
 def _detect_format(path: str) -> str:
@@ -289,7 +278,7 @@ def read_params(config, path: str, target: dict) -> tuple[dict, str, list[str]]:
   if is_workdir(path):
     params, source, heads = _read_workdir(path)
   elif _detect_format(path) == 'orbax':
-    params, source, heads = files.read_orbax_params(path), path, _declared_heads(path)
+    params, source, heads = files.read_orbax_params(path), path, files.declared_heads(path)
   else:
     # Reference / timm or Hugging Face names: checked under the file's own names, then converted.
     state = files.read_state_dict(path)
@@ -298,11 +287,11 @@ def read_params(config, path: str, target: dict) -> tuple[dict, str, list[str]]:
       state, prefix = hf.normalize_hf_names(state)
       naming = _Naming('hf', prefix)
     check_fit({k: tuple(np.shape(v)) for k, v in state.items()}, _file_shapes(name, overrides, naming), naming,
-              path, model, _declared_heads(path), _heads(name, overrides))
+              path, model, files.declared_heads(path), files.model_heads(name, overrides))
     params = files.params_from_state_dict(state, name, overrides, path)
     return params, path, check_fit(layout.flat_shapes(params), target, mae_jax_names, path, model)
   not_used = check_fit(layout.flat_shapes(params), target, mae_jax_names, source, model, heads,
-                       _heads(name, overrides))
+                       files.model_heads(name, overrides))
   return params, source, not_used
 
 

@@ -608,3 +608,34 @@ def test_export_from_workdir(params, tmp_path):
   meta = weights.read_metadata(out)
   assert meta['step'] == 7 and meta['config']['model']['name'] == TEST_MODEL
   _assert_trees_equal(params, weights.import_weights(out))
+
+
+def test_a_refused_export_leaves_the_previous_one_and_an_existing_out_is_refused_before_the_restore(
+    params, tmp_path, monkeypatch):
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  keep = weights.export_weights(params, TEST_MODEL, 'hf', str(tmp_path / 'keep_hf'))
+  classifier = _random_params(models.get_classifier(TEST_MODEL, num_classes=10, global_pool=True))
+  with pytest.raises(ValueError, match='a fine-tuned classifier has no ViTMAE equivalent'):
+    weights.export_weights(classifier, TEST_MODEL, 'hf', keep, overwrite=True)
+  assert weights.read_metadata(keep) is not None  # The export that was there is still there.
+
+  def no_restore(*args, **kwargs):
+    raise AssertionError('restored before --out was checked')
+
+  monkeypatch.setattr(checkpoint, 'load_params', no_restore)
+  with pytest.raises(FileExistsError, match='keep_hf exists'):
+    export.export_from_workdir(str(tmp_path / 'run'), 'hf', keep)
+  with pytest.raises(ValueError, match=r'\*\.safetensors'):
+    export.export_from_workdir(str(tmp_path / 'run'), 'safetensors', str(tmp_path / 'x.bin'))
+
+
+def test_a_linear_probe_workdir_has_no_encoder_to_export(tmp_path):
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'probe')
+  head = {'head': {'kernel': np.zeros((32, 10), np.float32), 'bias': np.zeros((10,), np.float32)}}
+  config = {'model': {'name': TEST_MODEL}, 'downstream': 'linprobe', 'pretrained_workdir': '/runs/mae'}
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt.save(3, head, {'count': np.zeros((), np.int32)}, {'step': 3, 'config': config})
+  ckpt.close()
+  with pytest.raises(ValueError, match=r'holds no encoder.*export the encoder it probed \(/runs/mae\)'):
+    export.export_from_workdir(workdir, 'safetensors', str(tmp_path / 'enc.safetensors'))

@@ -271,3 +271,20 @@ def test_the_warm_start_line_reaches_the_terminal(capsys):
   warm_start._log('w.pth', ('encoder/cls_token', 'encoder/norm/scale'), ('decoder/mask_token',), ('head',))
   assert capsys.readouterr().err == ('Warm start from w.pth: step 0, fresh optimizer state and schedule. From the '
                                      'file: encoder (2 tensors); initialised afresh: decoder; not used: head\n')
+
+
+@pytest.mark.parametrize('saved, message', [
+    ({'downstream': 'linprobe', 'pretrained_workdir': '/runs/mae'},
+     r'linprobe run\'s workdir: it holds no encoder.*Start from the encoder it probed: config.init_from=/runs/mae'),
+    ({'downstream': 'finetune', 'global_pool': True, 'pretrained_path': '/w/mae.pth'},
+     r'with global pooling: its encoder has no final norm.*fine-tuned from: config.init_from=/w/mae.pth'),
+    ({'downstream': 'finetune', 'global_pool': False}, r'Export its encoder'),
+])
+def test_a_downstream_workdir_points_to_what_pretraining_can_start_from(source, tmp_path, saved, message):
+  workdir = str(tmp_path / 'downstream')
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt.save(2, {'head': {'bias': np.zeros(3, np.float32)}}, {'count': np.zeros((), np.int32)},
+            {'step': 2, 'config': {'model': {'name': 'mae_vit_test'}, **saved}})
+  ckpt.close()
+  with pytest.raises(config_tools.ConfigError, match=message):
+    train.train_and_evaluate(_config(workdir), str(tmp_path / 'run'))

@@ -210,3 +210,27 @@ def test_merge_into_a_learned_table_without_one_names_the_loader(params):
   target = layout.abstract_params(TEST_MODEL, 'encoder', {}, pos_embed='learned')
   with pytest.raises(ValueError, match=r'missing \(1\): pos_embed.*load_pretrained_encoder'):
     pretrained.merge_encoder(target, params['encoder'], 'the source')
+
+
+def test_an_encoder_trained_with_another_number_of_heads_is_refused(params, tmp_path):
+  """Shapes do not tell the heads: an encoder trained with 4 heads loads into a 2-head model and computes another
+  attention. Its file's metadata (or a run's saved config) says how many it had: refused, naming the setting."""
+  path = export_weights(params, TEST_MODEL, 'safetensors', str(tmp_path / 'heads4.safetensors'),
+                        model_overrides={'num_heads': 4})
+  with pytest.raises(ValueError, match=r'pretrained_path=.*heads4.safetensors: its encoder has 4 attention heads, '
+                                       r'the model 2.*change model.name \(or model.num_heads\)'):
+    pretrained.load_pretrained_encoder(_config(pretrained_path=path))
+  config = _config(pretrained_path=path)
+  config.model.num_heads = 4
+  assert pretrained.load_pretrained_encoder(config)[0] is not None
+  # A caller's override that contradicts the file's own.
+  with pytest.raises(ValueError, match='its encoder has 4 attention heads, the model 2'):
+    import_weights(path, TEST_MODEL, num_heads=2)
+  # A run's workdir: its saved config says.
+  workdir = str(tmp_path / 'run')
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt.save(1, params, {'count': np.zeros((), np.int32)},
+            {'step': 1, 'config': {'model': {'name': TEST_MODEL, 'num_heads': 4}}})
+  ckpt.close()
+  with pytest.raises(ValueError, match=r'pretrained_workdir=.*: its encoder has 4 attention heads, the model 2'):
+    pretrained.load_pretrained_encoder(_config(pretrained_workdir=workdir))

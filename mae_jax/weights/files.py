@@ -34,7 +34,7 @@ import time
 import numpy as np
 from absl import logging
 
-from mae_jax import fileio
+from mae_jax import fileio, models
 from mae_jax.weights import hf, layout, reference
 from mae_jax.weights.layout import Tree
 
@@ -267,8 +267,10 @@ def detect_format(path: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _prepare_out(out: str, fmt: str, overwrite: bool):
-  """Checks the output path; with overwrite, removes a previous export there."""
+def check_out(out: str, fmt: str, overwrite: bool) -> None:
+  """Checks an export's output path before anything is read or written (nothing is removed here)."""
+  if fmt not in FORMATS:
+    raise ValueError(f'format={fmt!r}: must be one of {FORMATS}')
   if fmt == 'safetensors' and not out.endswith('.safetensors'):
     raise ValueError(f'--out={out}: a safetensors export must be a file named *.safetensors')
   if fileio.exists(out):
@@ -278,9 +280,14 @@ def _prepare_out(out: str, fmt: str, overwrite: bool):
       names = set(fileio.listdir(out))
       if names and not names & {METADATA_FILENAME, '_METADATA', '_CHECKPOINT_METADATA', HF_WEIGHTS}:
         raise FileExistsError(f'{out} is a folder that holds no export: refusing to replace it')
-      fileio.rmtree(out)
-    else:
-      fileio.remove(out)
+
+
+def _clear_out(out: str) -> None:
+  """Removes a previous export at `out` (checked by check_out), once the new one is ready to be written."""
+  if fileio.isdir(out):
+    fileio.rmtree(out)
+  elif fileio.exists(out):
+    fileio.remove(out)
 
 
 def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only: bool = True,
@@ -299,13 +306,17 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
     model_overrides: model fields that differ from the name's (image_size, ...).
     overwrite: replace an existing `out`.
   """
-  if fmt not in FORMATS:
-    raise ValueError(f'format={fmt!r}: must be one of {FORMATS}')
+  check_out(out, fmt, overwrite)
   overrides = dict(model_overrides or {})
   params = layout.unwrap(params)
+  if 'encoder' not in params:
+    raise ValueError(f'the params hold no encoder (top-level keys {sorted(params)}): nothing to export')
   if encoder_only and 'head' not in params:
     params = {'encoder': params['encoder']}
   params = layout.canonical_params(params, model_name, overrides)
+  if fmt == 'hf' and layout.params_layout(params) == 'classifier':
+    raise ValueError('format=hf: a fine-tuned classifier has no ViTMAE equivalent; '
+                     'use format=safetensors (timm names) or orbax')
   if fmt == 'hf' and 'decoder' in params:
     rows, cols = layout.grid_size(model_name, overrides)
     if rows != cols:  # transformers builds ViTMAE's decoder table for square grids only.
@@ -313,7 +324,7 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
                        'ViTMAEForPreTraining only loads square ones. Export the encoder alone (drop --full: '
                        'ViTMAEModel takes it), or use format=safetensors')
   meta = _metadata(model_name, overrides, fmt, params, metadata)
-  _prepare_out(out, fmt, overwrite)
+  _clear_out(out)
   if fmt == 'orbax':
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     with ocp.StandardCheckpointer() as checkpointer:
@@ -323,11 +334,7 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
     if fmt == 'safetensors':
       _save_safetensors(state, out, meta)
     else:
-      kind = layout.params_layout(params)
-      if kind == 'classifier':
-        raise ValueError('format=hf: a fine-tuned classifier has no ViTMAE equivalent; '
-                         'use format=safetensors (timm names) or orbax')
-      encoder_only = kind == 'encoder'
+      encoder_only = layout.params_layout(params) == 'encoder'
       prefix = '' if encoder_only else 'vit.'  # ViTMAEModel's own names vs ViTMAEForPreTraining's.
       mask_ratio = (metadata or {}).get('mask_ratio', ((metadata or {}).get('config') or {}).get(
           'mask_ratio', 0.75))
@@ -337,6 +344,37 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
   fileio.write_text(metadata_path(out), json.dumps(meta, indent=2))
   logging.info('Exported %s (%s) to %s', model_name, meta['layout'], out)
   return out
+
+
+def model_heads(model_name: str, overrides: dict) -> dict:
+  """{'num_heads': ..., 'decoder_num_heads': ...} of a named model with overrides."""
+  settings = layout.model_settings(model_name, overrides)
+  return {'num_heads': settings.num_heads, 'decoder_num_heads': settings.decoder_num_heads}
+
+
+def declared_heads(path: str) -> dict:
+  """Attention heads that a weight file's own config (metadata or config.json) declares; {} when unknown.
+
+  Shapes do not tell the number of heads: weights split into the wrong number
+  load without complaint and compute another attention.
+  """
+  config_json = fileio.join(path, 'config.json')
+  if fileio.isdir(path) and fileio.exists(config_json):
+    hf_config = json.loads(fileio.read_text(config_json))
+    return {'num_heads': hf_config.get('num_attention_heads'),
+            'decoder_num_heads': hf_config.get('decoder_num_attention_heads')}
+  meta = read_metadata(path)
+  if meta and meta.get('model_name') in models.MODELS:
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get('model_overrides') or {}).items()}
+    return model_heads(meta['model_name'], overrides)
+  return {}
+
+
+def check_encoder_heads(declared: dict, heads: int, source: str, setting: str) -> None:
+  """Refuses an encoder whose declared number of attention heads is not the model's `heads`."""
+  if declared.get('num_heads') and int(declared['num_heads']) != int(heads):
+    raise ValueError(f'{source}: its encoder has {declared["num_heads"]} attention heads, the model '
+                     f'{heads}; the weights would load and compute another attention: {setting}')
 
 
 def resolve_model(path: str, model_name: str | None, model_overrides: dict) -> tuple[str, dict]:
@@ -362,6 +400,9 @@ def resolve_model(path: str, model_name: str | None, model_overrides: dict) -> t
     raise ValueError(f'{path} has no mae_jax metadata ({metadata_path(path)}): pass model_name= (or --model=)')
   if isinstance(overrides.get('image_size'), list):
     overrides['image_size'] = tuple(overrides['image_size'])
+  if 'num_heads' in model_overrides:
+    check_encoder_heads(declared_heads(path), model_heads(model_name, overrides)['num_heads'], path,
+                        'pass the number the file was trained with (or none)')
   return model_name, overrides
 
 

@@ -79,6 +79,10 @@ def _position_table(config, encoder: dict, source: str, source_grid) -> dict:
   return encoder
 
 
+def _run_heads(config) -> int:
+  return files.model_heads(from_config.model_name(config), from_config.model_overrides(config))['num_heads']
+
+
 def load_pretrained_encoder(config) -> tuple[dict | None, str]:
   """The pretrained encoder params (host arrays) and where they came from; (None, '') for none.
 
@@ -101,7 +105,16 @@ def load_pretrained_encoder(config) -> tuple[dict | None, str]:
                        f'(top-level keys {sorted(params)}); is it a mae_jax pretraining or fine-tuning run?')
     source = f'{workdir} step {step}'
     source_grid = _saved_grid(saved_config or {})
+    try:
+      declared = files.model_heads(from_config.model_name(saved_config or {}),
+                                   from_config.model_overrides(saved_config or {}, strict=False))
+    except (ValueError, TypeError, KeyError):  # A saved config that does not say.
+      declared = {}
+    files.check_encoder_heads(declared, _run_heads(config), f'pretrained_workdir={workdir}',
+                              'change model.name (or model.num_heads)')
   elif path:
+    files.check_encoder_heads(files.declared_heads(path), _run_heads(config), f'pretrained_path={path}',
+                              'change model.name (or model.num_heads)')
     params = files.import_weights(path, from_config.model_name(config), **from_config.encoder_overrides(config))
     source = path
     # A table the import returns is the file's own (any grid); without one the file's table was the fixed

@@ -11,11 +11,12 @@ Hugging Face folder into another format. Formats: orbax, safetensors (reference
 
 import os
 
+import numpy as np
 from absl import app, flags
 
 from mae_jax import checkpoint, console, fileio
 from mae_jax.models import from_config
-from mae_jax.weights import FORMATS, export_weights, layout, metadata_path, read_metadata
+from mae_jax.weights import FORMATS, export_weights, layout, metadata_path, read_metadata, reference
 from mae_jax.weights.files import check_out, load_weights, parse_overrides
 
 
@@ -52,6 +53,11 @@ def convert(source: str, fmt: str, out: str, *, model_name: str | None = None, f
   """Imports a .pth / safetensors / hf / orbax export and writes it in another format."""
   check_out(out, fmt, overwrite)
   params, model_name, model_overrides = load_weights(source, model_name, **model_overrides)
+  table = params['encoder'].get('pos_embed') if 'encoder' in params else None
+  if table is not None and reference.fixed_table_grid(np.asarray(table)) is not None:
+    # A MAE encoder's fixed table at the file's own grid (an --override=image_size= asked for another): the
+    # export gets the fixed table of its own grid, as the model has.
+    params = {**params, 'encoder': {k: v for k, v in params['encoder'].items() if k != 'pos_embed'}}
   meta = read_metadata(source) or {}
   if full and 'decoder' not in params and 'head' not in params:
     raise ValueError(f'--full: {source} has no decoder; drop --full to export the encoder')

@@ -58,7 +58,7 @@ from mae_jax.feature_files import (  # noqa: F401  # Part of this module's API (
 )
 from mae_jax.models import from_config, mae, vit
 from mae_jax.models import pos_embed as pos_tables
-from mae_jax.weights import files, layout
+from mae_jax.weights import files, layout, reference
 
 POOLS = ('cls', 'mean', 'none')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -156,6 +156,11 @@ def _with_position_table(encoder: dict, kwargs: dict, source: str) -> dict:
   another one; a MAE encoder (no table) keeps its fixed sin-cos table.
   """
   table = encoder.get('pos_embed')
+  if table is not None and reference.fixed_table_grid(np.asarray(table)) is not None:
+    # A MAE encoder's fixed table, kept by the import at the file's own grid: the fixed table at the images' grid,
+    # as every export format of the same weights gives (and linear probing and kNN use).
+    encoder = {k: v for k, v in encoder.items() if k != 'pos_embed'}
+    table = None
   if table is None:
     kwargs['pos_embed'] = 'sincos'
     return encoder

@@ -274,7 +274,7 @@ def test_errors_name_file_and_keys(params, tmp_path):
     weights.to_reference_state_dict(params, 'mae_vit_tiny_patch16')
   learned = _save_state(dict(state, pos_embed=state['pos_embed'] + 0.5), str(tmp_path / 'learned.safetensors'))
   with pytest.raises(ValueError, match=r'learned\.safetensors: pos_embed .* the weights are 32 wide, the model 192; '
-                                       r'pass the model they were trained with'):
+                                       r'name the model they were trained with'):
     weights.import_weights(learned, 'mae_vit_tiny_patch16')  # The wrong model name for a learned table.
 
 

@@ -274,3 +274,22 @@ def test_command_line_usage_error_names_the_flag(tmp_path):
   assert result.returncode == 2
   assert 'exactly one of --weights' in result.stderr and 'Traceback' not in result.stderr
   assert '--num_workers' not in result.stderr  # One line, not the whole --help.
+
+
+def test_a_mae_encoder_at_another_image_size_gives_the_same_features_from_every_format(params, weights_file,
+                                                                                         tmp_path):
+  """A MAE encoder's fixed table: the fixed table at the images' grid, whichever format holds the weights (the
+  safetensors file stores the table at its own 4x4 grid; an orbax export stores none)."""
+  orbax = weights.export_weights(params, MODEL, 'orbax', str(tmp_path / 'orbax'), model_overrides={'depth': DEPTH})
+  images = jax.random.normal(jax.random.key(2), (2, 48, 48, 3))
+  got = []
+  for path in (weights_file, orbax):
+    kwargs, encoder, _ = features.load_encoder(weights=path, model_overrides={'image_size': 48})
+    assert kwargs['pos_embed'] == 'sincos' and 'pos_embed' not in encoder
+    got.append(np.asarray(features.make_features_fn(kwargs, None, 'none')(encoder, images)[0]))
+  np.testing.assert_array_equal(got[0], got[1])
+  # A conversion at another size writes the fixed table of that size.
+  from mae_jax import export  # pylint: disable=g-import-not-at-top
+  out = export.convert(weights_file, 'orbax', str(tmp_path / 'at48'), image_size=48)
+  assert weights.read_metadata(out)['model_overrides']['image_size'] == 48
+  assert 'pos_embed' not in weights.import_weights(out)['encoder']

@@ -234,3 +234,19 @@ def test_an_encoder_trained_with_another_number_of_heads_is_refused(params, tmp_
   ckpt.close()
   with pytest.raises(ValueError, match=r'pretrained_workdir=.*: its encoder has 4 attention heads, the model 2'):
     pretrained.load_pretrained_encoder(_config(pretrained_workdir=workdir))
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_a_fixed_table_stored_at_16_bits_is_still_the_fixed_table(params, tmp_path, dtype):
+  """A MAE checkpoint saved in bfloat16 or float16: its table is the fixed one rounded, not a trained table."""
+  torch = pytest.importorskip('torch')
+  state = to_reference_state_dict(params, TEST_MODEL)
+  path = str(tmp_path / f'mae_{dtype}.pth')
+  torch.save({'model': {k: torch.from_numpy(v).to(getattr(torch, dtype)) for k, v in state.items()}}, path)
+  assert 'pos_embed' not in import_weights(path, TEST_MODEL)['encoder']
+  # A table trained in float32 that stays close to the fixed one is still a trained table.
+  from mae_jax.weights import reference  # pylint: disable=g-import-not-at-top
+  fixed = pos_tables.get_2d_sincos_pos_embed(32, 4, cls_token=True)[None].astype(np.float32)
+  assert reference.is_fixed_table(fixed.astype(getattr(jnp, dtype)), 32, (4, 4))
+  assert not reference.is_fixed_table(fixed + np.float32(3e-3), 32, (4, 4))
+  assert not reference.is_fixed_table((fixed + np.float32(3e-2)).astype(getattr(jnp, dtype)), 32, (4, 4))

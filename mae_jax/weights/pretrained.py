@@ -160,6 +160,9 @@ def merge_encoder(params: dict, encoder: dict, source: str) -> dict:
                 for what, keys in (('missing', missing), ('unexpected', unexpected),
                                    ('shape mismatches', wrong)) if keys]
     hint = ''
+    if missing and all(k.startswith('norm/') for k in missing):
+      hint = ('; the encoder has no final norm: a classifier fine-tuned with global pooling has none (its fc_norm '
+              'follows the pooling). Start from the pretrained encoder it was fine-tuned from')
     if 'pos_embed' in missing or any(k.startswith('pos_embed:') for k in wrong):
       hint = ('; a learned position table (pos_embed=learned) comes from load_pretrained_encoder, which builds '
               'and interpolates it for the config\'s grid')

@@ -201,9 +201,19 @@ def _layout_of_state(keys, source: str, hf: bool = False) -> tuple[str, bool]:
 
 
 def is_fixed_table(table: np.ndarray, width: int, grid) -> bool:
-  """Whether a stored [1, 1 + L, D] table is mae_jax's fixed sin-cos table at `grid` (within 1e-4)."""
+  """Whether a stored [1, 1 + L, D] table is mae_jax's fixed sin-cos table at `grid`.
+
+  Within 1e-4; a table stored in bfloat16 or float16 (every value exactly one of
+  that type's, whatever dtype it reached us in) within that type's rounding.
+  """
   fixed = pos_embed.get_2d_sincos_pos_embed(width, grid, cls_token=True)[None]  # [1, 1 + L, D]
-  return table.shape == fixed.shape and np.allclose(table.astype(np.float32), fixed, atol=1e-4)
+  if table.shape != fixed.shape:
+    return False
+  table = np.asarray(table, np.float32)
+  for dtype, rtol in ((jnp.bfloat16, 2.0 ** -7), (np.float16, 2.0 ** -10)):  # One unit in the last place.
+    if np.array_equal(table, table.astype(dtype).astype(np.float32)):
+      return bool(np.allclose(table, fixed, rtol=rtol, atol=1e-4))
+  return bool(np.allclose(table, fixed, atol=1e-4))
 
 
 def _check_pos_table(table: np.ndarray, width: int, grid, key: str, source: str):
@@ -213,7 +223,7 @@ def _check_pos_table(table: np.ndarray, width: int, grid, key: str, source: str)
                     'uses the fixed table, so it is ignored', source, key, table.shape, tuple(grid))
 
 
-def _own_square_grid(table: np.ndarray) -> tuple[int, int] | None:
+def fixed_table_grid(table: np.ndarray) -> tuple[int, int] | None:
   """The square grid of a [1, 1 + L, D] table when it is the fixed sin-cos table there, else None."""
   if table.ndim != 3 or table.shape[1] < 2:
     return None
@@ -233,8 +243,9 @@ def _encoder_table(table: np.ndarray, width: int, grid, key: str, source: str) -
   if table.ndim == 2:
     table = table[None]
   if table.ndim != 3 or table.shape[0] != 1 or table.shape[-1] != width or table.shape[1] < 2:
-    hint = (f': the weights are {table.shape[-1]} wide, the model {width}; pass the model they were trained with '
-            '(model_name=, --model=)' if table.ndim == 3 and table.shape[-1] != width else '')
+    hint = (f': the weights are {table.shape[-1]} wide, the model {width}; name the model they were trained with '
+            '(a config\'s model.name; model_name= or --model= for an import)'
+            if table.ndim == 3 and table.shape[-1] != width else '')
     raise ValueError(f'{source}: {key} has shape {tuple(table.shape)}; a position table is [1, 1 + L, {width}] '
                      f'(cls first) for this model{hint}')
   logging.info('%s: %s %s is a learned table or one at another grid (the model\'s is %s): kept as '
@@ -269,7 +280,7 @@ def infer_overrides(state: dict, model_name: str, overrides: dict, source: str) 
   table_key = _encoder_key(state, _ENCODER_TABLE_SUFFIXES)
   if 'image_size' not in overrides and table_key:
     table = np.asarray(state[table_key], np.float32)
-    own = _own_square_grid(table if table.ndim == 3 else table[None])
+    own = fixed_table_grid(table if table.ndim == 3 else table[None])
     if own is not None and own != tuple(model.grid_size):
       overrides['image_size'] = own[0] * model.patch_size
       logging.info('%s: image_size %d (its fixed position table is for a %dx%d grid)', source,

@@ -14,6 +14,7 @@ hand them to `train_loop`. What they share lives here and nowhere else:
   config.json / results.json.
 """
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -67,6 +68,7 @@ class PreemptionFlag:
   def install(self):
     if threading.current_thread() is not threading.main_thread():
       return self
+    _TRAINING.set()  # stop_before_training's handler stands down.
     if not jax_preemption_service():
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
     if jax.process_count() == 1:  # Ctrl-C saves and stops too (a pod's processes get no terminal's Ctrl-C).
@@ -95,6 +97,48 @@ class PreemptionFlag:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.int32(self.event.is_set()))
     return bool(np.max(flags))
+
+
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as a preempted run's: launchers rerun it.
+_TRAINING = threading.Event()  # Set while the loop's own handler (PreemptionFlag) is installed or was.
+
+
+class StoppedBeforeTraining(SystemExit):
+  """SIGTERM before the training loop started: leave through the normal exit (the workdir's lease released)."""
+
+  def __init__(self):
+    super().__init__(STOPPED_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def stop_before_training() -> Iterator[None]:
+  """SIGTERM while a job starts (the lease, data checks, restore, init) leaves at once with status 75.
+
+  The default action kills the process where it stands: no atexit, so the
+  workdir's lease stays and the relaunch waits for it to go stale. Once the loop
+  has installed its own handler (which saves and stops), this one does nothing
+  more: a SIGTERM during the final save lets it finish. One process only: the
+  processes of a multi-process job must stop together (the loop's handler and
+  JAX's preemption service agree on a step).
+  """
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _TRAINING.clear()
+
+  def stop(signum, frame):
+    del signum, frame
+    if _TRAINING.is_set():
+      return
+    sys.stderr.write('Asked to stop (SIGTERM) before training started: nothing new to save; rerun the same '
+                     'command to start (or resume)\n')
+    raise StoppedBeforeTraining()
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def jax_preemption_service() -> bool:

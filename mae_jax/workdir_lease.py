@@ -14,8 +14,9 @@ writes anything:
   retried), unless that job is stopping (it marks its lease when asked to stop:
   a requeued or relaunched job waits for its predecessor's save). A lease that is
   not renewed (a job that died without removing it: a worker VM lost, SIGKILL) is
-  taken over `STALE_SECONDS` after its last renewal; one that cannot be read is
-  waited on, never taken for absent.
+  taken over `STALE_SECONDS` after its last renewal, at once when it names a
+  process of this host that has ended; one that cannot be read is waited on,
+  never taken for absent.
 - A holder whose lease names another job at its next renewal (taken over after a
   stall longer than STALE_SECONDS) stops at its next log step (`check`).
 
@@ -58,6 +59,30 @@ _HELD = []  # The leases this process holds (released on the way out, also by ma
 _ABSENT, _UNREADABLE = 'absent', 'unreadable'
 
 
+def _pid_namespace() -> str:
+  """This process's pid namespace ('' where /proc does not say): pids of one host compare only within one."""
+  try:
+    return os.readlink('/proc/self/ns/pid')
+  except OSError:
+    return ''
+
+
+def _ended_here(record) -> bool:
+  """Whether a lease names a process of this host (and pid namespace) that has ended (a job killed outright)."""
+  if not isinstance(record, dict) or record.get('host') != socket.gethostname():
+    return False
+  namespace = _pid_namespace()
+  if not namespace or record.get('pid_namespace') != namespace or not isinstance(record.get('pid'), int):
+    return False
+  try:
+    os.kill(record['pid'], 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # Another user's process: alive.
+    return False
+  return False
+
+
 class Lease:
   """The lease of one workdir, held by process 0 of the job (the other processes hold nothing)."""
 
@@ -73,7 +98,8 @@ class Lease:
     self.poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
     self.settle_seconds = SETTLE_SECONDS if settle_seconds is None else settle_seconds
     self.record = {'job': uuid.uuid4().hex, 'process': _PROCESS, 'host': socket.gethostname(), 'pid': os.getpid(),
-                   'started': self.clock(), 'renewed': self.clock(), 'stopping': False}
+                   'pid_namespace': _pid_namespace(), 'started': self.clock(), 'renewed': self.clock(),
+                   'stopping': False}
     self.held = False
     self.lost = ''  # Why the lease is no longer this job's (another job took it over).
     self._lock = threading.Lock()
@@ -126,6 +152,10 @@ class Lease:
     (None, what to replace: _ABSENT or the stale lease) once it is gone or
     stale, else (why that job is live, its lease).
     """
+    if _ended_here(other):  # Its process is gone: no need to wait for the lease to go stale.
+      logging.warning('Taking over the lease of a job that ended without removing it (pid %s on this host)',
+                      other.get('pid'))
+      return None, other
     renewed = float(other.get('renewed', 0)) if isinstance(other, dict) else self.clock()
     deadline = renewed + self.stale_seconds
     if self.clock() < deadline:

@@ -216,3 +216,46 @@ def test_a_run_that_fails_releases_the_lease(tmp_path):
   with pytest.raises(loop.ResumeError):
     train.train_and_evaluate(changed, workdir)
   assert not os.path.exists(os.path.join(workdir, workdir_lease.LEASE_NAME))
+
+
+def test_a_lease_naming_an_ended_process_of_this_host_is_taken_at_once(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  ended = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True,
+                         check=True)
+  path = os.path.join(tmp_path, workdir_lease.LEASE_NAME)
+  record = {'job': 'killed', 'process': 'another', 'host': workdir_lease.socket.gethostname(),
+            'pid': int(ended.stdout), 'pid_namespace': workdir_lease._pid_namespace(), 'started': 0,
+            'renewed': 1000.0, 'stopping': False}
+  fileio.write_text(path, json.dumps(record))
+  clock = Clock()
+  lease = _lease(tmp_path, clock).acquire()
+  assert lease.held and clock.now - 1000.0 <= 2.0  # No 300 s wait (2 s: racing writes landing).
+  lease.release()
+  # A live process of this host (here: this one, as another job): waited on, then refused when it renews.
+  fileio.write_text(path, json.dumps(dict(record, pid=os.getpid(), renewed=clock.now)))
+  clock.each_sleep = lambda: _foreign(tmp_path, renewed=clock.now)
+  with pytest.raises(checkpoint.WorkdirError, match='another job'):
+    _lease(tmp_path, clock).acquire()
+
+
+def test_sigterm_while_a_job_starts_leaves_with_75_and_frees_the_workdir(tmp_path):
+  """Before the loop's own handler: the default SIGTERM killed the job where it stood (143), its lease stayed
+  and the relaunch waited 5 minutes for it."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  path = os.path.join(workdir, workdir_lease.LEASE_NAME)
+  job = subprocess.Popen([sys.executable, '-m', 'mae_jax.main', '--config=configs/test.py:steps=400',
+                          f'--workdir={workdir}', '--progress=off'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  deadline = time.time() + 120
+  while not os.path.exists(path):
+    assert job.poll() is None and time.time() < deadline, job.communicate()
+    time.sleep(0.01)
+  job.send_signal(signal.SIGTERM)
+  out, err = job.communicate(timeout=120)
+  assert job.returncode == 75, (out, err)
+  assert not os.path.exists(path)

@@ -228,7 +228,7 @@ def check_resume(config, workdir: str) -> None:
   Compares RESUME_KEYS and the process count with the newest checkpoint's;
   config.resume_allow_changes=True resumes anyway (on purpose).
   """
-  if ckpt_lib.latest_step(workdir) is None or config.resume_allow_changes:
+  if ckpt_lib.latest_step(workdir) is None:
     return
   meta = ckpt_lib.load_meta(workdir)
   saved, current = meta.get('config') or {}, config_dict(config)
@@ -236,11 +236,23 @@ def check_resume(config, workdir: str) -> None:
              if _dotted(saved, key) is not None and _dotted(saved, key) != _dotted(current, key)]
   if meta.get('process_count', jax.process_count()) != jax.process_count():
     changed.append(f'process count: {meta["process_count"]} -> {jax.process_count()}')
-  if changed:
+  if changed and not config.resume_allow_changes:
     raise ResumeError(
         f'{workdir} holds a run (step {meta.get("step")}) with other settings that fix the data order or the lr '
         f'schedule: {"; ".join(changed)}. Use a new --workdir, put the settings back, or set '
         '--config.resume_allow_changes=True to resume with them on purpose')
+  others = changed_settings(saved, current)
+  if others:
+    listed = '; '.join(others[:8]) + (f'; and {len(others) - 8} more' if len(others) > 8 else '')
+    logging.warning('Resuming %s at step %s with settings other than its checkpoint\'s (kept in %s): %s', workdir,
+                    meta.get('step'), CONFIG_FILE_UNTIL.format(step=meta.get('step')), listed)
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+  """'key: old -> new' for every setting of `current` that differs from `saved` (a config_dict each)."""
+  old, new = traverse_util.flatten_dict(saved, sep='.'), traverse_util.flatten_dict(current, sep='.')
+  return [f'{key}: {old.get(key)!r} -> {new[key]!r}' for key in sorted(new)
+          if key in old and old[key] != new[key] and key != 'resume_allow_changes']
 
 
 def restore_or_init(checkpointer, init_fn: Callable, init_rng, abstract_state, shardings, mesh, *,
@@ -345,8 +357,26 @@ def _write_workdir_file(workdir: str, name: str, text: str) -> None:
     fileio.write_text(fileio.join(workdir, name), text)
 
 
-def write_config(config, workdir: str) -> None:
-  _write_workdir_file(workdir, 'config.json', config.to_json_best_effort(indent=2))
+CONFIG_FILE = 'config.json'
+CONFIG_FILE_UNTIL = 'config.until_step_{step}.json'  # The config a run trained with before it was changed.
+
+
+def write_config(config, workdir: str, start_step: int = 0, total_steps: int | None = None) -> None:
+  """WORKDIR/config.json: the run's settings. A resume with other settings first keeps the earlier file as
+  config.until_step_START.json; a run with nothing to train leaves it as it is."""
+  if total_steps is not None and start_step >= total_steps:
+    return
+  path = fileio.join(workdir, CONFIG_FILE)
+  text = config.to_json_best_effort(indent=2)
+  if start_step and jax.process_index() == 0 and fileio.exists(path):
+    earlier = fileio.read_text(path)
+    try:
+      same = json.loads(earlier) == json.loads(text)
+    except ValueError:
+      same = False
+    if not same:
+      _write_workdir_file(workdir, CONFIG_FILE_UNTIL.format(step=start_step), earlier)
+  _write_workdir_file(workdir, CONFIG_FILE, text)
 
 
 def write_results(workdir: str, results: dict) -> None:

@@ -242,7 +242,7 @@ def _run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epo
     # as initialised. Nothing is fetched: with FSDP over hosts no process holds all of a param.
     state = state.replace(params=parallel.place_tree(task.pretrained(state.params), shardings.params))
   start_step = int(jax.device_get(state.step))
-  loop.write_config(config, workdir)
+  loop.write_config(config, workdir, start_step, total_steps)
   writer = metrics.create_writer(workdir, start_step, config)
   frozen = task.frozen
   frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)

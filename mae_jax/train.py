@@ -69,7 +69,7 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, mesh, lease) -> d
   state, resumed = loop.restore_or_init(checkpointer, init_fn, init_args, step.abstract_state,
                                         step.state_shardings, mesh, config=config)
   start_step = int(jax.device_get(state.step))
-  loop.write_config(config, workdir)
+  loop.write_config(config, workdir, start_step, step.total_steps)
   writer = metrics.create_writer(workdir, start_step, config)
   if not resumed:
     logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(

@@ -1,6 +1,8 @@
 """The loop every trainer shares: guarded updates, state, prefetching, settings."""
 
 import glob
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -98,6 +100,36 @@ def test_checkpoint_errors_lose_tensorstores_spec():
   assert checkpoint.error_text(manifest) == 'DATA_LOSS: Error decoding manifest'
   assert not checkpoint.is_misfit(manifest)  # 'shape' in the spec is not Orbax saying that the tree misfits.
   assert checkpoint.is_misfit(ValueError('Requested shape (3,) does not match the saved shape (4,)'))
+
+
+def test_a_resume_with_other_settings_says_which_and_keeps_the_earlier_config(tmp_path, caplog):
+  workdir = str(tmp_path)
+  config = test_config.get_config('steps=1')
+  assert train.train_and_evaluate(config, workdir)['status'] == 'done'
+  first = json.loads(open(os.path.join(workdir, 'config.json')).read())
+  with caplog.at_level(logging.WARNING):
+    loop.check_resume(test_config.get_config('steps=1'), workdir)  # The same settings: nothing to say.
+  assert 'settings other than' not in caplog.text
+  shorter = test_config.get_config('steps=1')
+  shorter.num_train_steps = 1
+  shorter.optim.base_lr = 0.5
+  train.train_and_evaluate(shorter, workdir)  # Nothing to train: config.json is left as it is.
+  assert json.loads(open(os.path.join(workdir, 'config.json')).read()) == first
+  changed = test_config.get_config('steps=2')
+  changed.optim.base_lr = 0.5
+  changed.mask_ratio = 0.5
+  with caplog.at_level(logging.WARNING):
+    assert train.train_and_evaluate(changed, workdir)['step'] == 2
+  assert (f'Resuming {workdir} at step 1 with settings other than its checkpoint\'s (kept in '
+          'config.until_step_1.json): mask_ratio: 0.75 -> 0.5; num_train_steps: 1 -> 2; optim.base_lr: ') in caplog.text
+  assert json.loads(open(os.path.join(workdir, 'config.until_step_1.json')).read()) == first
+  assert json.loads(open(os.path.join(workdir, 'config.json')).read())['optim']['base_lr'] == 0.5
+  # resume_allow_changes: the refused keys are accepted and said too.
+  bigger = test_config.get_config('steps=3')
+  bigger.batch_size, bigger.resume_allow_changes = 32, True
+  with caplog.at_level(logging.WARNING):
+    loop.check_resume(bigger, workdir)
+  assert 'batch_size: 16 -> 32' in caplog.text.split('settings other than')[-1]
 
 
 def test_train_steps_from_epochs_or_steps():

@@ -14,12 +14,8 @@ hand them to `train_loop`. What they share lives here and nowhere else:
   config.json / results.json.
 """
 
-import contextlib
 import dataclasses
 import json
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -32,6 +28,13 @@ from flax import traverse_util
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import console, fileio, parallel, train_state, wandb_writer
 from mae_jax import flops as flops_lib
+from mae_jax.preemption import (  # noqa: F401  # Part of the loop's API.
+  STOPPED_EXIT_CODE,
+  PreemptionFlag,
+  StoppedBeforeTraining,
+  jax_preemption_service,
+  stop_before_training,
+)
 
 RESULTS_FILE = 'results.json'
 
@@ -43,111 +46,7 @@ def check_loop_settings(config, mesh: jax.sharding.Mesh | None) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Preemption.
-
-class PreemptionFlag:
-  """Set by SIGTERM (and, with one process, the first Ctrl-C); the loop saves a checkpoint and exits cleanly.
-
-  With several processes every one must stop at the same step (the save is
-  collective), but SIGTERM reaches them at different times. When
-  jax.distributed runs its preemption service (the default), that service owns
-  SIGTERM: it tells every process, and `Checkpointer.reached_preemption` (JAX's
-  preemption sync point) says True on all of them at the same step, so no
-  Python handler is installed here (one would replace the service's notifier).
-  Without the service, `requested(step)` agrees across processes every
-  `sync_every_steps` steps (an all-gather of one flag per process).
-  """
-
-  def __init__(self, sync_every_steps: int = 10):
-    if sync_every_steps < 1:
-      raise ValueError(f'preemption_sync_every_steps={sync_every_steps}: must be >= 1')
-    self.event = threading.Event()
-    self.sync_every_steps = sync_every_steps
-    self._previous = {}
-
-  def install(self):
-    if threading.current_thread() is not threading.main_thread():
-      return self
-    _TRAINING.set()  # stop_before_training's handler stands down.
-    if not jax_preemption_service():
-      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
-    if jax.process_count() == 1:  # Ctrl-C saves and stops too (a pod's processes get no terminal's Ctrl-C).
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
-    return self
-
-  def _interrupt(self, signum, frame):
-    del signum, frame
-    if self.event.is_set():  # The second Ctrl-C: stop at once.
-      raise KeyboardInterrupt
-    self.event.set()
-    sys.stderr.write('\nCtrl-C: saving a checkpoint after this step, then stopping; rerun the same command to '
-                     'resume (Ctrl-C again stops at once, without saving)\n')
-
-  def uninstall(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
-
-  def requested(self, step: int) -> bool:
-    """Whether to save and stop after `step`; the same answer on every process."""
-    if jax.process_count() == 1:
-      return self.event.is_set()
-    if step % self.sync_every_steps:
-      return False
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.int32(self.event.is_set()))
-    return bool(np.max(flags))
-
-
-STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as a preempted run's: launchers rerun it.
-_TRAINING = threading.Event()  # Set while the loop's own handler (PreemptionFlag) is installed or was.
-
-
-class StoppedBeforeTraining(SystemExit):
-  """SIGTERM before the training loop started: leave through the normal exit (the workdir's lease released)."""
-
-  def __init__(self):
-    super().__init__(STOPPED_EXIT_CODE)
-
-
-@contextlib.contextmanager
-def stop_before_training() -> Iterator[None]:
-  """SIGTERM while a job starts (the lease, data checks, restore, init) leaves at once with status 75.
-
-  The default action kills the process where it stands: no atexit, so the
-  workdir's lease stays and the relaunch waits for it to go stale. Once the loop
-  has installed its own handler (which saves and stops), this one does nothing
-  more: a SIGTERM during the final save lets it finish. One process only: the
-  processes of a multi-process job must stop together (the loop's handler and
-  JAX's preemption service agree on a step).
-  """
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  _TRAINING.clear()
-
-  def stop(signum, frame):
-    del signum, frame
-    if _TRAINING.is_set():
-      return
-    sys.stderr.write('Asked to stop (SIGTERM) before training started: nothing new to save; rerun the same '
-                     'command to start (or resume)\n')
-    raise StoppedBeforeTraining()
-
-  previous = signal.signal(signal.SIGTERM, stop)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
-def jax_preemption_service() -> bool:
-  """Whether jax.distributed's preemption service watches for SIGTERM in this multi-process job."""
-  if jax.process_count() == 1:
-    return False
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  return distributed.global_state.preemption_sync_manager is not None
-
+# Preemption (the handlers are mae_jax.preemption's).
 
 def _save_in_flight(checkpointer) -> int | None:
   """The step of a save still being written on any process (the same answer on every process)."""

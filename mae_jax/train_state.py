@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import parallel
+from mae_jax import optim, parallel
 from mae_jax.models import vit
 
 
@@ -161,6 +161,9 @@ def check_step_settings(config, mesh: jax.sharding.Mesh | None) -> None:
                                 config.mesh.num_devices, jax.device_count(), jax.process_count())
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   vit.check_attention_platform(config.model.attention_impl, platform)
+  vit.canonical_dtype(config.model.dtype)
+  if str(config.optim.name).lower() not in optim.OPTIMIZERS:
+    raise ValueError(f'optim.name={config.optim.name!r}: must be one of {optim.OPTIMIZERS}')
 
 
 def check_mesh_feeds_whole_rows(process_grid: np.ndarray, axis_names, num_devices_setting: int,

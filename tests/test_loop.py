@@ -90,6 +90,15 @@ def test_the_trainers_checks_raise_config_errors_which_main_does_not_let_launche
   config.mesh.num_devices = 16
   with pytest.raises(config_tools.ConfigError, match='mesh.num_devices=16 but only 8 devices'):
     parallel.create_mesh(config.mesh)
+  # Typos in settings read only when the step is built: named before it is (they were exit 1, retried).
+  for key, value, match in (('optim.name', 'adm', r"optim.name='adm': must be one of \('adamw'"),
+                            ('model.dtype', 'int8', r"model.dtype='int8': must be float32, bfloat16 or float16")):
+    for config, validate in ((test_config.get_config('steps=1'), pretrain_step.validate_config),
+                             (finetune_recipe.get_config('variant=B/16,runlocal=True'), supervised.validate_config)):
+      section, field = key.split('.')
+      config[section][field] = value
+      with pytest.raises(config_tools.ConfigError, match=match):
+        validate(config, parallel.create_mesh(config.mesh))
 
 
 def test_checkpoint_errors_lose_tensorstores_spec():

@@ -58,9 +58,12 @@ def head_init(std: float) -> nn.initializers.Initializer:
 def canonical_dtype(dtype) -> jnp.dtype:
   """Accepts 'bfloat16', 'float32', jnp.bfloat16, ... and returns a jnp.dtype."""
   try:
-    return jnp.dtype(dtype)
+    canonical = jnp.dtype(dtype)
   except TypeError as e:
     raise ValueError(f'model.dtype={dtype!r}: must be float32, bfloat16 or float16') from e
+  if not jnp.issubdtype(canonical, jnp.floating):
+    raise ValueError(f'model.dtype={dtype!r}: must be float32, bfloat16 or float16')
+  return canonical
 
 
 def check_attention_platform(attention_impl: str, platform: str, prefix: str = 'model.') -> None:

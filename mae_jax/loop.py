@@ -470,7 +470,8 @@ def train_loop(config, workdir: str, mesh, *, state: train_state.TrainState, ste
         if preempted and step < total_steps and evaluate is not None:
           # The grace period is for the save: an evaluation due now (a kNN bank, a pass over a split) could
           # outlast it. The resumed run goes on from this step; this step's evaluation is not redone.
-          logging.warning('Stopping after step %d: its evaluation, if one was due, is skipped', step)
+          # In the log only: the terminal's stop line says what matters, and most steps have no evaluation due.
+          logging.info('Stopping after step %d: its evaluation, if one was due, is skipped', step)
         elif evaluate is not None:  # Evaluations and pictures are not training time.
           results = window.excluding(evaluate, step, state, batch)
           if results:

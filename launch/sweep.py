@@ -22,7 +22,9 @@ Resuming: a run whose trainer exits 0 is 'done': it gets a DONE marker in its
 workdir (with the base config, overrides and trainer flags it ran) and is
 skipped by later invocations. A later invocation that would give a finished run
 other settings (a changed sweep or base, other flags after `--`) stops before
-anything runs: its old results would pass for the new settings. An interrupted run (SIGTERM,
+anything runs: its old results would pass for the new settings (use another
+--root; or remove only that run's DONE file to continue it from its last
+checkpoint with the new settings, e.g. more steps). An interrupted run (SIGTERM,
 Ctrl-C, a lost TPU) has no marker and resumes from its newest checkpoint the
 next time. SIGTERM sent to a local sweep reaches the running trainer, which
 saves a checkpoint; the sweep then stops with exit status 75. A trainer that
@@ -35,14 +37,20 @@ later invocation.
 
 At the end the last value of every metric each run logged (its metrics/ part files) goes into
 one table, printed as markdown and written to ROOT/summary.md and
-ROOT/summary.csv. ROOT/sweep.json records the expanded runs. --dry_run prints
+ROOT/summary.csv; a swept key's column shows the value each run ran (its
+override, else the base config's). --metrics=NAMES picks the metric columns: a
+name that no run logged is a typo, refused (exit 2) before anything runs when
+runs have logged already, else after the runs, whose summary then shows every
+metric. ROOT/sweep.json records the expanded runs. --dry_run prints
 the plan and every command and runs or writes nothing.
 
 Flags after a bare `--` go to every trainer; they may not set --workdir,
 --config or a key the sweep sets per run, and their --config.KEY must exist in
-the base config. A sweep's override must have the base value's type (the
-trainer reads --config.KEY=TEXT as that type). --only=NAMES runs those runs;
-the summary and ROOT/sweep.json still list every run.
+the base config with a VALUE that reads as its type (checked before any run
+starts, as --config.seed=abc would fail every run). A sweep's override must
+have the base value's type (the trainer reads --config.KEY=TEXT as that type).
+--only=NAMES runs those runs; the summary and ROOT/sweep.json still list every
+run.
 
 Exit status: 0 when every run it tried finished, 1 when one failed (a
 non-finite halt included), 75 when interrupted or preempted (rerun to resume;
@@ -67,8 +75,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import os
 import shlex
 import signal
@@ -77,9 +83,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Sequence
-from typing import Any, TextIO
-
-import ml_collections
+from typing import TextIO
 
 if __package__ in (None, ''):
   # Run as `python launch/sweep.py`: make the repository root importable.
@@ -87,8 +91,19 @@ if __package__ in (None, ''):
 
 from configs import common as config_common  # pylint: disable=g-import-not-at-top
 from launch import common, sweep_summary  # pylint: disable=g-import-not-at-top
-from launch.sweep_summary import DONE_MARKER, done_record, is_done, read_metrics  # pylint: disable=g-import-not-at-top
-from mae_jax import config_tools, fileio  # pylint: disable=g-import-not-at-top
+from launch.sweep_spec import (  # pylint: disable=g-import-not-at-top  # noqa: F401  # Part of this module's API.
+  Run,
+  Sweep,
+  check_done_runs,
+  check_trainer_args,
+  load_sweep,
+  mark_done,
+  run_config,
+  run_settings,
+  select_runs,
+)
+from launch.sweep_summary import is_done, read_metrics  # pylint: disable=g-import-not-at-top
+from mae_jax import fileio  # pylint: disable=g-import-not-at-top
 
 MODES = ('local', 'tpu')
 LOCAL_RUNNERS = ('subprocess', 'inprocess')
@@ -106,136 +121,8 @@ _is_remote, _join, _exists, _read_text, _write_text = (
 
 
 # ----------------------------------------------------------------------------
-# The sweep.
+# The sweep: launch.sweep_spec.
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One run of a sweep."""
-  name: str
-  overrides: dict[str, Any]
-  workdir: str
-
-  @property
-  def override_args(self) -> list[str]:
-    """The overrides as KEY=VALUE strings for launch.common.job_argv / launch.tpu."""
-    return [f'{k}={config_common.override_to_text(v)}' for k, v in self.overrides.items()]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-  """A loaded sweep: its spec, base config spec, root and runs."""
-  spec: str
-  base: str
-  root: str
-  runs: tuple[Run, ...]
-
-  def override_keys(self) -> list[str]:
-    keys = []
-    for run in self.runs:
-      keys += [k for k in run.overrides if k not in keys]
-    return keys
-
-
-def load_sweep(spec: str, root: str, only: Sequence[str] = ()) -> Sweep:
-  """Loads 'configs/sweeps/NAME.py[:ARGS]' and places its runs under root.
-
-  Raises ValueError for a malformed sweep, an unknown --only name or an
-  override key the base config lacks (naming close matches).
-  """
-  path, arg = config_common.split_spec(spec)
-  module = config_common.load_module(path)
-  if not hasattr(module, 'get_sweep'):
-    raise ValueError(f'--sweep={spec}: {path} defines no get_sweep(arg)')
-  raw = module.get_sweep() if arg is None else module.get_sweep(arg)
-  config_common.check_sweep(raw)
-  if not _is_remote(root):
-    root = os.path.abspath(root)
-  runs = tuple(Run(r['name'], dict(r.get('overrides', {})), _join(root, r['name']))
-               for r in raw['runs'])
-  sweep = Sweep(spec=spec, base=raw['base'], root=root, runs=runs)
-  base_config = config_common.load_config(sweep.base)
-  for run in sweep.runs:
-    try:
-      config_common.check_keys(base_config, list(run.overrides))
-      for key, value in run.overrides.items():
-        _check_type(key, value, config_common.value_at(base_config, key))
-    except ValueError as e:
-      raise ValueError(f'sweep run {run.name!r} (base {sweep.base}): {e}') from None
-  return select_runs(sweep, only)
-
-
-def select_runs(sweep: Sweep, only: Sequence[str] = ()) -> Sweep:
-  """The sweep with only the runs named in `only` (all when empty); an unknown name is a ValueError."""
-  if not only:
-    return sweep
-  names = [r.name for r in sweep.runs]
-  missing = [n for n in only if n not in names]
-  if missing:
-    raise ValueError('--only: ' + '; '.join(config_common.unknown_key_message(n, names, 'run') for n in missing))
-  return dataclasses.replace(sweep, runs=tuple(r for r in sweep.runs if r.name in only))
-
-
-def _check_type(key: str, value, base) -> None:
-  """An override reaches the trainer as --config.KEY=TEXT, which it reads as the base value's type."""
-  if isinstance(base, ml_collections.ConfigDict):
-    raise ValueError(f'{key} is a group of settings: override its keys one by one ({key}.NAME), or the rest of '
-                     'the group would be dropped')
-  if base is None:
-    return
-  sequences = (tuple, list)
-  fits = (isinstance(value, bool) == isinstance(base, bool)
-          and (isinstance(value, type(base)) or (isinstance(base, float) and isinstance(value, int))
-               or (isinstance(base, sequences) and isinstance(value, sequences))))
-  if not fits:
-    raise ValueError(f'{key}={value!r} is a {type(value).__name__}, but the base config\'s {key} is a '
-                     f'{type(base).__name__} ({base!r}): the trainer reads --config.{key} as one (a value of '
-                     'another type belongs in a config file)')
-
-
-def run_config(sweep: Sweep, run: Run):
-  """The resolved config of one run: the base config with the run's overrides."""
-  return config_common.set_overrides(config_common.load_config(sweep.base), run.overrides)
-
-
-def run_settings(sweep: Sweep, run: Run, trainer_args: Sequence[str] = ()) -> dict:
-  """What makes a run what it is: the base config, its overrides and the trainer flags after `--`."""
-  return {'base': sweep.base, 'overrides': run.override_args, 'trainer_args': list(trainer_args)}
-
-
-def mark_done(run: Run, result: dict, settings: dict) -> None:
-  """Writes ROOT/NAME/DONE: the step and time the run finished, and its settings."""
-  record = {'step': result.get('step'), 'finished': datetime.datetime.now().isoformat(timespec='seconds'),
-            **settings}
-  _write_text(_join(run.workdir, DONE_MARKER), json.dumps(record) + '\n')
-
-
-def check_done_runs(sweep: Sweep, trainer_args: Sequence[str]) -> None:
-  """Raises ValueError when a finished run of this root ran other settings than the sweep now gives it.
-
-  Skipping it would report the old run's results as the new settings'.
-  """
-  problems = []
-  for run in sweep.runs:
-    record, now = done_record(run), run_settings(sweep, run, trainer_args)
-    changed = [f'{key} {record[key]} -> {now[key]}' for key in now if record and key in record
-               and record[key] != now[key]]
-    if changed:
-      problems.append(f'{run.workdir} finished with other settings ({"; ".join(changed)})')
-  if problems:
-    raise ValueError('; '.join(problems) + '. Use another --root, or delete those workdirs to run them again')
-
-
-def check_trainer_args(sweep: Sweep, trainer_args: Sequence[str]) -> None:
-  """Flags after `--` may not set what the sweep sets per run (--workdir, --config, a swept key)."""
-  swept = set(sweep.override_keys())
-  for arg in trainer_args:
-    name = arg.split('=', 1)[0]
-    if name in ('--workdir', '--config'):
-      raise ValueError(f'{arg} after `--`: the sweep sets {name} for each run')
-    if name.startswith('--config.') and name[len('--config.'):] in swept:
-      raise ValueError(f'{arg} after `--`: the sweep sets {name[len("--config."):]} per run (the runs\' names '
-                       'and the summary say its values); change it in the sweep file instead')
-  config_tools.check_config_flags(['sweep', f'--config={sweep.base}', *trainer_args])
 
 
 def _trainer_argv(sweep: Sweep, run: Run, extra_args: Sequence[str], python: str) -> list[str]:
@@ -457,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
       help='local mode: a `python -m mae_jax.main` subprocess per run, or train_and_evaluate here.')
   add(parser, 'max_runs', type=int, default=0, help='Run at most this many runs now (0: all).')
   add(parser, 'only', default='', help='Comma-separated run names to consider (default: all).')
-  add(parser, 'metrics', default='', help='Comma-separated metric columns (default: all).')
+  add(parser, 'metrics', default='',
+      help='Comma-separated metric columns (default: all); a name that no run logged is refused.')
   add(parser, 'compilation_cache_dir', default='',
       help='local mode: persist jit compilations here, shared by the runs (CPU sweeps).')
   add(parser, 'dry_run', action='store_true', help='Print the plan and commands; run nothing.')
@@ -500,6 +388,8 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
                               None if template.repo_url else template.git_ref)
     if not (args.dry_run and _is_remote(sweep.root)):
       check_done_runs(sweep, trainer_args)
+    # A --metrics name that no run has logged (when some have: a rerun to tabulate a sweep) is a typo.
+    sweep_summary.check_metrics(sweep, _split(args.metrics), read=not (args.dry_run and _is_remote(sweep.root)))
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   if runner is None:
@@ -529,21 +419,26 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
     statuses.update({name: 'interrupted' for name in running})
     runner.echo(f'# interrupted ({e or "Ctrl-C"}): rerun the same command to resume')
   # A dry run reads local workdirs (cheap, shows what is done) but not gs:// ones.
-  columns, rows = sweep_summary.summary_rows(sweep, {} if args.dry_run else statuses, _split(args.metrics),
-                               read=not (args.dry_run and _is_remote(sweep.root)))
+  read = not (args.dry_run and _is_remote(sweep.root))
+  metrics_error = None
+  try:
+    columns, rows = sweep_summary.summary_rows(sweep, {} if args.dry_run else statuses, _split(args.metrics),
+                                               read=read)
+  except ValueError as e:  # A --metrics name that no run logged, known only now that runs have logged: a typo.
+    metrics_error = str(e)
+    columns, rows = sweep_summary.summary_rows(sweep, {} if args.dry_run else statuses, (), read=read)
   markdown = (sweep_summary.format_markdown(columns, rows) if args.dry_run else
               sweep_summary.write_summary(sweep, columns, rows))
-  empty = [m for m in _split(args.metrics) if all(row[columns.index(m)] is None for row in rows)]
-  if empty and not args.dry_run and any(row[columns.index('step')] is not None for row in rows):
-    runner.echo(f'# WARNING: no run logged --metrics {", ".join(empty)} (e.g. train/loss, eval/knn_top1)')
   runner.echo(markdown.rstrip('\n'))
   if not args.dry_run:
     runner.echo(f'# summary: {_join(sweep.root, "summary.md")}, {_join(sweep.root, "summary.csv")}')
+  if metrics_error:
+    runner.echo(f'error: {metrics_error}; the summary above and its files show every metric instead')
   if any(status in STOPPING for status in statuses.values()):
     return EXIT_INTERRUPTED
   if 'failed' in statuses.values():
     return EXIT_FAILED
-  return 0
+  return common.USAGE_EXIT_CODE if metrics_error else 0
 
 
 if __name__ == '__main__':

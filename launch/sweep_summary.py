@@ -5,6 +5,7 @@ Written as markdown and CSV under the sweep's root by `launch.sweep`.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mae_jax import fileio
+from mae_jax.config_tools import unknown_key_message
 
 LEADING_METRICS = ('train/loss',)  # Shown first, when present.
 DONE_MARKER = 'DONE'  # ROOT/NAME/DONE: the run finished; what it ran (json).
@@ -44,23 +46,64 @@ def read_metrics(run) -> dict:
   return final
 
 
+def run_values(sweep, keys: Sequence[str]) -> dict[str, list[Any]]:
+  """{run name: the value of each key the run trained with}: its override, else the base config's value.
+
+  A run that does not override a swept key ran the base config's value, and
+  the summary shows it (a blank cell would read as "not set").
+  """
+  from configs import common as config_common  # pylint: disable=g-import-not-at-top
+  values = {}
+  base = config_common.load_config(sweep.base)
+  for run in sweep.runs:
+    config = config_common.set_overrides(copy.deepcopy(base), run.overrides)  # References follow the overrides.
+    values[run.name] = [config_common.value_at(config, key) for key in keys]
+  return values
+
+
+def unknown_metrics(finals: dict[str, dict], metrics: Sequence[str]) -> str | None:
+  """A message naming each metric in `metrics` that no run logged (with close matches), or None.
+
+  None too when no run logged anything yet: then nothing tells a typo from a
+  metric still to come.
+  """
+  logged = sorted({k for final in finals.values() for k in final if k != 'step'})
+  missing = [m for m in metrics if m not in logged]
+  if not logged or not missing:
+    return None
+  return '--metrics: ' + '; '.join(unknown_key_message(m, logged, 'metric') for m in missing)
+
+
+def check_metrics(sweep, metrics: Sequence[str], read: bool = True) -> None:
+  """Raises ValueError when a metric in `metrics` is one that no run of the sweep logged (see unknown_metrics)."""
+  message = unknown_metrics({run.name: read_metrics(run) for run in sweep.runs} if read and metrics else {},
+                            metrics)
+  if message:
+    raise ValueError(message)
+
+
 def summary_rows(sweep, statuses: dict[str, str] | None = None, metrics: Sequence[str] = (),
                  read: bool = True) -> tuple[list[str], list[list[Any]]]:
-  """(columns, rows): run, its overrides, status, step and the final metrics.
+  """(columns, rows): run, the value of each swept key it ran, status, step and the final metrics.
 
   Status: 'done' (DONE marker), this invocation's 'failed' / 'interrupted' / 'preempted',
   'incomplete' (metrics but no marker) or 'pending'; 'unknown' with
   read=False, which reads nothing from the workdirs. `metrics` picks metric
-  columns; empty means all, train/loss first.
+  columns; empty means all, train/loss first. A metric no run logged is a
+  ValueError (see unknown_metrics).
   """
   statuses = statuses or {}
   finals = {run.name: read_metrics(run) if read else {} for run in sweep.runs}
+  message = unknown_metrics(finals, metrics)
+  if message:
+    raise ValueError(message)
   if metrics:
     metric_keys = list(metrics)
   else:
     found = sorted({k for final in finals.values() for k in final if k != 'step'})
     metric_keys = [k for k in LEADING_METRICS if k in found] + [k for k in found if k not in LEADING_METRICS]
   override_keys = sweep.override_keys()
+  values = run_values(sweep, override_keys)
   columns = ['run', *override_keys, 'status', 'step', *metric_keys]
   rows = []
   for run in sweep.runs:
@@ -73,7 +116,7 @@ def summary_rows(sweep, statuses: dict[str, str] | None = None, metrics: Sequenc
       status = statuses[run.name]
     else:
       status = 'incomplete' if final else 'pending'
-    rows.append([run.name, *(run.overrides.get(k) for k in override_keys), status, final.get('step'),
+    rows.append([run.name, *values[run.name], status, final.get('step'),
                  *(final.get(k) for k in metric_keys)])
   return columns, rows
 

@@ -174,10 +174,9 @@ def test_local_subprocess_run_and_max_runs(tmp_path, cache_dir):
   """The default runner: `python -m mae_jax.main` per run; --max_runs leaves the rest."""
   root = str(tmp_path / 'root')
   status, text = run_sweep(f'--sweep={TINY}', f'--root={root}', '--max_runs=1',
-                           f'--compilation_cache_dir={cache_dir}', '--metrics=train/loss,train/los')
+                           f'--compilation_cache_dir={cache_dir}', '--metrics=train/loss')
   assert status == 0, text
   assert '# stopping after --max_runs=1' in text
-  assert '# WARNING: no run logged --metrics train/los' in text
   assert os.path.exists(os.path.join(root, 'mask0.5_dec1', 'DONE'))
   assert metric_steps(os.path.join(root, 'mask0.5_dec1')) == [1, 2, 3]
   assert not os.path.exists(os.path.join(root, 'mask0.5_dec2'))
@@ -227,11 +226,33 @@ def test_a_finished_run_with_other_settings_stops_the_sweep_before_anything_runs
       sweep_lib.check_done_runs(sweep_lib.load_sweep(argv[0].split('=', 1)[1], str(root)), argv[2:])
 
 
+def test_the_refusal_of_a_changed_finished_run_offers_ways_that_keep_its_results(tmp_path):
+  """Another --root, the old settings, or removing only DONE: the sweep then resumes the run (more steps, say)."""
+  root = tmp_path / 'root'
+  sweep = sweep_lib.load_sweep(f'{TINY}:steps=1', str(root))
+  run = sweep.runs[0]
+  os.makedirs(run.workdir)
+  sweep_lib.mark_done(run, {'step': 1}, sweep_lib.run_settings(sweep, run))
+  longer = sweep_lib.load_sweep(f'{TINY}:steps=2', str(root))
+  with pytest.raises(ValueError) as refused:
+    sweep_lib.check_done_runs(longer, [])
+  message = str(refused.value)
+  assert 'use another --root' in message and 'put the old settings back' in message
+  assert 'remove only its DONE file: the sweep then resumes it' in message
+  os.remove(os.path.join(run.workdir, 'DONE'))  # What the message offers: the run goes on from its checkpoint.
+  sweep_lib.check_done_runs(longer, [])
+  status, text = run_sweep(f'--sweep={TINY}:steps=2', f'--root={root}', '--dry_run', '--only=mask0.5_dec1')
+  assert status == 0 and f'# mask0.5_dec1: resuming in {run.workdir}' in text, text
+
+
 @pytest.mark.parametrize('extra,match', [
     (['--config.mask_ratio=0.9'], '--config.mask_ratio=0.9 after `--`: the sweep sets mask_ratio per run'),
     (['--workdir=/tmp/one'], '--workdir=/tmp/one after `--`: the sweep sets --workdir for each run'),
     (['--config=configs/demo.py'], 'the sweep sets --config for each run'),
     (['--config.sed=1'], "unknown config key 'sed'; close matches: seed"),
+    (['--config.seed=abc'], "--config.seed=abc after `--`: value='abc': expected an integer"),
+    (['--config.seed', 'abc'], "--config.seed abc after `--`: value='abc': expected an integer"),
+    (['--config.norm_pix_loss=maybe'], "--config.norm_pix_loss=maybe after `--`: value='maybe': expected a bool"),
 ])
 def test_trainer_flags_after_the_separator_are_checked(extra, match):
   sweep = sweep_lib.load_sweep(TINY, '/tmp/unused')
@@ -255,6 +276,108 @@ def test_overrides_the_trainers_command_line_cannot_carry_are_refused(tmp_path, 
   ok.write_text("def get_sweep(arg=None):\n  return {'base': 'configs/test.py', 'runs': [{'name': 'a', 'overrides': "
                 "{'optim.base_lr': 1, 'dataset.crop_scale': [0.3, 1.0]}}]}\n")  # int for a float; list for a tuple.
   sweep_lib.load_sweep(str(ok), str(tmp_path / 'root'))
+
+
+def test_a_trainer_flag_value_the_trainer_cannot_read_stops_a_local_sweep_before_any_run(tmp_path, capsys):
+  runner = ExitingRunner([0] * 4)
+  with pytest.raises(SystemExit) as stopped:
+    run_sweep(f'--sweep={TINY}', f'--root={tmp_path / "root"}', '--', '--config.seed=abc', runner=runner)
+  assert stopped.value.code == 2
+  assert not runner.commands and not (tmp_path / 'root').exists()
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert error.endswith("error: --config.seed=abc after `--`: value='abc': expected an integer (the base config's "
+                        'seed is 0); the trainer could not read it, so no run would start'), error
+
+
+@pytest.mark.parametrize('sweep_text,base_text,match', [
+    ('def get_sweep(arg=None)\n  return {}\n', None, r'bad_sweep\.py, line 1: SyntaxError: expected .:.$'),
+    ('def get_sweep(arg=None):\n  raise RuntimeError("no grid")\n', None,
+     r'bad_sweep\.py, line 2: RuntimeError: no grid$'),
+    ('def get_sweep():\n  return {}\n', None, r'bad_sweep\.py: TypeError: .*get_sweep\(\) takes 0 positional'),
+    ("def get_sweep(arg=None):\n  return {'base': BASE, 'runs': [{'name': 'a', 'overrides': {}}]}\n",
+     'def get_config(arg=None):\n  return 1 +\n',
+     r'^base .*bad_base\.py of --sweep=.*bad_base\.py, line 2: SyntaxError'),
+    ("def get_sweep(arg=None):\n  return {'base': BASE, 'runs': [{'name': 'a', 'overrides': {}}]}\n",
+     'def get_config(arg=None):\n  x = {}\n  return x["model"]\n', r'bad_base\.py, line 3: KeyError: .model.$'),
+], ids=['sweep_syntax', 'sweep_raises', 'sweep_signature', 'base_syntax', 'base_raises'])
+def test_a_sweep_file_or_base_config_that_fails_to_load_is_one_line_and_exit_2(tmp_path, capsys, sweep_text,
+                                                                                base_text, match):
+  base = tmp_path / 'bad_base.py'
+  if base_text is not None:
+    base.write_text(base_text)
+  sweep_file = tmp_path / 'bad_sweep.py'
+  sweep_file.write_text(sweep_text + f'BASE = {str(base)!r}\n')
+  spec = f'{sweep_file}:x=1' if 'get_sweep()' in sweep_text else str(sweep_file)
+  with pytest.raises(ValueError, match=match):
+    sweep_lib.load_sweep(spec, str(tmp_path / 'root'))
+  with pytest.raises(SystemExit) as stopped:
+    run_sweep(f'--sweep={spec}', f'--root={tmp_path / "root"}', '--dry_run')
+  assert stopped.value.code == 2
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err and re.search(match, err.strip().splitlines()[-1].split('error: ', 1)[1]), err
+
+
+# ----------------------------------------------------------------------------
+# The summary.
+
+TWO_KEYS = ("def get_sweep(arg=None):\n  return {'base': 'configs/test.py:steps=1', 'runs': [\n"
+            "      {'name': 'lr1', 'overrides': {'optim.base_lr': 1e-3}},\n"
+            "      {'name': 'mask5', 'overrides': {'mask_ratio': 0.5}}]}\n")
+
+
+def test_the_summary_shows_the_base_value_of_a_swept_key_a_run_does_not_override(tmp_path):
+  sweep_file = tmp_path / 'two_keys.py'
+  sweep_file.write_text(TWO_KEYS)
+  status, text = run_sweep(f'--sweep={sweep_file}', f'--root={tmp_path / "root"}', '--dry_run')
+  assert status == 0, text
+  assert '| run | optim.base_lr | mask_ratio | status | step |' in text
+  assert '| lr1 | 0.001 | 0.75 | pending |  |' in text and '| mask5 | 0.00015 | 0.5 | pending |  |' in text
+
+
+def _log_metrics(workdir, step=3, **values):
+  """A metrics part file as the trainer writes it."""
+  os.makedirs(os.path.join(workdir, 'metrics'), exist_ok=True)
+  with open(os.path.join(workdir, 'metrics', 'part-1-0000000001-00000.jsonl'), 'w', encoding='utf-8') as f:
+    f.write(json.dumps({'step': step, **values}) + '\n')
+
+
+def test_a_metric_no_run_logged_is_refused_and_leaves_the_summary_files_alone(tmp_path, capsys):
+  root = tmp_path / 'root'
+  sweep = sweep_lib.load_sweep(f'{TINY}:steps=3', str(root))
+  for run in sweep.runs:
+    _log_metrics(run.workdir, **{'train/loss': 0.5, 'eval/knn_top1': 0.25})
+    sweep_lib.mark_done(run, {'step': 3}, sweep_lib.run_settings(sweep, run))
+  status, text = run_sweep(f'--sweep={TINY}:steps=3', f'--root={root}', '--metrics=train/loss')
+  assert status == 0 and '| run | mask_ratio | model.decoder_depth | status | step | train/loss |' in text, text
+  written = {name: (root / name).read_text() for name in ('summary.md', 'summary.csv')}
+  with pytest.raises(SystemExit) as stopped:
+    run_sweep(f'--sweep={TINY}:steps=3', f'--root={root}', '--metrics=train/los,eval/knn_top1')
+  assert stopped.value.code == 2
+  assert "--metrics: unknown metric 'train/los'; close matches: train/loss" in capsys.readouterr().err
+  assert {name: (root / name).read_text() for name in written} == written  # Not overwritten with a reduced table.
+
+
+class MetricsLoggingRunner(sweep_lib.TrainerRunner):
+  """A trainer that logs train/loss and exits 0, instead of training."""
+
+  def __init__(self):
+    super().__init__(out=io.StringIO())
+
+  def _call(self, command):
+    _log_metrics(next(a for a in command if a.startswith('--workdir=')).split('=', 1)[1], **{'train/loss': 0.5})
+    return 0
+
+
+def test_a_metric_no_run_logged_by_the_end_of_the_sweep_shows_every_metric_and_exits_2(tmp_path):
+  """No run had logged anything when the sweep started, so the typo shows only at the end; the runs are kept."""
+  root = tmp_path / 'root'
+  runner = MetricsLoggingRunner()
+  status, _ = run_sweep(f'--sweep={TINY}', f'--root={root}', '--metrics=train/los', runner=runner)
+  text = runner.out.getvalue()
+  assert status == 2 and len(runner.commands) == 4, text
+  assert "error: --metrics: unknown metric 'train/los'; close matches: train/loss" in text
+  assert all(os.path.exists(os.path.join(root, name, 'DONE')) for name in TINY_RUNS)
+  assert '| run | mask_ratio | model.decoder_depth | status | step | train/loss |' in (root / 'summary.md').read_text()
 
 
 # ----------------------------------------------------------------------------

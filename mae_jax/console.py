@@ -123,10 +123,18 @@ def start_backends() -> None:
       f.write(f'(native output while JAX started its backends)\n{output[0]}\n')
 
 
+# Storage clients log each retry, with a traceback, and their fallbacks: in the log file only. What failed
+# reaches the terminal once, as the caller's error (fileio.StorageError names the path).
+QUIET_LOGGERS = ('gcsfs', 'fsspec', 'aiohttp', 'urllib3', 'google.auth', 'google.cloud')
+
+
 class _QuietFilter(logging.Filter):
-  """Keeps the expected Orbax read-only notes off the terminal (they stay in the log file)."""
+  """Keeps the expected Orbax read-only notes and storage clients' retries off the terminal (they stay in the
+  log file)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.name.startswith(QUIET_LOGGERS):
+      return False
     message = str(record.msg)
     return not any(note in message for note in QUIET_WARNINGS)
 

@@ -101,7 +101,8 @@ def main(argv):
       out = convert(flag_values.import_from, flag_values.format, flag_values.out, model_name=flag_values.model,
                     full=flag_values.full, overwrite=flag_values.overwrite,
                     **parse_overrides(flag_values.override))
-  except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError, checkpoint.CheckpointReadError) as e:
+  except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError, fileio.StorageError,
+          checkpoint.CheckpointReadError) as e:
     console.exit_on_error(e, 'mae_jax.export')  # A user error: one line; the traceback in the log.
   print(f'wrote {out} (metadata: {metadata_path(out)})')
 

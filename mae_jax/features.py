@@ -494,8 +494,8 @@ def main(argv):
         overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers, progress=FLAGS.progress, overrides=FLAGS.override)
   except FeaturesError as e:  # A flag to fix: one line (and the usage status), not the whole --help.
     console.exit_on_error(e, 'mae_jax.features', code=2)
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointReadError) as e:  # E.g. --workdir without
-    # checkpoints: one line, traceback in the log.
+  except (ValueError, FileNotFoundError, fileio.StorageError, checkpoint.CheckpointReadError) as e:
+    # E.g. --workdir without checkpoints, a bucket out of reach: one line, traceback in the log.
     console.exit_on_error(e, 'mae_jax.features')
   if jax.process_index() == 0:
     print(f'Features written to {out}')

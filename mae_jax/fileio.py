@@ -12,6 +12,7 @@ GCS file system by default; with `EPATH_USE_TF=false` it goes through fsspec
 emulator).
 """
 
+import functools
 import io
 import os
 import uuid
@@ -28,6 +29,30 @@ try:  # fsspec (gcsfs) caches directory listings per process; workdirs change un
     fsspec.config.conf.setdefault(_protocol, {}).setdefault('use_listings_cache', False)
 except ImportError:
   pass
+
+
+class StorageError(OSError):
+  """A remote path (gs://) could not be reached: no network, no credentials, no such bucket."""
+
+
+def _reached(fn):
+  """fn(p, ...) with a remote store's errors other than 'not found' as one StorageError naming the path."""
+
+  @functools.wraps(fn)
+  def call(p, *args, **kwargs):
+    try:
+      return fn(p, *args, **kwargs)
+    except (FileNotFoundError, FileExistsError, StorageError):
+      raise
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Any storage client's error.
+      if not is_remote(p) or isinstance(e, (ValueError, TypeError)):
+        raise
+      reason = (str(e).strip().splitlines() or [''])[0][:300]
+      raise StorageError(f'{os.fspath(p)}: the storage could not be reached ({type(e).__name__}: {reason}); check '
+                         'the bucket name, the credentials (gcloud auth application-default login) and the '
+                         'network') from e
+
+  return call
 
 
 def is_remote(path: PathLike) -> bool:
@@ -49,10 +74,12 @@ def join(base: PathLike, *parts: str) -> str:
   return os.path.join(base, *parts)
 
 
+@_reached
 def exists(p: PathLike) -> bool:
   return path(p).exists()
 
 
+@_reached
 def isdir(p: PathLike) -> bool:
   return path(p).is_dir()
 
@@ -61,6 +88,7 @@ def makedirs(p: PathLike) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 
 
+@_reached
 def listdir(p: PathLike) -> list[str]:
   """Names (not paths) in directory p, sorted; [] if it does not exist."""
   d = path(p)
@@ -69,6 +97,7 @@ def listdir(p: PathLike) -> list[str]:
   return sorted(child.name for child in d.iterdir())
 
 
+@_reached
 def glob(p: PathLike, pattern: str) -> list[str]:
   """Paths in directory p whose names match `pattern`, sorted by name."""
   d = path(p)
@@ -77,10 +106,12 @@ def glob(p: PathLike, pattern: str) -> list[str]:
   return sorted(os.fspath(child) for child in d.glob(pattern))
 
 
+@_reached
 def read_bytes(p: PathLike) -> bytes:
   return path(p).read_bytes()
 
 
+@_reached
 def read_text(p: PathLike) -> str:
   return path(p).read_text(encoding='utf-8')
 

@@ -32,6 +32,7 @@ from mae_jax import (
   config_tools,
   console,
   distributed,
+  fileio,
   finetune,
   knn,
   linprobe,
@@ -139,7 +140,7 @@ def _run_main():
     # A run that cannot go on as configured (checks of the settings, a resume that does not fit, a workdir not
     # shared): rerunning fails the same way, so launchers do not retry.
     console.exit_on_error(e, code=CONFIG_EXIT_CODE)
-  except (ValueError, FileNotFoundError, loop.CheckpointReadError) as e:
+  except (ValueError, FileNotFoundError, fileio.StorageError, loop.CheckpointReadError) as e:
     # Mostly a file to fix (a data set not found, a damaged checkpoint): one line here, the traceback in the log.
     console.exit_on_error(e, show_log=True)
   logging.info('Finished: %s', result)

@@ -346,7 +346,7 @@ def main(argv):
       path = visualize_checkpoint(FLAGS.workdir, FLAGS.out, step=FLAGS.step, image_files=FLAGS.images,
                                   num_images=FLAGS.num_images, seed=FLAGS.seed, mask_ratio=FLAGS.mask_ratio,
                                   bands=FLAGS.bands)
-  except (ValueError, FileNotFoundError, FileExistsError, checkpoint.CheckpointReadError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, fileio.StorageError, checkpoint.CheckpointReadError) as e:
     console.exit_on_error(e, 'mae_jax.visualize')  # A user error: one line; the traceback in the log.
   print(f'Reconstructions written to {path}')
 

@@ -113,3 +113,34 @@ def test_remote_workdir_export_and_sweep_summary(gcs, tmp_path):
   restored = files.import_weights(target)
   np.testing.assert_array_equal(restored['encoder']['cls_token'], np.asarray(params['encoder']['cls_token']))
   assert not os.path.exists(tmp_path / 'gs:') and not os.path.exists('gs:')
+
+
+def test_a_bucket_out_of_reach_is_one_error_naming_the_path(monkeypatch):
+  """A storage client's own error (no network, no credentials) becomes fileio.StorageError naming the path and
+  what to check; the entry points print it in one line. 'Not found' stays FileNotFoundError; local paths keep
+  their own errors."""
+  class Unreachable:
+    def __init__(self, error):
+      self.error = error
+
+    def exists(self, *args, **kwargs):
+      raise self.error
+
+    read_bytes = read_text = is_dir = exists
+
+  monkeypatch.setattr(fileio, 'path', lambda p: Unreachable(RuntimeError('Could not resolve host: www.googleapis.com'
+                                                                       '\nmore detail')))
+  for call in (lambda: fileio.exists('gs://b/run'), lambda: fileio.isdir('gs://b/run'),
+               lambda: fileio.read_text('gs://b/run/config.json')):
+    with pytest.raises(fileio.StorageError, match=r'gs://b/run.*: the storage could not be reached \(RuntimeError: '
+                                                  r'Could not resolve host: www.googleapis.com\); check the bucket'):
+      call()
+  with pytest.raises(RuntimeError):
+    fileio.exists('/local/run')
+  monkeypatch.setattr(fileio, 'path', lambda p: Unreachable(FileNotFoundError('gs://b/x')))
+  with pytest.raises(FileNotFoundError):
+    fileio.read_bytes('gs://b/x')
+  from mae_jax import export  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(fileio, 'path', lambda p: Unreachable(RuntimeError('no credentials')))
+  with pytest.raises(fileio.StorageError):
+    export.convert('gs://b/enc.safetensors', 'orbax', 'gs://b/out')

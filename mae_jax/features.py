@@ -426,7 +426,12 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
   if images:
     batches, num_batches = folder_batches(images, names, config, batch_size, num_workers=num_workers,
                                           skipped=skipped)
-    total, labeled = len(names), False
+    total = len(names)
+    try:  # Labels from class sub-folders, as mae_jax.data.prepare labels the folder.
+      _, class_names, label_of = dataset_writer.split_layout(names, 'auto', images)
+    except dataset_writer.PrepareError:
+      class_names, label_of = [], None
+    labeled = label_of is not None
   else:
     batches, num_batches, total, labeled = dataset_batches(config, split, batch_size)
   logging.info('Features of %d images (%s) from %s (%s): layers %s, pool %s, global batch %d on %d devices',
@@ -441,11 +446,15 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
   if not len(index):
     raise FeaturesError(f'none of the {total} images could be read: e.g. {skipped[:5]}')
   names = [names[i] for i in index] if images else [f'{split}/{i}' for i in index]
+  if images and labeled:
+    labels = np.asarray([label_of(name) for name in names], np.int64)
   metadata = {'model_name': facts['model_name'], 'model_overrides': facts['model_overrides'],
               'source': facts['source'], 'input': images or f'{dataset}:{split}', 'pool': pool,
               'layers': None if layers is None else list(layers), 'image_size': encoder_kwargs['image_size'],
               'mean': config['mean'], 'std': config['std'], 'dtype': dtype, 'num_images': len(names),
               'num_skipped': len(skipped), 'skipped': [n for n, _ in skipped[:MAX_LISTED_SKIPPED]]}
+  if images and labeled:
+    metadata['class_names'] = list(class_names)
   keys = output_keys(layers)
   if jax.process_index() == 0:
     write_features(out, dict(zip(keys, arrays)), names, metadata, labels if labeled else None)

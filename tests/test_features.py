@@ -112,7 +112,9 @@ def test_command_line_on_a_folder_writes_every_token_of_the_layers(params, weigh
   arrays, names, meta = features.read_features(out)
   good = [f'a/img{i}.png' for i in range(3)] + [f'b/img{i}.png' for i in range(3, 7)]
   assert names == good  # Relative paths in sorted order, the broken file left out.
-  assert sorted(arrays) == ['layer_0', 'layer_2']
+  assert sorted(arrays) == ['labels', 'layer_0', 'layer_2']
+  # Labelled by their class folders, as mae_jax.data.prepare labels the folder.
+  assert arrays['labels'].tolist() == [0, 0, 0, 1, 1, 1, 1] and meta['class_names'] == ['a', 'b']
   assert meta['layers'] == [0, 2] and meta['pool'] == 'none' and meta['model_name'] == MODEL
   assert meta['num_skipped'] == 1 and meta['skipped'] == ['b/broken.png']
   assert meta['mean'] == [0.485, 0.456, 0.406]  # No run config in the metadata: ImageNet's.
@@ -131,7 +133,8 @@ def test_pools_and_formats_read_back(params, weights_file, folder, tmp_path, poo
   arrays, names, meta = features.read_features(out)
   assert len(names) == 7 and names[0] == 'a/img0.png' and names[-1] == 'b/img6.png'
   keys = ['features'] if layers is None else [f'layer_{i % DEPTH}' for i in layers]
-  assert list(arrays) == keys and meta['keys'] == keys
+  assert [k for k in arrays if k != 'labels'] == keys and meta['keys'] == keys
+  assert arrays['labels'].tolist() == [0, 0, 0, 1, 1, 1, 1]  # From the class folders.
   tokens = _expected_tokens(params, folder, names, layers, meta['mean'], meta['std'])
   for key, t in zip(keys, tokens):
     want = t[:, 0] if pool == 'cls' else t[:, 1:].mean(axis=1)

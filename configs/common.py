@@ -184,6 +184,7 @@ def downstream_base(kind: str, variant: str, config: ml_collections.ConfigDict) 
   """
   if kind not in DOWNSTREAM_KINDS:
     raise ValueError(f'downstream={kind!r}: must be one of {DOWNSTREAM_KINDS}')
+  config.unlock()  # default.py locks its keys; the recipe adds its own, then locks them again.
   for key in PRETRAIN_ONLY_KEYS:
     node, name = _parent_and_name(config, key)
     del node[name]

@@ -88,8 +88,9 @@ def _set_small_model(config, model: str = ''):
 
 def _set_epochs(config, epochs: float):
   """num_epochs as a float (the recipes hold an int there)."""
-  del config['num_epochs']
-  config.num_epochs = float(epochs)
+  with config.unlocked():  # The recipes lock their keys; this one changes type.
+    del config['num_epochs']
+    config.num_epochs = float(epochs)
 
 
 def _knn(config):

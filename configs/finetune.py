@@ -102,6 +102,7 @@ def get_config(arg=None):
     set_resolution(config, arg.variant, image_size)
   if arg.runlocal:
     common.apply_runlocal(config)
+  config.lock()  # Every key is declared above: a config file that sets an undeclared one (a typo) fails.
   return config
 
 

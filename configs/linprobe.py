@@ -52,4 +52,5 @@ def get_config(arg=None):
 
   if arg.runlocal:
     common.apply_runlocal(config)
+  config.lock()  # Every key is declared above: a config file that sets an undeclared one (a typo) fails.
   return config

@@ -256,8 +256,13 @@ def advice(config: ml_collections.ConfigDict, spec: TopologySpec | None = None) 
 
 
 def compile_report(config: ml_collections.ConfigDict, spec: TopologySpec,
-                   devices: Sequence[Any] | None = None) -> AotReport:
-  """Compiles the train step of `config` for the slice; never raises for a program that is too big."""
+                   devices: Sequence[Any] | None = None, log=None, label: str | None = None) -> AotReport:
+  """Compiles the train step of `config` for the slice; never raises for a program that is too big.
+
+  log: called with one line ('Compiling LABEL for TOPOLOGY (per-chip batch N)...') once the
+  settings are checked and the compile (minutes for a large model) starts; label: what the line
+  names (default: the model).
+  """
   devices = list(devices) if devices is not None else topology_devices(spec)
   mesh = parallel.create_mesh(config.mesh, devices)
   step = make_train_step(config, mesh)
@@ -275,6 +280,11 @@ def compile_report(config: ml_collections.ConfigDict, spec: TopologySpec,
       hbm_capacity_bytes=chip.hbm_usable_bytes, hbm_nominal_bytes=chip.hbm_bytes, compile_seconds=0.0,
       flops_per_step_analytic=flops_step, peak_flops_per_chip=chip.peak_flops,
       hbm_bandwidth_per_chip=chip.hbm_bandwidth)
+  if log is not None:
+    per_chip = config.batch_size / num_devices
+    per_chip = int(per_chip) if per_chip == int(per_chip) else round(per_chip, 2)
+    log(f'Compiling {label or config.model.name} for {spec.name} (per-chip batch {per_chip}, '
+        f'global {config.batch_size})...')
   start = time.perf_counter()
   try:
     with train_state.mesh_context(mesh):
@@ -456,13 +466,22 @@ def define_flags():
   flags.DEFINE_integer('per_chip_batch', None, 'Set batch_size = this x chips (overrides config.batch_size; a '
                        'multiple of config.grad_accum_steps).')
   flags.DEFINE_string('json_out', None, 'Also write the report(s) as JSON here.')
+  flags.mark_flags_as_required(['config', 'topology'])  # A missing one: one line and exit 2 (parse_flags).
+
+
+def _say(line: str) -> None:
+  """A progress line on stderr (stdout holds the report)."""
+  sys.stderr.write(line + '\n')
+  sys.stderr.flush()
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  if FLAGS.config is None or FLAGS.topology is None:
-    raise app.UsageError('--config and --topology are required')
+    sys.stderr.write(f'error: unexpected arguments {argv[1:]} (flags are --name=value)\n')
+    sys.exit(2)
+  if FLAGS.config is None or FLAGS.topology is None:  # Flags set to None explicitly: as when missing.
+    sys.stderr.write('error: --config and --topology are required\n')
+    sys.exit(2)
   console.setup('aot')  # Library INFO logs to $TMPDIR/mae_jax_logs/ (no workdir); --verbose shows them here.
   if not os.environ.get('JAX_PLATFORMS'):
     # Compile-only TPU devices need no TPU backend: do not look for chips (nor take libtpu's lockfile).
@@ -476,7 +495,9 @@ def main(argv):
   try:
     if FLAGS.per_chip_batch:
       config = with_per_chip_batch(config, FLAGS.per_chip_batch, len(devices))
+    label = config_tools.config_flag_overrides(sys.argv)[0] or config.model.name
     if FLAGS.find_batch:
+      _say(f'Searching the largest per-chip batch of {label} that fits on {spec.name} (one compile per try)...')
       best, report = find_batch(config, spec, devices, limit=FLAGS.max_batch)
       if report is None:
         sys.exit(f'error: not even a per-chip batch of {config.grad_accum_steps} fits on {spec.name}; '
@@ -485,7 +506,7 @@ def main(argv):
       print(f'largest per-chip batch that fits on {spec.name}: {best} (global {best * len(devices)})'
             + (f'; --max_batch={FLAGS.max_batch} reached: a larger one may fit too' if reached else ''))
     else:
-      report = compile_report(config, spec, devices)
+      report = compile_report(config, spec, devices, log=_say, label=label)
   except ValueError as e:
     hint = ''
     if str(e).startswith('batch_size=') and not FLAGS.find_batch:

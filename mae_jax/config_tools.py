@@ -68,17 +68,32 @@ def check_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
     raise ValueError('; '.join(problems))
 
 
-def load_module(path: str):
-  """Loads a Python file by path (relative to the cwd, then to the repository root)."""
-  candidates = [path] if os.path.isabs(path) else [path, os.path.join(REPO_ROOT, path)]
+def config_candidates(path: str) -> list[str]:
+  """Where a config file `path` is looked for: as given (relative to the cwd), then under the repository root."""
+  if os.path.isabs(path):
+    return [path]
+  in_repo = os.path.join(REPO_ROOT, path)
+  return [path] if os.path.abspath(path) == os.path.abspath(in_repo) else [path, in_repo]
+
+
+def find_config_file(path: str) -> str:
+  """The file `path` names (relative to the cwd, then to the repository root); FileNotFoundError naming both."""
+  candidates = config_candidates(path)
   for candidate in candidates:
     if os.path.isfile(candidate):
-      name = '_mae_jax_config_' + re.sub(r'\W', '_', os.path.abspath(candidate))
-      spec = importlib.util.spec_from_file_location(name, candidate)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      return module
-  raise FileNotFoundError(f'config file {path!r} not found (looked in {", ".join(candidates)})')
+      return candidate
+  looked = ' and '.join(os.path.abspath(c) for c in candidates)
+  raise FileNotFoundError(f'config file {path!r} not found (looked for {looked})')
+
+
+def load_module(path: str):
+  """Loads a Python file by path (relative to the cwd, then to the repository root)."""
+  candidate = find_config_file(path)
+  name = '_mae_jax_config_' + re.sub(r'\W', '_', os.path.abspath(candidate))
+  spec = importlib.util.spec_from_file_location(name, candidate)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -111,6 +126,11 @@ def config_flag_overrides(argv: Sequence[str], name: str = 'config') -> tuple[st
   return spec, keys
 
 
+# ml_collections' error for a new key in a locked ConfigDict: the key, then the fields present.
+_LOCKED_KEY = re.compile(r'Key "(\w+)" does not exist and cannot be added since the config is locked\. '
+                         r'Other fields present: (.*)', re.S)
+
+
 def check_config_flags(argv: Sequence[str], name: str = 'config') -> None:
   """Raises ValueError, naming close matches, for any --config.KEY that the config lacks.
 
@@ -122,12 +142,23 @@ def check_config_flags(argv: Sequence[str], name: str = 'config') -> None:
   if spec is None:
     return
   try:
+    find_config_file(split_spec(spec)[0])
+  except FileNotFoundError as e:  # (The file names the flag's value.)
+    raise ValueError(f'--{name}: {e}') from None
+  try:
     config = load_config(spec)
-  except FileNotFoundError:
-    return  # config_flags reports a missing file in its own words.
   except ValueError as e:  # A bad FILE.py:ARGS argument (a typo, a variant that does not exist).
     raise ValueError(f'--{name}={spec}: {" ".join(str(e).split())}') from None
-  except (AttributeError, KeyError, TypeError, ImportError, SyntaxError) as e:  # A config file that fails.
+  except AttributeError as e:
+    locked = _LOCKED_KEY.search(str(e))
+    if locked:  # The recipes lock their keys: a config file that sets an undeclared one (a typo).
+      known = re.findall(r"\\?'(\w+)\\?': ", locked.group(2))
+      raise ValueError(f'--{name}={spec}: the config file sets a key its base config does not declare: '
+                       f'{unknown_key_message(locked.group(1), known)} (configs/default.py and the recipes '
+                       'declare every key)') from None
+    raise ValueError(f'--{name}={spec}: the config file failed: {type(e).__name__}: '
+                     f'{" ".join(str(e).split())}') from None
+  except (KeyError, TypeError, ImportError, SyntaxError, OSError) as e:  # A config file that fails.
     raise ValueError(f'--{name}={spec}: the config file failed: {type(e).__name__}: '
                      f'{" ".join(str(e).split())}') from None
   if keys and isinstance(config, ml_collections.ConfigDict):
@@ -137,27 +168,88 @@ def check_config_flags(argv: Sequence[str], name: str = 'config') -> None:
       raise ValueError(f'--{name}={spec}: {e}') from None
 
 
+def resolve_config_flag(argv: Sequence[str], name: str = 'config') -> list[str]:
+  """argv with a --config FILE that is not under the cwd but is under the repository root made absolute.
+
+  ml_collections' flag opens FILE relative to the cwd only; `load_module` (and so
+  the launchers' checks) also looks under the repository root. This makes the
+  flag look where they do, so a command accepted by one is accepted by the other.
+  """
+  def resolved(spec: str) -> str:
+    path, arg = split_spec(spec)
+    if not path or os.path.isabs(path) or os.path.isfile(path):
+      return spec
+    in_repo = os.path.join(REPO_ROOT, path)
+    if not os.path.isfile(in_repo):
+      return spec
+    return in_repo + ('' if arg is None else ':' + arg)
+
+  args = list(argv)
+  for i, arg in enumerate(args):
+    if i == 0:
+      continue
+    if arg.startswith((f'--{name}=', f'-{name}=')):
+      flag, spec = arg.split('=', 1)
+      args[i] = f'{flag}={resolved(spec)}'
+    elif arg in (f'--{name}', f'-{name}') and i + 1 < len(args):
+      args[i + 1] = resolved(args[i + 1])
+  return args
+
+
+def _unquote(text: str) -> str:
+  """'abc' -> abc, "'abc'" -> abc: the quotes str(KeyError(...)) adds, in pairs only."""
+  while len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"':
+    text = text[1:-1]
+  return text
+
+
+def flag_error_message(error: BaseException, argv: Sequence[str]) -> str:
+  """One line for an error from flag parsing, naming the offending flag(s) only."""
+  cause = error.__cause__ or error.__context__
+  message = str(error)
+  if isinstance(cause, ValueError) and len(cause.args) > 1:  # ('Non-boolean argument to boolean flag', 'x')
+    message = message.replace(str(cause), ': '.join(str(a) for a in cause.args))
+  message = _unquote(' '.join(message.replace('\\n', ' ').split()))
+  required = re.findall(r'Flag (--\S+) must have a value other than None', message)
+  if required:
+    return f'{" and ".join(required)} {"is" if len(required) == 1 else "are"} required'
+  if isinstance(error, flags.Error):  # absl's messages name the flag and its value.
+    return message or type(error).__name__
+  # Another error (a config key's KeyError, say): name the flags that mention what it is about.
+  named = [a for a in argv[1:] if a.startswith('-') and message and message in a.split('=', 1)[0]]
+  text = f'{type(error).__name__}: {message}' if message else type(error).__name__
+  return f'{" ".join(named)}: {text}' if named else text
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl `flags_parser` of every entry point that takes --config: one clear line for a bad flag.
 
   An unknown --config.KEY is named with its close matches before ml_collections
-  reads the config file; any other bad flag or override value ends the same way
-  (exit code 2), not with a traceback from inside flag parsing.
+  reads the config file, and a config file that does not exist is named with
+  where it was looked for (the cwd, then the repository root, as `load_module`
+  does); any other bad flag or override value ends the same way (exit code 2),
+  not with a traceback from inside flag parsing.
   """
+  flag_values = flags.FLAGS
   try:
     check_config_flags(argv)
   except (AttributeError, KeyError, TypeError, ValueError, ImportError, SyntaxError) as e:
     sys.stderr.write(f'error: {" ".join(str(e).split()) or type(e).__name__}\n')
     sys.exit(2)
+  argv = resolve_config_flag(argv)
+
+  def load_error():
+    return getattr(flag_values['config'].value, '_error', None) if 'config' in flag_values else None
+
   try:
-    rest = flags.FLAGS(argv)
-    failed = getattr(flags.FLAGS['config'].value, '_error', None) if 'config' in flags.FLAGS else None
-    if failed is not None:  # A config file that did not load says so now, not at its first use.
-      sys.stderr.write(f'error: --config: {" ".join(str(failed).split())}\n')
-      sys.exit(2)
-    return rest
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    message = str(e).strip().strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
-    overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
-    sys.stderr.write(f'error: bad flags {overrides or list(argv[1:])}: {message}\n')
+    rest = flag_values(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
+    failed = load_error()
+    message = f'--config: {" ".join(str(failed).split())}' if failed is not None else flag_error_message(e, argv)
+    sys.stderr.write(f'error: {message}\n')
     sys.exit(2)
+  failed = load_error()
+  if failed is not None:  # A config file that did not load says so now, not at its first use.
+    sys.stderr.write(f'error: --config: {" ".join(str(failed).split())}\n')
+    sys.exit(2)
+  return rest

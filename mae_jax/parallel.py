@@ -31,6 +31,17 @@ DEFAULT_RULES = (
 )
 
 
+def _count(n: int, what: str = 'device') -> str:
+  """'1 device', '8 devices'."""
+  return f'{n} {what}' if n == 1 else f'{n} {what}s'
+
+
+def _axes(names: Sequence[str]) -> str:
+  """'mesh.data', 'mesh.data or mesh.fsdp', 'mesh.data, mesh.fsdp or mesh.tensor'."""
+  names = [f'mesh.{a}' for a in names]
+  return names[0] if len(names) == 1 else f'{", ".join(names[:-1])} or {names[-1]}'
+
+
 def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> dict:
   """Returns {'data': d, 'fsdp': f, 'tensor': t} for the devices of one slice times slices."""
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
@@ -38,29 +49,33 @@ def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> di
   if num_slices > 1 and dcn_data == 1:
     dcn_data = num_slices
   if num_devices % dcn_data:
-    raise ValueError(f'mesh.dcn_data={dcn_data} does not divide the {num_devices} devices')
+    raise ValueError(f'mesh.dcn_data={dcn_data} does not divide the {_count(num_devices)}')
   per_slice = num_devices // dcn_data
   unknown = [a for a, s in sizes.items() if s == -1]
   if len(unknown) > 1:
-    raise ValueError(f'mesh: only one axis may be -1, got {unknown}')
+    raise ValueError(f'mesh: only one axis may be -1, got {" and ".join(f"mesh.{a}=-1" for a in unknown)}')
   for axis, size in sizes.items():
     if size == 0 or size < -1:
       raise ValueError(f'mesh.{axis}={size}: must be a positive size or -1 (the remaining devices)')
   known = math.prod(s for s in sizes.values() if s != -1)
+  # 'the 8 devices', or with several slices 'the 4 devices per slice (8 in all)'.
+  where = (f'the {_count(per_slice)}' if dcn_data == 1
+           else f'the {_count(per_slice)} per slice ({num_devices} in all)')
+  fixed = ', '.join(f'{a}={s}' for a, s in sizes.items() if s != -1)
   if unknown:
     if per_slice % known:
       raise ValueError(
-          f'mesh: the fixed axes {sizes} (product {known}) do not divide the {per_slice} devices '
-          f'per slice; change mesh.fsdp / mesh.tensor / mesh.data')
+          f'mesh: the fixed axes {fixed} (product {known}) do not divide {where}; '
+          f'change {_axes([a for a, s in sizes.items() if s != -1])}')
     sizes[unknown[0]] = per_slice // known
   elif known > per_slice:
     raise ValueError(
-        f'mesh: data*fsdp*tensor = {known} is larger than the {per_slice} devices per slice '
-        f'({num_devices} in all); lower mesh.{MESH_AXES} or set mesh.data=-1')
+        f'mesh: data*fsdp*tensor = {known} is larger than {where}; lower '
+        f'{_axes([a for a, s in sizes.items() if s > 1])}, or set mesh.data=-1')
   elif known != per_slice:
     raise ValueError(
-        f'mesh: data*fsdp*tensor = {known} but there are {per_slice} devices per slice '
-        f'({num_devices} in all); set mesh.data=-1 to use the rest, or fix mesh.{MESH_AXES}')
+        f'mesh: data*fsdp*tensor = {known} but there {"is" if per_slice == 1 else "are"} '
+        f'{where.removeprefix("the ")}; set mesh.data=-1 to use the rest, or change {_axes(MESH_AXES)}')
   sizes['dcn_data'] = dcn_data
   return sizes
 
@@ -71,7 +86,8 @@ def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.shardi
   devices = list(devices if devices is not None else jax.devices())
   wanted = int(mesh_config['num_devices'] or -1)
   if wanted > len(devices):
-    raise ValueError(f'mesh.num_devices={wanted} but only {len(devices)} devices are visible')
+    raise ValueError(f'mesh.num_devices={wanted} but only {_count(len(devices))} '
+                     f'{"is" if len(devices) == 1 else "are"} visible')
   if wanted > 0:
     devices = devices[:wanted]
   num_slices = len({getattr(d, 'slice_index', 0) for d in devices})

@@ -54,6 +54,40 @@ def test_find_batch_doubles_then_bisects(monkeypatch):
     aot.with_per_chip_batch(config, 6, 4)  # Not dropped without a word.
 
 
+def test_compile_report_says_what_it_compiles_before_it_starts():
+  """A compile takes minutes for a large model: a line names it first (here on 8 CPU devices, stopped there)."""
+
+  class Started(Exception):
+    pass
+
+  lines = []
+
+  def log(line):
+    lines.append(line)
+    raise Started  # The line came before the compile: nothing is compiled.
+
+  config = _tiny_config()
+  with pytest.raises(Started):
+    aot.compile_report(config, aot.parse_topology('v5e:2x4'), jax.devices()[:8], log=log,
+                       label='configs/x.py:variant=B/16')
+  assert lines == ['Compiling configs/x.py:variant=B/16 for v5e:2x4 (per-chip batch 2, global 16)...']
+
+
+@pytest.mark.parametrize('args,line', [
+    (['--config=configs/test.py'], 'error: --topology is required'),
+    (['--topology=v5e-8'], 'error: --config is required'),
+    (['--config=configs/test.py', '--topology=v5e-8', 'extra'],
+     "error: unexpected arguments ['extra'] (flags are --name=value)"),
+], ids=('topology', 'config', 'extra'))
+def test_usage_errors_are_one_line(args, line):
+  """Not the whole --help: one line naming the flag, exit status 2 (as mae_jax.main's), before any compile."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-m', 'mae_jax.aot', *args], check=False, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and result.stderr.strip().splitlines()[-1:] == [line], result.stderr[-2000:]
+  assert len(result.stderr.strip().splitlines()) <= 3, result.stderr  # (libtpu may warn where it is installed)
+
+
 def test_parse_resource_exhausted():
   message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
              'temporaries (70.00G) exceeds available HBM (15.75G).')
@@ -86,8 +120,10 @@ def test_compile_tiny_on_v5e(libtpu):
   config.mesh.fsdp = 2
   config.mesh.min_fsdp_size = 1
   devices = aot.topology_devices(spec)
-  report = aot.compile_report(config, spec, devices)
+  lines = []
+  report = aot.compile_report(config, spec, devices, log=lines.append)
   assert report.fits, aot.format_report(report)
+  assert lines == ['Compiling mae_vit_test for v5e:2x2 (per-chip batch 4, global 16)...']
   assert report.num_devices == 4 and report.device_kind == 'TPU v5 lite'
   assert report.mesh_shape == {'data': 2, 'fsdp': 2, 'tensor': 1}
   assert report.per_chip_batch == 4
@@ -267,6 +303,8 @@ def test_finetune_config_compiles_on_v5e_from_the_command_line(libtpu, tmp_path)
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
+  assert ('Compiling configs/finetune.py:variant=B/16,runlocal=True for v5e-4 (per-chip batch 4, global 16)...'
+          in result.stderr.splitlines()), result.stderr[-2000:]
   report = json.loads(out.read_text())
   assert report['model'] == 'mae_vit_test' and report['fits']
   assert report['mesh_shape'] == {'data': 2, 'fsdp': 2, 'tensor': 1} and report['global_batch'] == 16

@@ -5,9 +5,13 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import common, finetune, linprobe, mae_pretrain
 from launch import sweep as sweep_lib
@@ -288,6 +292,82 @@ def test_check_config_flags_names_close_matches(capsys, tmp_path):
   assert "'mask_ration'; close matches: mask_ratio" in err
 
 
+
+def _entry_point_flags(argv, monkeypatch):
+  """The --config and --workdir flags of mae_jax.main, in a FlagValues of their own (as absl's FLAGS here)."""
+  flag_values = flags.FlagValues()
+  monkeypatch.setattr(flags, 'FLAGS', flag_values)
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', flag_values=flag_values,
+                                  lock_config=True, sys_argv=list(argv))  # (Else --config.KEY from sys.argv.)
+  flags.DEFINE_string('workdir', None, 'Work directory.', flag_values=flag_values)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
+  return flag_values
+
+
+def _parse_error(argv, capsys, monkeypatch):
+  """parse_flags(argv)'s exit status and stderr."""
+  _entry_point_flags(argv, monkeypatch)
+  with pytest.raises(SystemExit) as stopped:
+    config_tools.parse_flags(argv)
+  return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('overrides', [(), ('--config.batch_size=8',)], ids=('plain', 'with_override'))
+def test_missing_config_file_is_one_line_naming_where_it_looked(overrides, capsys, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  code, err = _parse_error(['main', '--config=configs/nope.py', '--workdir=/tmp/x', *overrides], capsys, monkeypatch)
+  looked = f"{tmp_path / 'configs/nope.py'} and {os.path.join(REPO_ROOT, 'configs/nope.py')}"
+  assert code == 2 and err == (f"error: --config: config file 'configs/nope.py' not found "
+                               f"(looked for {looked})\n")
+
+
+def test_missing_config_file_from_the_command_line(tmp_path):
+  """`python -m mae_jax.main` with a config file that does not exist and an override: one line, exit 2."""
+  command = [sys.executable, '-m', 'mae_jax.main', '--config=configs/nope.py', f'--workdir={tmp_path}/w',
+             '--config.batch_size=8']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+  done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert done.stderr.strip().splitlines() == [
+      "error: --config: config file 'configs/nope.py' not found "
+      f"(looked for {os.path.join(REPO_ROOT, 'configs/nope.py')})"]
+
+
+def test_config_flag_looks_in_the_repository_root_as_load_module_does(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Not the repository root: configs/test.py is not under the cwd.
+  spec = 'configs/test.py'
+  assert common.load_config(spec) is not None  # What the launchers' checks accept ...
+  for argv in (['main', f'--config={spec}', '--workdir=/tmp/x', '--config.seed=5'],  # ... the trainer's flag
+               ['main', '--config', spec, '--workdir=/tmp/x', '--config.seed=5']):  # accepts too, both spellings.
+    flag_values = _entry_point_flags(argv, monkeypatch)
+    config_tools.parse_flags(argv)
+    assert flag_values.config.seed == 5 and flag_values.config.model.name == 'mae_vit_test'
+  (tmp_path / 'configs').mkdir()  # A file under the cwd comes first.
+  (tmp_path / 'configs/test.py').write_text(
+      'import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict({"seed": 7})\n')
+  argv = ['main', f'--config={spec}', '--workdir=/tmp/x']
+  flag_values = _entry_point_flags(argv, monkeypatch)
+  config_tools.parse_flags(argv)
+  assert flag_values.config.seed == 7 and common.load_config(spec).seed == 7
+
+
+@pytest.mark.parametrize('args,message', [
+    (('--config.optim.base_lr=abc', '--config.seed=3'),
+     "flag --config.optim.base_lr=abc: could not convert string to float: 'abc'"),
+    (('--config.seed=3', '--config.model.scan_layers=maybe'),
+     'flag --config.model.scan_layers=maybe: Non-boolean argument to boolean flag: maybe'),
+    (('--config.seed=3', '--config.mesh.data'), 'Missing value for flag --config.mesh.data'),
+], ids=('float', 'bool', 'missing_value'))
+def test_bad_override_value_names_that_flag_only(args, message, capsys, monkeypatch):
+  code, err = _parse_error(['main', '--config=configs/test.py', '--workdir=/tmp/x', *args], capsys, monkeypatch)
+  assert code == 2 and err == f'error: {message}\n'
+
+
+def test_missing_required_flags_are_named(capsys, monkeypatch):
+  assert _parse_error(['main', '--config=configs/test.py'], capsys, monkeypatch) == (
+      2, 'error: --workdir is required\n')
+  assert _parse_error(['main'], capsys, monkeypatch) == (2, 'error: --config and --workdir are required\n')
+
 # ----------------------------------------------------------------------------
 # runlocal runs.
 
@@ -321,3 +401,27 @@ def test_demo_schedule_fits_any_step_count(steps):
   optim.create_optimizer(config.optim, global_batch=config.batch_size, steps_per_epoch=234, total_steps=steps)
   if steps == 600:
     assert config.optim.warmup_steps == 50 and config.log_every_steps == 50  # the README demo's schedule
+
+
+@pytest.mark.parametrize('load', [lambda: mae_pretrain.get_config('variant=B/16'),
+                                  lambda: finetune.get_config('variant=B/16'),
+                                  lambda: linprobe.get_config('variant=B/16,runlocal=True')])
+def test_a_config_file_that_sets_an_undeclared_key_fails_naming_it(load):
+  """A config file building on a recipe with a typo (`config.optim.lr` for base_lr) trained with the key ignored:
+  the recipes lock their keys, so setting an undeclared one fails where it is set; declared ones still change."""
+  config = load()
+  config.optim.base_lr = 1e-3
+  config.model.name = config.model.name
+  with pytest.raises(AttributeError, match='Key "lr" does not exist'):
+    config.optim.lr = 1e-3
+  with pytest.raises(AttributeError, match='Key "mask_ratoi" does not exist'):
+    config.mask_ratoi = 0.5
+
+
+def test_a_config_file_with_an_undeclared_key_is_one_line_naming_it(tmp_path):
+  path = tmp_path / 'typo.py'
+  path.write_text('from configs import test\n\n\ndef get_config(arg=None):\n  config = test.get_config(arg)\n'
+                  '  config.optim.base_lrr = 1e-3\n  return config\n')
+  with pytest.raises(ValueError, match=r"--config=.*typo.py: the config file sets a key its base config does not "
+                                       r"declare: unknown key 'base_lrr'; close matches: base_lr"):
+    config_tools.check_config_flags(['main', f'--config={path}'])

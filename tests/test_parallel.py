@@ -33,6 +33,31 @@ def test_bad_meshes_name_the_setting(kw, match):
     parallel.resolve_mesh_shape(_mesh_config(**kw), 8)
 
 
+
+@pytest.mark.parametrize('kw,devices,message', [
+    (dict(data=3), 1, 'mesh: data*fsdp*tensor = 3 is larger than the 1 device; lower mesh.data, or set mesh.data=-1'),
+    (dict(data=4, fsdp=4), 8, 'mesh: data*fsdp*tensor = 16 is larger than the 8 devices; lower mesh.data or mesh.fsdp, '
+                              'or set mesh.data=-1'),
+    (dict(data=3), 8, 'mesh: data*fsdp*tensor = 3 but there are 8 devices; set mesh.data=-1 to use the rest, or change '
+                      'mesh.data, mesh.fsdp or mesh.tensor'),
+    (dict(data=3, dcn_data=2), 8, 'mesh: data*fsdp*tensor = 3 but there are 4 devices per slice (8 in all); set '
+                                  'mesh.data=-1 to use the rest, or change mesh.data, mesh.fsdp or mesh.tensor'),
+    (dict(fsdp=3), 8, 'mesh: the fixed axes fsdp=3, tensor=1 (product 3) do not divide the 8 devices; change '
+                      'mesh.fsdp or mesh.tensor'),
+    (dict(data=-1, fsdp=-1), 8, 'mesh: only one axis may be -1, got mesh.data=-1 and mesh.fsdp=-1'),
+])
+def test_bad_mesh_messages_read_as_text(kw, devices, message):
+  """Axis names as mesh.NAME (not a tuple's repr), counts with their plural ('1 device')."""
+  with pytest.raises(ValueError) as error:
+    parallel.resolve_mesh_shape(_mesh_config(**kw), devices)
+  assert str(error.value) == message
+
+
+def test_too_few_devices_says_how_many_in_words():
+  with pytest.raises(ValueError) as error:
+    parallel.create_mesh(_mesh_config(num_devices=16), jax.devices()[:1])
+  assert str(error.value) == 'mesh.num_devices=16 but only 1 device is visible'
+
 def test_num_devices_subset():
   mesh = parallel.create_mesh(_mesh_config(num_devices=4, data=2, fsdp=2))
   assert mesh.devices.size == 4

@@ -75,9 +75,13 @@ def unknown_metrics(finals: dict[str, dict], metrics: Sequence[str]) -> str | No
 
 
 def check_metrics(sweep, metrics: Sequence[str], read: bool = True) -> None:
-  """Raises ValueError when a metric in `metrics` is one that no run of the sweep logged (see unknown_metrics)."""
-  message = unknown_metrics({run.name: read_metrics(run) for run in sweep.runs} if read and metrics else {},
-                            metrics)
+  """Raises ValueError when a metric in `metrics` is one that no run of the sweep logged (see unknown_metrics).
+
+  Only once every run is done: a run still to run or to resume may log it yet (an evaluation at its end), and
+  a rerun to resume must not be refused. Otherwise the summary at the end checks it.
+  """
+  finished = read and metrics and all(is_done(run) for run in sweep.runs)
+  message = unknown_metrics({run.name: read_metrics(run) for run in sweep.runs} if finished else {}, metrics)
   if message:
     raise ValueError(message)
 

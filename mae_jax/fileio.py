@@ -42,7 +42,8 @@ def _reached(fn):
   def call(p, *args, **kwargs):
     try:
       return fn(p, *args, **kwargs)
-    except (FileNotFoundError, FileExistsError, StorageError):
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError, ImportError,
+            NotImplementedError):  # Not the storage out of reach: a missing client, a path of the wrong kind.
       raise
     except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Any storage client's error.
       if not is_remote(p) or isinstance(e, (ValueError, TypeError)):
@@ -84,6 +85,7 @@ def isdir(p: PathLike) -> bool:
   return path(p).is_dir()
 
 
+@_reached
 def makedirs(p: PathLike) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 
@@ -116,6 +118,7 @@ def read_text(p: PathLike) -> str:
   return path(p).read_text(encoding='utf-8')
 
 
+@_reached
 def write_bytes(p: PathLike, data: bytes) -> None:
   """Writes the whole file at once (parents created); readers see the old or the new file, never part."""
   target = path(p)
@@ -161,6 +164,7 @@ def rmtree(p: PathLike) -> None:
     target.rmtree()
 
 
+@_reached
 def remove(p: PathLike) -> None:
   target = path(p)
   if target.exists():

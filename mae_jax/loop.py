@@ -31,9 +31,9 @@ from mae_jax import flops as flops_lib
 from mae_jax.preemption import (  # noqa: F401  # Part of the loop's API.
   STOPPED_EXIT_CODE,
   PreemptionFlag,
-  StoppedBeforeTraining,
+  Stopped,
   jax_preemption_service,
-  stop_before_training,
+  sigterm_exits,
 )
 
 RESULTS_FILE = 'results.json'
@@ -141,7 +141,7 @@ def check_resume(config, workdir: str) -> None:
         f'schedule: {"; ".join(changed)}. Use a new --workdir, put the settings back, or set '
         '--config.resume_allow_changes=True to resume with them on purpose')
   others = changed_settings(saved, current)
-  if others:
+  if others and not 0 < config.num_train_steps <= int(meta.get('step') or 0):  # (Not when nothing trains.)
     listed = '; '.join(others[:8]) + (f'; and {len(others) - 8} more' if len(others) > 8 else '')
     logging.warning('Resuming %s at step %s with settings other than its checkpoint\'s (kept in %s): %s', workdir,
                     meta.get('step'), CONFIG_FILE_UNTIL.format(step=meta.get('step')), listed)
@@ -273,7 +273,8 @@ def write_config(config, workdir: str, start_step: int = 0, total_steps: int | N
       same = json.loads(earlier) == json.loads(text)
     except ValueError:
       same = False
-    if not same:
+    until = fileio.join(workdir, CONFIG_FILE_UNTIL.format(step=start_step))
+    if not same and not fileio.exists(until):  # (A resume before it that saved nothing wrote it already.)
       _write_workdir_file(workdir, CONFIG_FILE_UNTIL.format(step=start_step), earlier)
   _write_workdir_file(workdir, CONFIG_FILE, text)
 

@@ -44,7 +44,7 @@ from mae_jax import (
 )
 
 FLAGS = flags.FLAGS
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved and stopped early; rerun to resume.
+PREEMPTED_EXIT_CODE = loop.STOPPED_EXIT_CODE  # 75, EX_TEMPFAIL: saved and stopped early; rerun to resume.
 NONFINITE_EXIT_CODE = 65  # EX_DATAERR: halted on non-finite losses; a rerun would diverge again.
 CONFIG_EXIT_CODE = 78  # EX_CONFIG: a setting or file to fix; a rerun as it is fails the same way.
 

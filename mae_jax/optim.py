@@ -52,6 +52,14 @@ OPTIMIZERS = ('adamw', 'lars', 'sgd')
 OPTIMIZER_KEYS = {'adamw': ('b1', 'b2', 'no_decay_names'), 'lars': ('momentum', 'trust_coefficient'),
                   'sgd': ('momentum', 'no_decay_names')}
 
+
+def check_name(name) -> str:
+  """optim.name, lower-cased; ValueError naming the setting when it is none of OPTIMIZERS."""
+  if str(name).lower() not in OPTIMIZERS:
+    raise ValueError(f'optim.name={name!r}: must be one of {OPTIMIZERS}')
+  return str(name).lower()
+
+
 _BLOCK_RE = re.compile(r'^blocks_(\d+)$')
 
 Params = Any
@@ -350,9 +358,7 @@ def create_optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, t
     step, before any layer-wise scale, for logging. The optimizer keeps its own
     step count, starting at 0 like the reference's first iteration.
   """
-  name = str(optim_config['name']).lower()
-  if name not in OPTIMIZERS:
-    raise ValueError(f'optim.name={optim_config["name"]!r}: must be one of {OPTIMIZERS}')
+  name = check_name(optim_config['name'])
   missing = [key for key in OPTIMIZER_KEYS[name] if key not in optim_config]
   if missing:
     raise ValueError(f'optim.name={name!r} reads {", ".join("optim." + k for k in missing)}, which this config '

@@ -2,8 +2,8 @@
 
 `PreemptionFlag` is the training loop's handler: the loop saves a checkpoint
 after the step it is asked at and exits with status 75, which launchers rerun.
-`stop_before_training` covers the start before it (the lease, data checks,
-restore, init), where there is nothing new to save.
+`sigterm_exits` covers the job outside it (the lease, restore, init; what
+follows the last save), where there is nothing new to save.
 """
 
 import contextlib
@@ -39,7 +39,7 @@ class PreemptionFlag:
   def install(self):
     if threading.current_thread() is not threading.main_thread():
       return self
-    _TRAINING.set()  # stop_before_training's handler stands down.
+    _TRAINING.set()  # sigterm_exits' handler: after the loop, 'after training'.
     if not jax_preemption_service():
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
     if jax.process_count() == 1:  # Ctrl-C saves and stops too (a pod's processes get no terminal's Ctrl-C).
@@ -71,26 +71,27 @@ class PreemptionFlag:
 
 
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as a preempted run's: launchers rerun it.
-_TRAINING = threading.Event()  # Set while the loop's own handler (PreemptionFlag) is installed or was.
+_TRAINING = threading.Event()  # Set once the loop's own handler (PreemptionFlag) is installed.
 
 
-class StoppedBeforeTraining(SystemExit):
-  """SIGTERM before the training loop started: leave through the normal exit (the workdir's lease released)."""
+class Stopped(SystemExit):
+  """SIGTERM outside the training loop: leave through the normal exit (the workdir's lease released)."""
 
   def __init__(self):
     super().__init__(STOPPED_EXIT_CODE)
 
 
 @contextlib.contextmanager
-def stop_before_training() -> Iterator[None]:
-  """SIGTERM while a job starts (the lease, data checks, restore, init) leaves at once with status 75.
+def sigterm_exits() -> Iterator[None]:
+  """SIGTERM outside the training loop (the lease, restore, init; evaluations and results after it) exits 75.
 
   The default action kills the process where it stands: no atexit, so the
-  workdir's lease stays and the relaunch waits for it to go stale. Once the loop
-  has installed its own handler (which saves and stops), this one does nothing
-  more: a SIGTERM during the final save lets it finish. One process only: the
-  processes of a multi-process job must stop together (the loop's handler and
-  JAX's preemption service agree on a step).
+  workdir's lease stays and the relaunch waits for it to go stale. Inside the
+  loop its own handler (PreemptionFlag) saves and stops, and stays until the
+  last save is durable; after it, the rerun finds the checkpoints and finishes
+  (an evaluation is redone). One process only: the processes of a
+  multi-process job must stop together (the loop's handler and JAX's
+  preemption service agree on a step).
   """
   if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
     yield
@@ -99,11 +100,11 @@ def stop_before_training() -> Iterator[None]:
 
   def stop(signum, frame):
     del signum, frame
-    if _TRAINING.is_set():
-      return
-    sys.stderr.write('Asked to stop (SIGTERM) before training started: nothing new to save; rerun the same '
-                     'command to start (or resume)\n')
-    raise StoppedBeforeTraining()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # One stop: a second SIGTERM must not cut the way out short.
+    when = ('after training (its checkpoints are saved); rerun the same command to finish' if _TRAINING.is_set()
+            else 'before training started (nothing new to save); rerun the same command to start (or resume)')
+    sys.stderr.write(f'Asked to stop (SIGTERM) {when}\n')
+    raise Stopped()
 
   previous = signal.signal(signal.SIGTERM, stop)
   try:

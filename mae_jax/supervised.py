@@ -222,8 +222,8 @@ def _best_so_far(workdir: str, default: float) -> float:
 def run(config, workdir: str, mesh, task: Task, total_steps: int, steps_per_epoch: int) -> dict:
   """Initialises or resumes, trains to total_steps with evals and checkpoints; returns the metrics."""
   ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
-  # One job per workdir, before any checkpoint is read; a SIGTERM before training leaves it free.
-  with loop.stop_before_training(), workdir_lease.held(workdir) as lease:
+  # One job per workdir, before any checkpoint is read; a SIGTERM outside the loop leaves it free (75).
+  with loop.sigterm_exits(), workdir_lease.held(workdir) as lease:
     return _run(config, workdir, mesh, task, total_steps, steps_per_epoch, lease)
 
 

@@ -45,8 +45,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   inputs.check_input(config)  # The data set against the settings, before a model is built.
   config = inputs.resolve_dataset_stats(config)  # dataset.mean / std = (): the data set's stored ones.
   ckpt_lib.check_shared_workdir(workdir)  # Multi-host: one storage for all, checked first.
-  # One job per workdir, before any checkpoint is read; a SIGTERM before training leaves it free.
-  with loop.stop_before_training(), workdir_lease.held(workdir) as lease:
+  # One job per workdir, before any checkpoint is read; a SIGTERM outside the loop leaves it free (75).
+  with loop.sigterm_exits(), workdir_lease.held(workdir) as lease:
     return _pretrain(config, workdir, mesh, lease)
 
 

@@ -162,8 +162,7 @@ def check_step_settings(config, mesh: jax.sharding.Mesh | None) -> None:
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   vit.check_attention_platform(config.model.attention_impl, platform)
   vit.canonical_dtype(config.model.dtype)
-  if str(config.optim.name).lower() not in optim.OPTIMIZERS:
-    raise ValueError(f'optim.name={config.optim.name!r}: must be one of {optim.OPTIMIZERS}')
+  optim.check_name(config.optim.name)
 
 
 def check_mesh_feeds_whole_rows(process_grid: np.ndarray, axis_names, num_devices_setting: int,

@@ -60,9 +60,15 @@ _ABSENT, _UNREADABLE = 'absent', 'unreadable'
 
 
 def _pid_namespace() -> str:
-  """This process's pid namespace ('' where /proc does not say): pids of one host compare only within one."""
+  """This boot's and pid namespace's identity ('' where /proc does not say): pids compare only within one.
+
+  The host name alone is not enough: two machines may share one, and a pid
+  namespace's id is the same on every Linux host; the boot id is not.
+  """
   try:
-    return os.readlink('/proc/self/ns/pid')
+    with open('/proc/sys/kernel/random/boot_id', encoding='utf-8') as f:
+      boot = f.read().strip()
+    return f'{boot}/{os.readlink("/proc/self/ns/pid")}'
   except OSError:
     return ''
 
@@ -106,12 +112,21 @@ class Lease:
     self._done = threading.Event()
     self._thread = None
 
-  def _read(self):
-    """The lease record, _ABSENT, or _UNREADABLE (a storage error, a file being replaced)."""
+  def _read(self, first: bool = False):
+    """The lease record, _ABSENT, or _UNREADABLE (a storage error, a file being replaced).
+
+    `first`: the job's first look at its workdir, where storage out of reach
+    (fileio.StorageError: no network, no credentials) stops the job at once.
+    """
     try:
       if not fileio.exists(self.path):
         return _ABSENT
       return json.loads(fileio.read_text(self.path))
+    except fileio.StorageError:
+      if first:
+        raise
+      logging.warning('Could not reach %s; taking it as held', self.path)
+      return _UNREADABLE
     except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except  # Any storage client's error.
       logging.warning('Could not read %s (%s: %s); taking it as held', self.path, type(e).__name__, e)
       return _UNREADABLE
@@ -144,6 +159,11 @@ class Lease:
     self._write()
     self.sleep(self.settle_seconds)  # Racing writes land; the last one holds the lease.
     found = self._read()
+    for _ in range(3):  # A read that failed once (a storage hiccup) is not another job's lease.
+      if found != _UNREADABLE:
+        break
+      self.sleep(self.poll_seconds)
+      found = self._read()
     return None if self._is_ours(found) else found
 
   def _wait_for(self, other) -> tuple[str | None, object]:
@@ -170,6 +190,8 @@ class Lease:
         return None, _ABSENT
       if now == _UNREADABLE or now == other:
         continue
+      if now.get('process') == _PROCESS:  # This process's own write (a read-back that failed): its lease.
+        return None, now
       if now.get('stopping'):  # Renewed by a job saving on its way out: wait for it from this renewal.
         other, deadline = now, float(now.get('renewed', self.clock())) + self.stale_seconds
         continue
@@ -183,7 +205,7 @@ class Lease:
     """Takes the lease on process 0; WorkdirError on every process when another live job holds it."""
     reason = ''
     if jax.process_index() == 0:
-      other = self._read()
+      other = self._read(first=True)
       while True:
         ours = other == _ABSENT or (isinstance(other, dict) and other.get('process') == _PROCESS)
         live, other = (None, other) if ours else self._wait_for(other)

@@ -618,6 +618,16 @@ def test_a_refused_export_leaves_the_previous_one_and_an_existing_out_is_refused
   with pytest.raises(ValueError, match='a fine-tuned classifier has no ViTMAE equivalent'):
     weights.export_weights(classifier, TEST_MODEL, 'hf', keep, overwrite=True)
   assert weights.read_metadata(keep) is not None  # The export that was there is still there.
+  from mae_jax.weights import files  # pylint: disable=g-import-not-at-top
+
+  def no_safetensors():
+    raise ImportError('the safetensors / hf formats need the safetensors package')
+
+  with monkeypatch.context() as patch:  # A failure while the files are made, after the checks.
+    patch.setattr(files, '_safetensors', no_safetensors)
+    with pytest.raises(ImportError):
+      weights.export_weights(params, TEST_MODEL, 'hf', keep, overwrite=True)
+  assert weights.read_metadata(keep) is not None and os.path.exists(os.path.join(keep, 'model.safetensors'))
 
   def no_restore(*args, **kwargs):
     raise AssertionError('restored before --out was checked')

@@ -141,6 +141,21 @@ def test_a_resume_with_other_settings_says_which_and_keeps_the_earlier_config(tm
   assert 'batch_size: 16 -> 32' in caplog.text.split('settings other than')[-1]
 
 
+def test_the_config_a_run_trained_with_before_a_change_is_kept_once(tmp_path):
+  workdir = str(tmp_path)
+  configs = [test_config.get_config('steps=1') for _ in range(3)]
+  for i, config in enumerate(configs):
+    config.optim.base_lr = 0.1 * (i + 1)
+  loop.write_config(configs[0], workdir)
+  loop.write_config(configs[1], workdir, start_step=5, total_steps=9)
+  # Preempted before a save, then resumed with yet other settings: step 5's earlier config stays the first's.
+  loop.write_config(configs[2], workdir, start_step=5, total_steps=9)
+  read = lambda name: json.loads(open(os.path.join(workdir, name)).read())['optim']['base_lr']  # noqa: E731
+  assert read('config.until_step_5.json') == 0.1 and read('config.json') == pytest.approx(0.3)
+  loop.write_config(configs[0], workdir, start_step=9, total_steps=9)  # Nothing to train: left as it is.
+  assert read('config.json') == pytest.approx(0.3)
+
+
 def test_train_steps_from_epochs_or_steps():
   config = test_config.get_config('steps=5')
   assert train_state.train_steps(config, 64) == (4, 5)

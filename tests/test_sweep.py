@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from configs import common as config_common
-from launch import common
+from launch import common, sweep_summary
 from launch import sweep as sweep_lib
 from mae_jax import metrics
 
@@ -355,6 +355,9 @@ def test_a_metric_no_run_logged_is_refused_and_leaves_the_summary_files_alone(tm
   assert stopped.value.code == 2
   assert "--metrics: unknown metric 'train/los'; close matches: train/loss" in capsys.readouterr().err
   assert {name: (root / name).read_text() for name in written} == written  # Not overwritten with a reduced table.
+  # A run still to resume may log it yet (an evaluation at its end): the rerun is not refused up front.
+  os.remove(os.path.join(sweep.runs[0].workdir, sweep_summary.DONE_MARKER))
+  sweep_summary.check_metrics(sweep, ['eval/knn_top1_at_the_end'])
 
 
 class MetricsLoggingRunner(sweep_lib.TrainerRunner):

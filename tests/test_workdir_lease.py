@@ -142,8 +142,8 @@ import os, sys, time
 from mae_jax import checkpoint, workdir_lease
 workdir_lease.RENEW_SECONDS, workdir_lease.POLL_SECONDS, workdir_lease.STALE_SECONDS = 0.2, 0.05, 60.0
 read = workdir_lease.Lease._read
-def slow_read(self):  # Slow storage: both jobs read the free lease before either writes its own.
-  found = read(self)
+def slow_read(self, *args, **kwargs):  # Slow storage: both jobs read the free lease before either writes its own.
+  found = read(self, *args, **kwargs)
   time.sleep(0.5)
   return found
 workdir_lease.Lease._read = slow_read
@@ -258,4 +258,45 @@ def test_sigterm_while_a_job_starts_leaves_with_75_and_frees_the_workdir(tmp_pat
   job.send_signal(signal.SIGTERM)
   out, err = job.communicate(timeout=120)
   assert job.returncode == 75, (out, err)
+  assert 'Asked to stop (SIGTERM) before training started' in err, err
   assert not os.path.exists(path)
+
+
+def test_sigterm_after_the_loop_exits_75_once(capsys):
+  """After the loop's own handler is gone (the last save is durable), a SIGTERM exits 75 and says so; a second
+  one on the way out is ignored."""
+  import signal  # pylint: disable=g-import-not-at-top
+
+  from mae_jax import preemption  # pylint: disable=g-import-not-at-top
+  previous = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(preemption.Stopped) as stopped:
+    with preemption.sigterm_exits():
+      preemption.PreemptionFlag().install().uninstall()  # The loop ran.
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)
+  assert stopped.value.code == 75
+  assert 'Asked to stop (SIGTERM) after training (its checkpoints are saved)' in capsys.readouterr().err
+  assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_storage_out_of_reach_stops_at_once_and_a_failed_read_back_is_not_another_job(tmp_path, monkeypatch):
+  def unreachable(path):
+    raise fileio.StorageError(f'{path}: the storage could not be reached')
+
+  with monkeypatch.context() as patch:
+    patch.setattr(fileio, 'exists', unreachable)
+    with pytest.raises(fileio.StorageError):  # Not 300 s of polling first.
+      _lease(tmp_path, Clock()).acquire()
+  # On an object store the read-back after the write fails once: retried, and the lease is this job's.
+  monkeypatch.setattr(fileio, 'create_exclusive', lambda path, data: None)
+  read_text, failures = fileio.read_text, [RuntimeError('503 Service Unavailable')]
+
+  def flaky(path):
+    if failures:
+      raise failures.pop()
+    return read_text(path)
+
+  monkeypatch.setattr(fileio, 'read_text', flaky)
+  lease = _lease(tmp_path, Clock()).acquire()
+  assert lease.held and not failures
+  lease.release()

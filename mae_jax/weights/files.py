@@ -181,11 +181,10 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     raise _not_safetensors(path, str(e)) from e
 
 
-def _save_safetensors(state: dict, path: str, meta: dict):
+def _safetensors_bytes(state: dict, meta: dict) -> bytes:
   # format=pt lets transformers read the file; the mae_jax entry carries our metadata.
   header = {'format': 'pt', 'mae_jax': json.dumps(meta)}
-  data = _safetensors().numpy.save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=header)
-  fileio.write_bytes(path, data)  # Written whole, through the one file layer (local or gs://).
+  return _safetensors().numpy.save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=header)
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -324,23 +323,26 @@ def export_weights(params, model_name: str, fmt: str, out: str, *, encoder_only:
                        'ViTMAEForPreTraining only loads square ones. Export the encoder alone (drop --full: '
                        'ViTMAEModel takes it), or use format=safetensors')
   meta = _metadata(model_name, overrides, fmt, params, metadata)
-  _clear_out(out)
   if fmt == 'orbax':
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    _clear_out(out)
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.fspath(fileio.path(out)), params)
-  else:
+  else:  # The files are made in memory first: a failure leaves a previous export where it was.
     state = reference.to_reference(params, layout.grid_size(model_name, overrides))
     if fmt == 'safetensors':
-      _save_safetensors(state, out, meta)
+      written = {out: _safetensors_bytes(state, meta)}
     else:
       encoder_only = layout.params_layout(params) == 'encoder'
       prefix = '' if encoder_only else 'vit.'  # ViTMAEModel's own names vs ViTMAEForPreTraining's.
       mask_ratio = (metadata or {}).get('mask_ratio', ((metadata or {}).get('config') or {}).get(
           'mask_ratio', 0.75))
-      fileio.write_text(fileio.join(out, 'config.json'),
-                        json.dumps(hf.hf_config(model_name, overrides, encoder_only, mask_ratio), indent=2))
-      _save_safetensors(hf.to_hf_state_dict(state, prefix), fileio.join(out, HF_WEIGHTS), meta)
+      hf_config = hf.hf_config(model_name, overrides, encoder_only, mask_ratio)
+      written = {fileio.join(out, 'config.json'): json.dumps(hf_config, indent=2).encode('utf-8'),
+                 fileio.join(out, HF_WEIGHTS): _safetensors_bytes(hf.to_hf_state_dict(state, prefix), meta)}
+    _clear_out(out)
+    for path, data in written.items():
+      fileio.write_bytes(path, data)  # Each written whole, through the one file layer (local or gs://).
   fileio.write_text(metadata_path(out), json.dumps(meta, indent=2))
   logging.info('Exported %s (%s) to %s', model_name, meta['layout'], out)
   return out

@@ -95,7 +95,9 @@ def run_script(job) -> str:
       'while alive "$old" && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done; fi; fi',
       # A trap (not an ignore, which the trainer would inherit): `wait` returns early, the loop waits again.
       "trap 'echo \"# SIGTERM: waiting for the trainer to save and exit\"' TERM",
-      f'{trainer} > "$out_file" 2>&1 < /dev/null & pid=$!',
+      # The file exists before tail opens it (else a trainer that has not opened it yet leaves tail nothing).
+      ': > "$out_file"',
+      f'{trainer} >> "$out_file" 2>&1 < /dev/null & pid=$!',
       f'echo "$pid" > {pid_file}',
       'tail -n +1 -f --pid="$pid" "$out_file" & tail_pid=$!',
       'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done',

@@ -67,7 +67,7 @@ def trainer_words(argv):
   """The trainer's argv inside a run command's remote script."""
   words = shlex.split(remote_command(argv))
   start = words.index('mae_jax.main') - 2
-  return words[start:words.index('>', start)]  # Its output goes to a file (`tail` streams it).
+  return words[start:words.index('>>', start)]  # Its output goes to a file (`tail` streams it).
 
 
 class ScriptedRunner(common.Runner):

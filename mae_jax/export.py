@@ -11,7 +11,6 @@ Hugging Face folder into another format. Formats: orbax, safetensors (reference
 
 import os
 
-import numpy as np
 from absl import app, flags
 
 from mae_jax import checkpoint, console, fileio
@@ -53,11 +52,8 @@ def convert(source: str, fmt: str, out: str, *, model_name: str | None = None, f
   """Imports a .pth / safetensors / hf / orbax export and writes it in another format."""
   check_out(out, fmt, overwrite)
   params, model_name, model_overrides = load_weights(source, model_name, **model_overrides)
-  table = params['encoder'].get('pos_embed') if 'encoder' in params else None
-  if table is not None and reference.fixed_table_grid(np.asarray(table)) is not None:
-    # A MAE encoder's fixed table at the file's own grid (an --override=image_size= asked for another): the
-    # export gets the fixed table of its own grid, as the model has.
-    params = {**params, 'encoder': {k: v for k, v in params['encoder'].items() if k != 'pos_embed'}}
+  if 'encoder' in params:  # (An --override=image_size= asked for another grid than the file's fixed table.)
+    params = {**params, 'encoder': reference.without_fixed_table(params['encoder'])}
   meta = read_metadata(source) or {}
   if full and 'decoder' not in params and 'head' not in params:
     raise ValueError(f'--full: {source} has no decoder; drop --full to export the encoder')

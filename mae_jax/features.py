@@ -155,12 +155,10 @@ def _with_position_table(encoder: dict, kwargs: dict, source: str) -> dict:
   The table is resized bicubically to the images' grid when it was trained at
   another one; a MAE encoder (no table) keeps its fixed sin-cos table.
   """
+  # A MAE encoder's fixed table, kept by the import at the file's own grid: the fixed table at the images' grid,
+  # as every export format of the same weights gives (and linear probing and kNN use).
+  encoder = reference.without_fixed_table(encoder)
   table = encoder.get('pos_embed')
-  if table is not None and reference.fixed_table_grid(np.asarray(table)) is not None:
-    # A MAE encoder's fixed table, kept by the import at the file's own grid: the fixed table at the images' grid,
-    # as every export format of the same weights gives (and linear probing and kNN use).
-    encoder = {k: v for k, v in encoder.items() if k != 'pos_embed'}
-    table = None
   if table is None:
     kwargs['pos_embed'] = 'sincos'
     return encoder

@@ -273,9 +273,9 @@ def write_config(config, workdir: str, start_step: int = 0, total_steps: int | N
       same = json.loads(earlier) == json.loads(text)
     except ValueError:
       same = False
-    until = fileio.join(workdir, CONFIG_FILE_UNTIL.format(step=start_step))
-    if not same and not fileio.exists(until):  # (A resume before it that saved nothing wrote it already.)
-      _write_workdir_file(workdir, CONFIG_FILE_UNTIL.format(step=start_step), earlier)
+    until = CONFIG_FILE_UNTIL.format(step=start_step)
+    if not same and not fileio.exists(fileio.join(workdir, until)):  # (A resume that saved nothing wrote it.)
+      _write_workdir_file(workdir, until, earlier)
   _write_workdir_file(workdir, CONFIG_FILE, text)
 
 

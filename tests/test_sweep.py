@@ -207,13 +207,19 @@ def test_the_trainers_exit_status_decides_the_runs_status(tmp_path):
       'configs/test.py:steps=3', ['mask_ratio=0.5', 'model.decoder_depth=1'], [])
 
 
-def test_a_finished_run_with_other_settings_stops_the_sweep_before_anything_runs(tmp_path):
-  """Skipping it would report its old results as the new settings' (a changed base, other flags after `--`)."""
+def _one_finished_run(tmp_path):
+  """(root, the tiny sweep at steps=1, its first run marked done with those settings)."""
   root = tmp_path / 'root'
   sweep = sweep_lib.load_sweep(f'{TINY}:steps=1', str(root))
   run = sweep.runs[0]
   os.makedirs(run.workdir)
   sweep_lib.mark_done(run, {'step': 1}, sweep_lib.run_settings(sweep, run))
+  return root, sweep, run
+
+
+def test_a_finished_run_with_other_settings_stops_the_sweep_before_anything_runs(tmp_path):
+  """Skipping it would report its old results as the new settings' (a changed base, other flags after `--`)."""
+  root, sweep, run = _one_finished_run(tmp_path)
   status, text = run_sweep(f'--sweep={TINY}:steps=1', f'--root={root}', '--dry_run')
   assert status == 0 and '# mask0.5_dec1: done, skipped' in text
   for argv, changed in (([f'--sweep={TINY}:steps=2'], 'base configs/test.py:steps=1 -> configs/test.py:steps=2'),
@@ -228,11 +234,7 @@ def test_a_finished_run_with_other_settings_stops_the_sweep_before_anything_runs
 
 def test_the_refusal_of_a_changed_finished_run_offers_ways_that_keep_its_results(tmp_path):
   """Another --root, the old settings, or removing only DONE: the sweep then resumes the run (more steps, say)."""
-  root = tmp_path / 'root'
-  sweep = sweep_lib.load_sweep(f'{TINY}:steps=1', str(root))
-  run = sweep.runs[0]
-  os.makedirs(run.workdir)
-  sweep_lib.mark_done(run, {'step': 1}, sweep_lib.run_settings(sweep, run))
+  root, sweep, run = _one_finished_run(tmp_path)
   longer = sweep_lib.load_sweep(f'{TINY}:steps=2', str(root))
   with pytest.raises(ValueError) as refused:
     sweep_lib.check_done_runs(longer, [])

@@ -232,6 +232,19 @@ def fixed_table_grid(table: np.ndarray) -> tuple[int, int] | None:
   return grid if side * side == table.shape[1] - 1 and is_fixed_table(table, table.shape[-1], grid) else None
 
 
+def without_fixed_table(encoder: dict) -> dict:
+  """`encoder` without its `pos_embed` when that is the fixed sin-cos table at its own (square) grid.
+
+  An import keeps such a table when the model asked for another grid (fine-tuning
+  resizes it bicubically, as the reference does); a model with the fixed table
+  (features, a conversion) takes the fixed table of its own grid instead.
+  """
+  table = encoder.get('pos_embed')
+  if table is None or fixed_table_grid(np.asarray(table)) is None:
+    return encoder
+  return {k: v for k, v in encoder.items() if k != 'pos_embed'}
+
+
 def _encoder_table(table: np.ndarray, width: int, grid, key: str, source: str) -> np.ndarray | None:
   """The file's encoder position table as float32 [1, 1 + L, D], or None when it is the fixed one.
 

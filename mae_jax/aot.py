@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from mae_jax import config_tools, console, finetune, parallel, pretrain_step, supervised, train_state
 from mae_jax import flops as flops_lib
@@ -457,8 +456,7 @@ def define_flags():
   """The command line of `python -m mae_jax.aot` (not defined on import: this module is a library too)."""
   console.define_flags()  # --verbose.
   flags.adopt_module_key_flags(console)  # Listed by --help.
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/FILE.py[:ARGS]).',
-                                  lock_config=False)
+  config_tools.define_config_flag('Experiment config file (configs/FILE.py[:ARGS]).', lock_config=False)
   flags.DEFINE_string('topology', None, 'TPU slice: v5e-256, v4-128, v5p-512, v6e-64 or v5e:16x16.')
   flags.DEFINE_integer('num_slices', 1, 'Slices joined over DCN (mesh.dcn_data follows).')
   flags.DEFINE_bool('find_batch', False, 'Search the largest per-chip batch that fits.')

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 # Config files are looked up relative to the cwd, then to the repository root (mae_jax's parent).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,6 +222,26 @@ def flag_error_message(error: BaseException, argv: Sequence[str]) -> str:
   return f'{" ".join(named)}: {text}' if named else text
 
 
+def _flag_file_failed(error: flags.Error) -> None:
+  """Exits 2 with one line for a --flagfile that cannot be read."""
+  message = ' '.join(str(error).split())
+  sys.stderr.write(f'error: --flagfile: {message.removeprefix("ERROR:: ")}\n')
+  sys.exit(2)
+
+
+def define_config_flag(help_text: str, lock_config: bool) -> None:
+  """The entry points' --config flag (ml_collections' config file flag).
+
+  ml_collections reads --flagfile files while it defines the flag (to find
+  --config.KEY overrides in them): one that cannot be read is one line and
+  exit code 2 here, as in `parse_flags`.
+  """
+  try:
+    config_flags.DEFINE_config_file('config', None, help_text, lock_config=lock_config)
+  except flags.Error as e:
+    _flag_file_failed(e)
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl `flags_parser` of every entry point that takes --config: one clear line for a bad flag.
 
@@ -231,6 +252,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   not with a traceback from inside flag parsing.
   """
   flag_values = flags.FLAGS
+  try:  # A --config in a --flagfile is checked and looked for as one on the command line.
+    argv = [*argv[:1], *flag_values.read_flags_from_files(list(argv[1:]), force_gnu=False)]
+  except flags.Error as e:
+    _flag_file_failed(e)
   try:
     check_config_flags(argv)
   except (AttributeError, KeyError, TypeError, ValueError, ImportError, SyntaxError) as e:

@@ -25,7 +25,6 @@ import traceback
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import (
@@ -51,7 +50,7 @@ CONFIG_EXIT_CODE = 78  # EX_CONFIG: a setting or file to fix; a rerun as it is f
 
 def define_flags():
   """The command line of `python -m mae_jax.main` (defined by `run`, not on import: this module is a library too)."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  config_tools.define_config_flag('Experiment config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the resolved config.')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (explicit multi-process jobs).')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (explicit multi-process jobs).')

@@ -321,6 +321,21 @@ def test_missing_config_file_is_one_line_naming_where_it_looked(overrides, capsy
                                f"(looked for {looked})\n")
 
 
+def test_missing_flag_file_is_one_line(capsys, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  argv = ['main', '--flagfile=nope.txt', '--workdir=/tmp/x']
+  _entry_point_flags(argv[:1], monkeypatch)
+  with pytest.raises(SystemExit) as stopped:
+    config_tools.parse_flags(argv)
+  code, err = stopped.value.code, capsys.readouterr().err
+  assert code == 2 and err == "error: --flagfile: Unable to open flagfile: [Errno 2] No such file or directory: 'nope.txt'\n"
+  monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads flag files in sys.argv when it defines --config.
+  monkeypatch.setattr(flags, 'FLAGS', flags.FlagValues())
+  with pytest.raises(SystemExit) as stopped:
+    config_tools.define_config_flag('Experiment config file.', lock_config=True)
+  assert stopped.value.code == 2 and capsys.readouterr().err == err
+
+
 def test_missing_config_file_from_the_command_line(tmp_path):
   """`python -m mae_jax.main` with a config file that does not exist and an override: one line, exit 2."""
   command = [sys.executable, '-m', 'mae_jax.main', '--config=configs/nope.py', f'--workdir={tmp_path}/w',
@@ -337,8 +352,10 @@ def test_config_flag_looks_in_the_repository_root_as_load_module_does(tmp_path, 
   monkeypatch.chdir(tmp_path)  # Not the repository root: configs/test.py is not under the cwd.
   spec = 'configs/test.py'
   assert common.load_config(spec) is not None  # What the launchers' checks accept ...
+  (tmp_path / 'flags.txt').write_text(f'--config={spec}\n--config.seed=5\n')
   for argv in (['main', f'--config={spec}', '--workdir=/tmp/x', '--config.seed=5'],  # ... the trainer's flag
-               ['main', '--config', spec, '--workdir=/tmp/x', '--config.seed=5']):  # accepts too, both spellings.
+               ['main', '--config', spec, '--workdir=/tmp/x', '--config.seed=5'],  # accepts too, both spellings,
+               ['main', '--flagfile=flags.txt', '--workdir=/tmp/x']):  # and in a flag file.
     flag_values = _entry_point_flags(argv, monkeypatch)
     config_tools.parse_flags(argv)
     assert flag_values.config.seed == 5 and flag_values.config.model.name == 'mae_vit_test'

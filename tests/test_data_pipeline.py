@@ -247,6 +247,12 @@ def test_mocked_catalog_data_sets(mock_metadata, name, channels, size):
         process_count=1), 6)  # Crosses epochs of 20.
     evals = list(input_pipeline.create_eval_iterator(
         config, split='test', batch_size=8, process_index=0, process_count=1))
+  with tfds.testing.mock_data(num_examples=20, data_dir=mock_metadata,
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    builder = sources.get_builder(sources.DatasetConfig.from_config(config))
+    names = [e['record'].decode() for e in sources.read_records(builder, 'test').as_numpy_iterator()]
+  # Warnings name an example so ('record INDEX of FILE' from TFDS's ids).
+  assert names == [f'record {i} of {name}-test.tfrecord-00000-of-00001' for i in range(20)]
   for batch in batches:
     assert batch['image'].shape == (8, size, size, channels)
     assert batch['image'].dtype == np.float32
@@ -436,6 +442,25 @@ GARBLED = 40  # Examples of the 'garbled' data set: 2 shards of 20.
 CORRUPT = {3: b'', 17: b'not an image at all',
            22: _png(_level(22))[:40],  # Truncated PNG.
            35: b'\xff\xd8\xff\xe0' + bytes(range(256)) * 4}  # JPEG header.
+# What the warnings say about them: the record, its file and why it failed (a part of the message).
+CORRUPT_WARNINGS = {'record 3 of garbled-train.tfrecord-00000-of-00002': 'Input is empty.',
+                    'record 17 of garbled-train.tfrecord-00000-of-00002': 'Unknown image file format.',
+                    'record 2 of garbled-train.tfrecord-00001-of-00002': 'Invalid PNG.',
+                    'record 15 of garbled-train.tfrecord-00001-of-00002': 'Invalid JPEG data'}
+
+
+def _check_corrupt_warnings(caplog):
+  """Each corrupt record got one warning that names it and says why (epochs after the first: none), no other did."""
+  prefix = 'Skipped an image that could not be decoded or preprocessed: '
+  found = {}
+  for record in caplog.records:
+    message = record.getMessage()
+    if record.levelname == 'WARNING' and message.startswith(prefix):
+      name, why = message[len(prefix):].split(' (', 1)
+      found.setdefault(name, []).append(why)
+  assert set(found) == set(CORRUPT_WARNINGS)
+  for name, whys in found.items():
+    assert len(whys) == 1 and CORRUPT_WARNINGS[name] in whys[0], (name, whys)
 
 
 @pytest.fixture(scope='module')
@@ -459,11 +484,12 @@ def _train_batches(config, steps, start_step=0):
 
 
 @pytest.mark.parametrize('cache', [False, True])
-def test_corrupt_images_are_replaced_and_counted_in_place(garbled, cache):
+def test_corrupt_images_are_replaced_and_counted_in_place(garbled, cache, caplog):
   config, clean_config = garbled
   config = {**config, 'cache': cache}  # Decoded before caching if cached.
   steps = 3 * GARBLED // 8  # Three epochs.
   batches = _train_batches(config, steps)
+  _check_corrupt_warnings(caplog)
   clean = _train_batches(clean_config, steps)
   for epoch in range(3):  # Each corrupt record counted once per epoch.
     epoch_batches = batches[epoch * 5:(epoch + 1) * 5]
@@ -501,10 +527,11 @@ def test_a_batch_without_any_decodable_image_is_blank(tmp_path):
   assert (batch['image'] == 0).all() and (batch['label'] == -1).all()
 
 
-def test_eval_skips_and_counts_corrupt_images(garbled):
+def test_eval_skips_and_counts_corrupt_images(garbled, caplog):
   config, _ = garbled
   batches = list(input_pipeline.create_eval_iterator(
       config, split='train', batch_size=16, process_index=0, process_count=1))
+  _check_corrupt_warnings(caplog)
   assert len(batches) == 3  # 40 examples: 16, 16, 8 + padding.
   corrupt = np.concatenate([b['corrupt'] for b in batches])
   mask = np.concatenate([b['mask'] for b in batches])

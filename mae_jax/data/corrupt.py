@@ -3,35 +3,42 @@
 A record whose image cannot be decoded or preprocessed must not stop a run
 that has read millions of good ones, nor move any other example (resuming
 stays exact). `guarded_map` runs the preprocessing of a chunk of consecutive
-examples and reports which rows failed; `replace_corrupt` fills each failed
+examples, reports which rows failed and logs a warning naming each record; `replace_corrupt` fills each failed
 row of a batch with a copy of another example of the same batch and flags it
 in batch['corrupt'], which the trainer sums to count them.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+
+import numpy as np
 import tensorflow as tf
+from absl import logging
 
 MAX_CHUNK = 32  # Examples per guarded preprocessing call, at most.
 
 
-def guarded_map(fn, args):
+def guarded_map(fn, args, names):
   """Maps fn over the leading axis of `args`, surviving errors of fn.
 
   Args:
     fn: fn(*one_row_of_args) -> a tensor (or structure) of a static shape.
     args: tuple of tensors with a common leading dimension n.
+    names: string [n], what each row is (e.g. 'record 17 of FILE').
 
   Returns:
     (outputs, valid): fn's outputs stacked to [n, ...], zeros in the rows
     where fn raised an error (e.g. an undecodable image), and bool [n],
-    False in those rows. Errors are logged as warnings.
+    False in those rows. Each such row is a warning that names it and says
+    why.
   """
   n = tf.shape(tf.nest.flatten(args)[0])[0]
   rows = tf.data.Dataset.from_tensor_slices((tf.range(n), args))
   mapped = rows.map(lambda index, row: (index, fn(*row)))
   spec = mapped.element_spec[1]
-  done = mapped.ignore_errors(log_warning=True).batch(tf.cast(n, tf.int64))
+  done = mapped.ignore_errors().batch(tf.cast(n, tf.int64))
   nothing = tf.data.Dataset.from_tensors((
       tf.zeros([0], tf.int32),
       tf.nest.map_structure(
@@ -51,7 +58,51 @@ def guarded_map(fn, args):
 
   outputs = tf.nest.map_structure(place, outputs, spec)
   valid = tf.scatter_nd(index[:, None], tf.ones_like(index), [n]) > 0
-  return outputs, valid
+  return outputs, _warned(fn, args, names, valid)
+
+
+def _warned(fn, args, names, valid):
+  """valid, once each failed row has been logged (a no-op when none failed).
+
+  TensorFlow's own warning for a skipped element names neither the element
+  nor the data set, and spans several lines: a failed row is run again,
+  eagerly, to say why it failed. A record fails again in every epoch: the
+  warning is given once per pipeline, later ones go to the log file only.
+  """
+  warned = set()
+  lock = threading.Lock()
+
+  def log(names, valid, *args):
+    for row in np.flatnonzero(~valid.numpy()):
+      name = names[row].numpy().decode('utf-8', 'replace')
+      with lock:
+        again = name in warned
+        warned.add(name)
+      if again:
+        logging.info('Skipped again: %s', name)
+      else:
+        logging.warning('Skipped an image that could not be decoded or preprocessed: %s (%s)',
+                        name, _error(fn, [a[row] for a in args]))
+    return valid
+
+  def warn():
+    logged = tf.py_function(log, [names, valid, *args], tf.bool)
+    return tf.ensure_shape(logged, valid.shape)
+
+  return tf.cond(tf.reduce_all(valid), lambda: valid, warn)
+
+
+def _error(fn, row) -> str:
+  """Why fn(*row) fails: its error message, without TensorFlow's op and function names."""
+  try:
+    fn(*row)
+  except tf.errors.OpError as e:
+    message = re.sub(r'\{\{function_node [^}]*\}\}', '', e.message)
+    message = re.split(r'\s\[Op:|\n\s*\[\[', message)[0]
+    return ' '.join(message.split()) or type(e).__name__
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'
+  return 'failed in the input pipeline, not when run again'
 
 
 def chunk_size(local_batch: int) -> int:

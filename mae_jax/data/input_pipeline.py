@@ -180,7 +180,8 @@ def create_pretrain_dataset(dataset_config: Any, *, global_batch_size: int,
 
   def preprocess_chunk(positions, examples):
     images, valid = corrupt.guarded_map(preprocess_one,
-                                        (positions, examples['image']))
+                                        (positions, examples['image']),
+                                        examples['record'])
     if 'valid' in examples:  # Decoded before caching.
       valid &= examples['valid']
     return {'image': images, 'label': _labels(examples, tf.size(positions)),
@@ -245,7 +246,8 @@ def create_eval_iterator(dataset_config: Any, *, split: str, batch_size: int,
 
   def preprocess_chunk(examples):
     images, valid = corrupt.guarded_map(
-        lambda image: preprocess_fn(unpack(image)), (examples['image'],))
+        lambda image: preprocess_fn(unpack(image)), (examples['image'],),
+        examples['record'])
     labels = _labels(examples, tf.size(valid))
     return {'image': images, 'label': tf.where(valid, labels, -1),
             'valid': valid}

@@ -50,7 +50,8 @@ class RecordSource:
     spans: (file, skip, take) per file, in order: records skip..skip+take-1
       of file number `file`.
     read: fn(file, skip, take) -> tf.data.Dataset of those records, as
-      {'image': encoded string or uint8 [H, W, C], 'label'?: int64}.
+      {'image': encoded string or uint8 [H, W, C], 'label'?: int64,
+       'record': string naming the record for warnings}.
     parallel: whether pieces may be read in parallel (separate files).
   """
 
@@ -81,13 +82,17 @@ class RecordSource:
       pack = (sources.pack_image if sources.image_is_packed(builder)
               else lambda example: example)
       filenames = tf.constant(files)
+      basenames = tf.constant([os.path.basename(name) for name in files])
 
       def read(file, skip, take):
         records = tf.data.TFRecordDataset(tf.gather(filenames, file),
                                           buffer_size=_READ_BUFFER)
-        return records.skip(skip).take(take).map(
-            lambda record: pack(features.deserialize_example(
-                record, decoders=decoders)))
+        # Named as sources.read_records names them (for warnings).
+        where = tf.strings.join([' of ', tf.gather(basenames, file)])
+        return records.skip(skip).take(take).enumerate(skip).map(
+            lambda index, record: {
+                **pack(features.deserialize_example(record, decoders=decoders)),
+                'record': tf.strings.join(['record ', tf.strings.as_string(index), where])})
 
       return cls(spans=spans, read=read, parallel=True)
 
@@ -232,7 +237,7 @@ def cached_pieces(source: RecordSource, pieces: Pieces, decode_fn):
   if decode_fn is not None:
 
     def decode_piece(examples):
-      images, valid = corrupt.guarded_map(decode_fn, (examples['image'],))
+      images, valid = corrupt.guarded_map(decode_fn, (examples['image'],), examples['record'])
       return {**examples, 'image': images, 'valid': valid}
 
     cached = cached.map(decode_piece, num_parallel_calls=tf.data.AUTOTUNE)

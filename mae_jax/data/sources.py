@@ -401,7 +401,9 @@ def read_records(builder: tfds.core.DatasetBuilder, split: Any,
   """Examples of `split` in a fixed order, image bytes left undecoded.
 
   Elements are {'image': string (JPEG/PNG bytes, or a packed array: see
-  `image_is_packed`) or an array [H, W, C], 'label'?: int64}: parsing a record
+  `image_is_packed`) or an array [H, W, C], 'label'?: int64, 'record':
+  string, e.g. 'record 17 of NAME-train.tfrecord-00003-of-00016', for
+  warnings about the example}: parsing a record
   is cheap, decoding its image is not, so decoding happens later, after
   examples have been shuffled and skipped.
   """
@@ -411,10 +413,15 @@ def read_records(builder: tfds.core.DatasetBuilder, split: Any,
   options = tf.data.Options()
   options.deterministic = True
   read_config = tfds.ReadConfig(options=options, try_autocache=False,
-                                skip_prefetch=True)
+                                skip_prefetch=True, add_tfds_id=True)
   ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False,
                           read_config=read_config)
   keys = ['image'] + (['label'] if has_labels(builder) else [])
   pack = pack_image if image_is_packed(builder) and not decode_image else (lambda ex: ex)
-  return ds.map(lambda ex: pack({k: ex[k] for k in keys}),
-                num_parallel_calls=tf.data.AUTOTUNE)
+  if 'tfds_id' in ds.element_spec:  # 'FILE__INDEX' for data TFDS reads from files.
+    name = lambda index, ex: tf.strings.regex_replace(ex['tfds_id'], r'^(.*)__(\d+)$', r'record \2 of \1')
+  else:
+    where = f' of {builder.name} {split}'
+    name = lambda index, ex: tf.strings.join(['example ', tf.strings.as_string(index), where])
+  return ds.enumerate().map(lambda index, ex: {**pack({k: ex[k] for k in keys}), 'record': name(index, ex)},
+                            num_parallel_calls=tf.data.AUTOTUNE)

@@ -123,7 +123,8 @@ def get_config(arg=None):
   config.optim.momentum = 0.9  # sgd and lars.
   config.optim.trust_coefficient = 0.001  # lars.
 
-  # Device mesh; -1 = all remaining devices. Product must equal the device count.
+  # Device mesh; -1 = all remaining devices (of a slice, see dcn_data). Product must equal the device count
+  # (or a slice's: several slices, or hosts of a GPU job, are data-parallel replicas; parallel.resolve_mesh_shape).
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.fsdp = 1

@@ -18,6 +18,11 @@ Preemption and time limits (the trainer saves a checkpoint on SIGTERM and exits
     trainer's tasks with `scancel --signal=TERM JOBID` (srun itself answers
     SIGTERM by killing its tasks at once), waits for them and requeues the job
     with `scontrol requeue`.
+  * `scancel --batch --signal=USR1 JOBID` is "save and requeue now": the same
+    handler. After a signal to the shell it requeues whatever srun's status
+    (but 65, 78, 2): srun reports its tasks' highest status, and with
+    --kill-on-bad-exit a stop of many tasks may read 137 (tasks still exiting
+    after the first one exited 75 are killed), although every task saved.
   * Whenever the trainer exits 75 while the job is still RUNNING (also after
     `scancel --signal=TERM JOBID`, which signals the tasks only), the shell
     requeues the job. A plain `scancel`, reaching the time limit itself, or
@@ -356,7 +361,7 @@ def submit(job: SlurmJob, runner: common.Runner) -> None:
             f'({log_dir}) must exist when the job starts', file=sys.stderr)
     with open(path, 'w', encoding='utf-8') as f:
       f.write(script)
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o700)  # --env values (e.g. an API key) are in it: the owner's only.
   runner.run(['sbatch', path])
 
 

@@ -114,13 +114,6 @@ STOPPING = ('interrupted', 'preempted')
 
 
 # ----------------------------------------------------------------------------
-# Paths: local files or gs://, through mae_jax's one file layer.
-
-_is_remote, _join, _exists, _read_text, _write_text = (
-    fileio.is_remote, fileio.join, fileio.exists, fileio.read_text, fileio.write_text)
-
-
-# ----------------------------------------------------------------------------
 # The sweep: launch.sweep_spec.
 
 
@@ -196,7 +189,7 @@ def run_local(sweep: Sweep, *, local_runner: str = 'subprocess', max_runs: int =
     if max_runs and started >= max_runs:
       runner.echo(f'# stopping after --max_runs={max_runs}; rerun to continue')
       break
-    runner.echo(f'# {run.name}: {"resuming" if _exists(run.workdir) else "starting"} in {run.workdir}')
+    runner.echo(f'# {run.name}: {"resuming" if fileio.exists(run.workdir) else "starting"} in {run.workdir}')
     argv = _trainer_argv(sweep, run, extra_args, python)
     started += 1
     if runner.dry_run:
@@ -248,7 +241,7 @@ def run_tpu(sweep: Sweep, template, runner: common.Runner, steps: Sequence[str],
     max_runs: stop after this many runs (0: no limit).
   """
   from launch import tpu  # pylint: disable=g-import-not-at-top
-  check_markers = not (runner.dry_run and _is_remote(sweep.root))
+  check_markers = not (runner.dry_run and fileio.is_remote(sweep.root))
   if not check_markers:
     runner.echo(f'# dry run: not reading DONE markers under {sweep.root}; every run is listed')
   pending = []
@@ -386,10 +379,10 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
     for run in todo.runs if template is not None else ():  # What each TPU run's trainer will read, before a TPU.
       common.check_job_config(sweep.base, run.override_args, trainer_args, template.source_dir,
                               None if template.repo_url else template.git_ref)
-    if not (args.dry_run and _is_remote(sweep.root)):
+    if not (args.dry_run and fileio.is_remote(sweep.root)):
       check_done_runs(sweep, trainer_args)
     # A --metrics name that no run has logged (when some have: a rerun to tabulate a sweep) is a typo.
-    sweep_summary.check_metrics(sweep, _split(args.metrics), read=not (args.dry_run and _is_remote(sweep.root)))
+    sweep_summary.check_metrics(sweep, _split(args.metrics), read=not (args.dry_run and fileio.is_remote(sweep.root)))
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   if runner is None:
@@ -419,7 +412,7 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
     statuses.update({name: 'interrupted' for name in running})
     runner.echo(f'# interrupted ({e or "Ctrl-C"}): rerun the same command to resume')
   # A dry run reads local workdirs (cheap, shows what is done) but not gs:// ones.
-  read = not (args.dry_run and _is_remote(sweep.root))
+  read = not (args.dry_run and fileio.is_remote(sweep.root))
   metrics_error = None
   try:
     columns, rows = sweep_summary.summary_rows(sweep, {} if args.dry_run else statuses, _split(args.metrics),
@@ -431,7 +424,7 @@ def main(argv: Sequence[str] | None = None, runner: common.Runner | None = None,
               sweep_summary.write_summary(sweep, columns, rows))
   runner.echo(markdown.rstrip('\n'))
   if not args.dry_run:
-    runner.echo(f'# summary: {_join(sweep.root, "summary.md")}, {_join(sweep.root, "summary.csv")}')
+    runner.echo(f'# summary: {fileio.join(sweep.root, "summary.md")}, {fileio.join(sweep.root, "summary.csv")}')
   if metrics_error:
     runner.echo(f'error: {metrics_error}; the summary above and its files show every metric instead')
   if any(status in STOPPING for status in statuses.values()):

@@ -20,10 +20,6 @@ from configs import common as config_common
 from launch.sweep_summary import DONE_MARKER, done_record
 from mae_jax import config_tools, fileio
 
-_is_remote, _join, _exists, _read_text, _write_text = (
-    fileio.is_remote, fileio.join, fileio.exists, fileio.read_text, fileio.write_text)
-
-
 # ----------------------------------------------------------------------------
 # The sweep.
 
@@ -70,9 +66,9 @@ def load_sweep(spec: str, root: str, only: Sequence[str] = ()) -> Sweep:
   except Exception as e:  # noqa: BLE001  A sweep file that fails: one line, not a traceback.
     raise _load_error(f'--sweep={spec}', path, e) from None
   config_common.check_sweep(raw)
-  if not _is_remote(root):
+  if not fileio.is_remote(root):
     root = os.path.abspath(root)
-  runs = tuple(Run(r['name'], dict(r.get('overrides', {})), _join(root, r['name']))
+  runs = tuple(Run(r['name'], dict(r.get('overrides', {})), fileio.join(root, r['name']))
                for r in raw['runs'])
   sweep = Sweep(spec=spec, base=raw['base'], root=root, runs=runs)
   try:
@@ -152,7 +148,7 @@ def mark_done(run: Run, result: dict, settings: dict) -> None:
   """Writes ROOT/NAME/DONE: the step and time the run finished, and its settings."""
   record = {'step': result.get('step'), 'finished': datetime.datetime.now().isoformat(timespec='seconds'),
             **settings}
-  _write_text(_join(run.workdir, DONE_MARKER), json.dumps(record) + '\n')
+  fileio.write_text(fileio.join(run.workdir, DONE_MARKER), json.dumps(record) + '\n')
 
 
 def check_done_runs(sweep: Sweep, trainer_args: Sequence[str]) -> None:

@@ -94,7 +94,11 @@ class Checkpointer:
     """True when the job got a preemption notice (multi-host safe)."""
     try:
       return bool(self.manager.reached_preemption(step))
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
+      if not getattr(self, '_preemption_failed', False):  # Once: it would fail at every step.
+        self._preemption_failed = True
+        logging.warning('Cannot ask JAX\'s preemption service whether to stop (%s: %s): a preemption notice '
+                        'will not save a checkpoint', type(e).__name__, e)
       return False
 
   def close(self):

@@ -43,14 +43,15 @@ def _axes(names: Sequence[str]) -> str:
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> dict:
-  """Returns {'data': d, 'fsdp': f, 'tensor': t} for the devices of one slice times slices."""
+  """Returns {'data': d, 'fsdp': f, 'tensor': t, 'dcn_data': n}: the mesh of one slice, n slices (or groups).
+
+  Several slices (TPU slices; on GPUs, the hosts of a multi-host job) are data-parallel replicas over the
+  slower links between them (dcn_data) unless mesh.dcn_data says otherwise: an axis of -1 takes the remaining
+  devices of a slice. Sizes that multiply to the job's device count are the job's: the data axis spans the
+  slices where it is a multiple of their number, else the mesh is one over every device.
+  """
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
   dcn_data = int(mesh_config['dcn_data'] or 1)
-  if num_slices > 1 and dcn_data == 1:
-    dcn_data = num_slices
-  if num_devices % dcn_data:
-    raise ValueError(f'mesh.dcn_data={dcn_data} does not divide the {_count(num_devices)}')
-  per_slice = num_devices // dcn_data
   unknown = [a for a, s in sizes.items() if s == -1]
   if len(unknown) > 1:
     raise ValueError(f'mesh: only one axis may be -1, got {" and ".join(f"mesh.{a}=-1" for a in unknown)}')
@@ -58,6 +59,17 @@ def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> di
     if size == 0 or size < -1:
       raise ValueError(f'mesh.{axis}={size}: must be a positive size or -1 (the remaining devices)')
   known = math.prod(s for s in sizes.values() if s != -1)
+  if num_slices > 1 and dcn_data == 1:
+    dcn_data = num_slices
+    if not unknown and known == num_devices:  # The job's sizes.
+      if sizes['data'] % num_slices:
+        dcn_data = 1
+      else:
+        sizes['data'] //= num_slices
+        known //= num_slices
+  if num_devices % dcn_data:
+    raise ValueError(f'mesh.dcn_data={dcn_data} does not divide the {_count(num_devices)}')
+  per_slice = num_devices // dcn_data
   # 'the 8 devices', or with several slices 'the 4 devices per slice (8 in all)'.
   where = (f'the {_count(per_slice)}' if dcn_data == 1
            else f'the {_count(per_slice)} per slice ({num_devices} in all)')

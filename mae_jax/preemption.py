@@ -35,6 +35,7 @@ class PreemptionFlag:
     self.event = threading.Event()
     self.sync_every_steps = sync_every_steps
     self._previous = {}
+    self._agree = True  # False where nothing can set the flag on a process of several: no all-gather then.
 
   def install(self):
     if threading.current_thread() is not threading.main_thread():
@@ -42,6 +43,8 @@ class PreemptionFlag:
     _TRAINING.set()  # sigterm_exits' handler: after the loop, 'after training'.
     if not jax_preemption_service():
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    elif jax.process_count() > 1:  # The service's sync point stops the loop (Checkpointer.reached_preemption).
+      self._agree = False
     if jax.process_count() == 1:  # Ctrl-C saves and stops too (a pod's processes get no terminal's Ctrl-C).
       self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
     return self
@@ -63,7 +66,7 @@ class PreemptionFlag:
     """Whether to save and stop after `step`; the same answer on every process."""
     if jax.process_count() == 1:
       return self.event.is_set()
-    if step % self.sync_every_steps:
+    if not self._agree or step % self.sync_every_steps:
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.int32(self.event.is_set()))

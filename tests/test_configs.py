@@ -328,7 +328,8 @@ def test_missing_flag_file_is_one_line(capsys, tmp_path, monkeypatch):
   with pytest.raises(SystemExit) as stopped:
     config_tools.parse_flags(argv)
   code, err = stopped.value.code, capsys.readouterr().err
-  assert code == 2 and err == "error: --flagfile: Unable to open flagfile: [Errno 2] No such file or directory: 'nope.txt'\n"
+  assert code == 2
+  assert err == "error: --flagfile: Unable to open flagfile: [Errno 2] No such file or directory: 'nope.txt'\n"
   monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads flag files in sys.argv when it defines --config.
   monkeypatch.setattr(flags, 'FLAGS', flags.FlagValues())
   with pytest.raises(SystemExit) as stopped:

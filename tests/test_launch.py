@@ -749,6 +749,7 @@ def test_slurm_script_runs_and_passes_values_through(tmp_path):
   runner = ScriptedRunner()
   slurm.submit(job, runner)
   assert runner.commands == [('sbatch', job.script)]  # Recorded, not run.
+  assert os.stat(job.script).st_mode & 0o777 == 0o700  # --env values (API keys) are in it.
   env = dict(os.environ, PATH=f'{fake_srun.parent}:{os.environ["PATH"]}', SLURM_JOB_ID='42')
   done = subprocess.run(['bash', job.script], capture_output=True, text=True, env=env,
                         timeout=30, check=False, cwd=tmp_path)
@@ -793,13 +794,16 @@ def _slurm_stand_ins(tmp_path, trainer_seconds, trainer_status, term_status, sca
   return bin_dir, calls
 
 
-@pytest.mark.parametrize('case', ['finished_during_the_signal', 'nonfinite_after_the_signal', 'preempted'])
+@pytest.mark.parametrize('case', ['finished_during_the_signal', 'nonfinite_after_the_signal', 'preempted',
+                                  'preempted_reported_as_killed'])
 def test_slurm_script_statuses_around_the_time_limit_signal(tmp_path, case):
   """USR1 near the time limit: a trainer that ends meanwhile keeps its status; 65 is final, 75 is requeued."""
   trainer_seconds, trainer_status, term_status, scancel_seconds, want_status, requeued = {
       'finished_during_the_signal': (1, 0, 75, 3, 0, False),  # srun ends while the handler still runs.
       'nonfinite_after_the_signal': (30, 0, 65, 0, 65, False),
       'preempted': (30, 0, 75, 0, 75, True),
+      # srun's status when --kill-on-bad-exit killed tasks still exiting after the first 75: still requeued.
+      'preempted_reported_as_killed': (30, 0, 137, 0, 137, True),
   }[case]
   bin_dir, calls = _slurm_stand_ins(tmp_path, trainer_seconds, trainer_status, term_status, scancel_seconds)
   job = slurm.SlurmJob(config='configs/test.py', workdir='/w', script=str(tmp_path / 'job.sbatch'))

@@ -287,6 +287,25 @@ def test_the_first_ctrl_c_asks_for_a_save_and_the_second_stops_at_once(capsys):
   assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.parametrize('service', [True, False])
+def test_processes_agree_on_a_stop_by_all_gather_only_without_jax_preemption_service(monkeypatch, service):
+  """With the service (it owns SIGTERM; its sync point stops the loop) nothing can set the flag: no host sync."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  from mae_jax import preemption  # pylint: disable=g-import-not-at-top
+  gathered = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(preemption, 'jax_preemption_service', lambda: service)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', lambda x: gathered.append(x) or np.asarray([x, 0]))
+  flag = loop.PreemptionFlag(sync_every_steps=10).install()
+  try:
+    assert [flag.requested(step) for step in (9, 10, 20)] == [False, False, False]
+  finally:
+    flag.uninstall()
+  assert len(gathered) == (0 if service else 2)
+
+
 def test_a_preemption_during_a_scheduled_save_keeps_it_instead_of_saving_twice(tmp_path):
   """SIGTERM while the step-5 save is still being written: no second save in the grace period."""
   import jax  # pylint: disable=g-import-not-at-top

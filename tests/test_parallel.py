@@ -72,6 +72,20 @@ def test_multislice_dcn_data():
   assert dict(mesh.shape) == {'data': 4, 'fsdp': 2, 'tensor': 1}
 
 
+@pytest.mark.parametrize('kw,sizes', [
+    (dict(data=-1), dict(data=8, fsdp=1, dcn_data=4)),  # A slice's devices; data-parallel over the slices.
+    (dict(data=1, fsdp=-1), dict(data=1, fsdp=8, dcn_data=4)),
+    (dict(data=32), dict(data=8, fsdp=1, dcn_data=4)),  # The job's sizes: the data axis spans the slices,
+    (dict(data=4, fsdp=8), dict(data=1, fsdp=8, dcn_data=4)),
+    (dict(data=2, fsdp=16), dict(data=2, fsdp=16, dcn_data=1)),  # or, where it cannot, one mesh of every device.
+    (dict(data=1, fsdp=32), dict(data=1, fsdp=32, dcn_data=1)),
+    (dict(data=2, fsdp=8, dcn_data=2), dict(data=2, fsdp=8, dcn_data=2)),  # dcn_data set: per group of 16.
+])
+def test_sizes_over_several_slices(kw, sizes):
+  """32 devices in 4 slices (TPU slices, or the 4 hosts of a GPU job, which XLA numbers as slices)."""
+  assert parallel.resolve_mesh_shape(_mesh_config(**kw), 32, num_slices=4) == {'tensor': 1, **sizes}
+
+
 def test_partition_rules():
   mesh = parallel.create_mesh(_mesh_config(data=2, fsdp=2, tensor=2))
   spec = lambda name, shape, min_size=1: parallel.partition_spec(name, shape, mesh, min_fsdp_size=min_size)

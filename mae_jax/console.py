@@ -52,7 +52,9 @@ def define_flags() -> None:
 LOGS_DIR = 'logs'
 # Orbax's notes when a checkpoint is opened read-only (visualize, export, warm starts): expected, not advice.
 QUIET_WARNINGS = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only',
-                  'Reached preemption sync point')  # Orbax's, at every check: our own stop line says it once.
+                  'Reached preemption sync point',  # Orbax's, at every check: our own stop line says it once.
+                  # TFDS's reader (the record ids that name a corrupt image) uses a deprecated tf.data op.
+                  'CounterV2 (from tensorflow.python.data.experimental.ops.counter) is deprecated')
 
 
 def _verbose_in_argv(argv) -> bool:
@@ -135,7 +137,10 @@ class _QuietFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name.startswith(QUIET_LOGGERS):
       return False
-    message = str(record.msg)
+    try:
+      message = record.getMessage()
+    except (TypeError, ValueError):  # Arguments that do not fit the format: the format alone.
+      message = str(record.msg)
     return not any(note in message for note in QUIET_WARNINGS)
 
 

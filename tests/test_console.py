@@ -65,6 +65,28 @@ def test_info_goes_to_the_log_file_warnings_and_errors_to_the_terminal(tmp_path)
   assert len(stderr.strip().splitlines()) == 3, stderr  # Logs:, the warning, the error.
 
 
+def test_reading_a_data_set_shows_no_library_deprecation_on_the_terminal(tmp_path):
+  """TFDS's record ids (they name corrupt images) use a deprecated tf.data op: its warning goes to the file only."""
+  code = textwrap.dedent("""
+      import sys
+      from mae_jax import console
+      from mae_jax.data import sources
+      from tests import test_data_pipeline as data_tests
+      console.setup('probe', sys.argv[1])
+      data_tests._write_records(sys.argv[2], 'few', [data_tests._png(9)] * 4, [4], (6, 6, 3))
+      builder = sources.get_builder(sources.DatasetConfig(name='few', data_dir=sys.argv[2]))
+      print([e['record'].decode() for e in sources.read_records(builder, 'train').as_numpy_iterator()])
+  """)
+  workdir = tmp_path / 'run'
+  proc = subprocess.run([sys.executable, '-c', code, str(workdir), str(tmp_path / 'data')], cwd=REPO,
+                        capture_output=True, text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == str([f'record {i} of few-train.tfrecord-00000-of-00001' for i in range(4)])
+  (log,) = os.listdir(workdir / 'logs')
+  assert 'CounterV2' in (workdir / 'logs' / log).read_text()
+  assert 'CounterV2' not in proc.stderr and 'Instructions for updating' not in proc.stderr, proc.stderr
+
+
 def test_reads_left_on_a_closed_event_loop_go_to_the_log_file(tmp_path):
   """After a failed checkpoint read Orbax's pending reads end as unraisable 'Event loop is closed' errors."""
   code = textwrap.dedent("""

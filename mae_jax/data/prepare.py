@@ -43,10 +43,14 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mae_jax import console  # Before TensorFlow: console imports it with its native log lines sent to the log file.
+
+# isort: split
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from mae_jax.data import arrays, dataset_writer, sources
 
@@ -366,6 +370,7 @@ def main(argv: Sequence[str]):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  console.setup('prepare')  # TensorFlow's and TFDS's INFO lines to a log file (--verbose: here), not into the bar.
   data_dir = FLAGS.data_dir or sources.default_data_dir()
   source = FLAGS.source
   try:
@@ -399,6 +404,8 @@ def main(argv: Sequence[str]):
 def run():
   """Console-script entry point (mae-jax-prepare)."""
   _define_flags()
+  console.define_flags()  # --verbose (this entry point's --progress is its own bar's switch).
+  flags.adopt_module_key_flags(console)  # Listed by --help.
   app.run(main)
 
 

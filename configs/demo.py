@@ -37,7 +37,8 @@ def get_config(arg=None):
   config.num_train_steps = args.steps
   config.log_every_steps = min(50, max(1, config.num_train_steps))
   config.checkpoint_every_steps = 200
-  config.eval_every_steps = max(1, config.num_train_steps // 4)  # kNN monitor: eval/knn_top1 as it trains.
+  # kNN monitor: eval/knn_top1 4 times a run (the last at the final step: a period rounded up).
+  config.eval_every_steps = max(1, -(-config.num_train_steps // 4))
   config.knn.pool = 'mean'  # Mean-pooled patch tokens: the MAE loss reaches them, not the cls token.
   config.knn.train_examples = 10_000  # Bank: the first 10,000 training images.
   config.knn.eval_examples = 5_000  # Queries: the first 5,000 test images (about 30 s an evaluation on 2 cores).

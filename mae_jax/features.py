@@ -425,11 +425,7 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
     batches, num_batches = folder_batches(images, names, config, batch_size, num_workers=num_workers,
                                           skipped=skipped)
     total = len(names)
-    try:  # Labels from class sub-folders, as mae_jax.data.prepare labels the folder.
-      _, class_names, label_of = dataset_writer.split_layout(names, 'auto', images)
-    except dataset_writer.PrepareError:
-      class_names, label_of = [], None
-    labeled = label_of is not None
+    labeled = None  # Known once the readable images are (unreadable files neither give nor take labels).
   else:
     batches, num_batches, total, labeled = dataset_batches(config, split, batch_size)
   logging.info('Features of %d images (%s) from %s (%s): layers %s, pool %s, global batch %d on %d devices',
@@ -444,8 +440,11 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
   if not len(index):
     raise FeaturesError(f'none of the {total} images could be read: e.g. {skipped[:5]}')
   names = [names[i] for i in index] if images else [f'{split}/{i}' for i in index]
-  if images and labeled:
-    labels = np.asarray([label_of(name) for name in names], np.int64)
+  if images:
+    class_names, label_of = folder_labels(names, images)
+    labeled = label_of is not None
+    if labeled:
+      labels = np.asarray([label_of(name) for name in names], np.int64)
   metadata = {'model_name': facts['model_name'], 'model_overrides': facts['model_overrides'],
               'source': facts['source'], 'input': images or f'{dataset}:{split}', 'pool': pool,
               'layers': None if layers is None else list(layers), 'image_size': encoder_kwargs['image_size'],
@@ -461,6 +460,24 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
 
 
 FLAGS = flags.FLAGS
+
+
+def folder_labels(names: Sequence[str], folder: str):
+  """(class names, fn(name) -> label, or None) of the images read from a folder, as prepare labels a folder.
+
+  Labels come from class sub-folders; an image that lies directly in the folder
+  next to sub-folders leaves every image unlabelled, which a warning says.
+  """
+  try:
+    _, class_names, label_of = dataset_writer.split_layout(names, 'auto', folder)
+  except dataset_writer.PrepareError as e:
+    logging.warning('No labels written: %s', e)
+    return [], None
+  at_root = [name for name in names if '/' not in name]
+  if label_of is None and len(at_root) < len(names):
+    logging.warning('No labels written: %d of the images lie directly in %s (e.g. %s), not in a class sub-folder',
+                    len(at_root), folder, at_root[0])
+  return class_names, label_of
 
 
 def _define_flags():

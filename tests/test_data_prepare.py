@@ -300,6 +300,19 @@ def test_prepare_unlabeled_grayscale_folder(tmp_path):
                            labels='subdir', progress=False)
 
 
+def test_an_unreadable_file_next_to_class_folders_is_skipped_and_the_folders_label(tmp_path, capsys):
+  root = tmp_path / 'pets'
+  for i, pet in enumerate(['cat', 'cat', 'dog']):
+    (root / pet).mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (10, 10), (i * 60,) * 3).save(root / pet / f'{i}.png')
+  (root / 'notes.png').write_bytes(b'not an image')  # Readable, it would leave every image unlabelled.
+  data_dir = str(tmp_path / 'tfds')
+  prepare.prepare_folder(str(root), data_dir, progress=False)
+  info = input_pipeline.dataset_info({'name': 'pets', 'data_dir': data_dir, 'image_size': 8, 'channels': 3})
+  assert info['has_labels'] and info['class_names'] == ['cat', 'dog'] and info['num_train_examples'] == 3
+  assert 'notes.png' in capsys.readouterr().out  # Reported as skipped.
+
+
 def test_prepare_folder_errors(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   empty = tmp_path / 'empty'

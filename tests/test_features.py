@@ -38,7 +38,8 @@ def weights_file(params, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-  """Seven images of other sizes in two class folders (5 is not a multiple of 8 devices), and a broken file."""
+  """Seven images of other sizes in two class folders (5 is not a multiple of 8 devices), and a broken file at the
+  top (skipped: it neither gives a label nor takes the folders' labels away)."""
   root = tmp_path_factory.mktemp('images')
   rng = np.random.default_rng(0)
   for i, (sub, size) in enumerate([('a', (40, 36)), ('a', (32, 32)), ('a', (50, 64)), ('b', (33, 45)),
@@ -46,7 +47,7 @@ def folder(tmp_path_factory):
     os.makedirs(root / sub, exist_ok=True)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(root / sub / f'img{i}.png')
-  (root / 'b' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
+  (root / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
   return str(root)
 
 
@@ -101,6 +102,16 @@ def test_encode_return_layers_equal_hf_hidden_states(params, tmp_path, scan_laye
 # ----------------------------------------------------------------------------
 
 
+def test_folder_labels_come_from_class_folders_and_a_mixed_folder_says_why_it_has_none(caplog):
+  names = ['a/x.png', 'b/y.png', 'b/z.png']
+  class_names, label_of = features.folder_labels(names, '/imgs')
+  assert class_names == ['a', 'b'] and [label_of(n) for n in names] == [0, 1, 1]
+  assert features.folder_labels(['x.png', 'y.png'], '/imgs') == ([], None) and not caplog.records  # Unlabelled.
+  assert features.folder_labels(names + ['top.png'], '/imgs') == ([], None)
+  assert caplog.records[-1].getMessage() == ('No labels written: 1 of the images lie directly in /imgs (e.g. '
+                                             'top.png), not in a class sub-folder')
+
+
 def test_command_line_on_a_folder_writes_every_token_of_the_layers(params, weights_file, folder, tmp_path):
   out = str(tmp_path / 'feats.safetensors')
   result = subprocess.run(
@@ -116,7 +127,7 @@ def test_command_line_on_a_folder_writes_every_token_of_the_layers(params, weigh
   # Labelled by their class folders, as mae_jax.data.prepare labels the folder.
   assert arrays['labels'].tolist() == [0, 0, 0, 1, 1, 1, 1] and meta['class_names'] == ['a', 'b']
   assert meta['layers'] == [0, 2] and meta['pool'] == 'none' and meta['model_name'] == MODEL
-  assert meta['num_skipped'] == 1 and meta['skipped'] == ['b/broken.png']
+  assert meta['num_skipped'] == 1 and meta['skipped'] == ['broken.png']
   assert meta['mean'] == [0.485, 0.456, 0.406]  # No run config in the metadata: ImageNet's.
   want = _expected_tokens(params, folder, good, (0, -1), meta['mean'], meta['std'])
   for key, expected in zip(['layer_0', 'layer_2'], want):

@@ -205,6 +205,9 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
         f'--source=folder:{folder}: no images ({", ".join(IMAGE_EXTENSIONS)}) '
         'found in the folder or its sub-folders. Put your images there, '
         'optionally one sub-folder per class, and run this command again.')
+  skipped = []
+  if labels == 'auto':  # An unreadable file next to the class folders does not take their labels away.
+    files, skipped = _unreadable_at_the_top_left_out(folder, files)
   splits, class_names, label_of = dataset_writer.split_layout(files, labels, folder, split_folders)
   labeled = bool(class_names)
 
@@ -212,7 +215,6 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
   print(f'Preparing {name} from {len(files)} image files under {folder} '
         f'({dataset_writer.describe_layout(splits, class_names)}) into {out_dir}.')
 
-  skipped = []
   start = time.time()
   convert = make_converter(folder, channels, max_size)
   with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
@@ -228,6 +230,26 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
 
   dataset_writer.report(name, out_dir, split_infos, time.time() - start, skipped, 'image')
   return out_dir
+
+
+def _unreadable_at_the_top_left_out(folder: str, files: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """(files, skipped): the files lying directly in `folder` next to sub-folders that PIL cannot open, left out.
+
+  Such a file would leave every image unlabelled (`dataset_writer.class_labels`) and then be skipped anyway.
+  """
+  at_top = [f for f in files if '/' not in f]
+  if not at_top or len(at_top) == len(files):
+    return files, []
+  skipped = []
+  for relpath in at_top:
+    try:
+      with tf.io.gfile.GFile(os.path.join(folder, relpath), 'rb') as f, Image.open(f) as image:
+        image.verify()
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+      skipped.append((relpath, 'not an image in a known format, or a corrupt header'
+                      if isinstance(e, UnidentifiedImageError) else f'{type(e).__name__}: {e}'))
+  left_out = {relpath for relpath, _ in skipped}
+  return [f for f in files if f not in left_out], skipped
 
 
 def list_images(folder: str) -> list[str]:

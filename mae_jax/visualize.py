@@ -236,7 +236,9 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
   """Writes the reconstruction grid of a pretraining checkpoint; returns the PNG path.
 
   bands: channels shown as RGB (see `parse_bands`); default the run's
-  config.dataset.display_bands, else the first three.
+  config.dataset.display_bands, else the first three. The grid of the run's
+  own images at its mask ratio also goes to the run's TensorBoard (tag
+  'reconstructions', at the checkpoint's step).
   """
   params, config_dict = checkpoint.load_params(workdir, step)
   if 'decoder' not in params or 'downstream' in config_dict:
@@ -269,11 +271,13 @@ def visualize_checkpoint(workdir: str, out: str | None = None, *, step: int | No
                              bands=bands, value_range=value_range)
   out = out or fileio.join(workdir, 'reconstructions.png')
   out = save_png(with_column_titles(grid), out)
-  # The run's TensorBoard gets the picture too, through the writer the trainers use (fileio: gs:// as well);
-  # a storage error there is a warning (metrics._Storage), the PNG above is the result.
-  writer = metrics.TensorBoardWriter(workdir)
-  writer.write_images(checkpoint.latest_step(workdir) if step is None else step, {'reconstructions': grid[None]})
-  writer.close()
+  if not image_files and ratio == config.mask_ratio:
+    # The run's own images at its own mask ratio: its TensorBoard gets the picture too, through the writer the
+    # trainers use (fileio: gs:// as well); a storage error there is a warning (metrics._Storage), the PNG above
+    # is the result. Pictures of other images or ratios are the PNG's only.
+    writer = metrics.TensorBoardWriter(workdir)
+    writer.write_images(checkpoint.latest_step(workdir) if step is None else step, {'reconstructions': grid[None]})
+    writer.close()
   return out
 
 

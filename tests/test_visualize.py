@@ -123,6 +123,11 @@ def test_visualize_a_run_on_synthetic_data(tmp_path):
   accumulator = event_accumulator.EventAccumulator(os.path.join(workdir, events))
   accumulator.Reload()
   assert accumulator.Tags()['images'] == ['reconstructions']
+  # A picture of other images or at another mask ratio is the PNG's only: the run's TensorBoard stays its own.
+  visualize.visualize_checkpoint(workdir, str(tmp_path / 'other.png'), num_images=3, mask_ratio=0.5)
+  Image.new('RGB', (32, 32), (90, 20, 200)).save(tmp_path / 'mine.png')
+  visualize.visualize_checkpoint(workdir, str(tmp_path / 'mine_grid.png'), image_files=[str(tmp_path / 'mine.png')])
+  assert [f for f in set(os.listdir(workdir)) - before if f.startswith('events.out.tfevents')] == [events]
 
 
 def test_visualize_needs_a_decoder(tmp_path, monkeypatch):

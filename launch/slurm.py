@@ -359,9 +359,11 @@ def submit(job: SlurmJob, runner: common.Runner) -> None:
         os.makedirs(fixed, exist_ok=True)
       print(f'warning: --output={job.output}: Slurm does not create folders, and the one named by a pattern '
             f'({log_dir}) must exist when the job starts', file=sys.stderr)
-    with open(path, 'w', encoding='utf-8') as f:
+    # --env values (e.g. an API key) are in it: the owner's only, from its creation on.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+    os.fchmod(fd, 0o700)  # An existing file keeps its mode through O_CREAT.
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(script)
-    os.chmod(path, 0o700)  # --env values (e.g. an API key) are in it: the owner's only.
   runner.run(['sbatch', path])
 
 

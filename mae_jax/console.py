@@ -139,7 +139,7 @@ class _QuietFilter(logging.Filter):
       return False
     try:
       message = record.getMessage()
-    except (TypeError, ValueError):  # Arguments that do not fit the format: the format alone.
+    except Exception:  # pylint: disable=broad-except  # Arguments that do not format: the handler reports it.
       message = str(record.msg)
     return not any(note in message for note in QUIET_WARNINGS)
 

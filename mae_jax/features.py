@@ -439,9 +439,11 @@ def write_embeddings(out: str, *, weights: str | None = None, workdir: str | Non
                     '; '.join(f'{name} ({why})' for name, why in skipped[:5]) + ('; ...' if len(skipped) > 5 else ''))
   if not len(index):
     raise FeaturesError(f'none of the {total} images could be read: e.g. {skipped[:5]}')
+  listed = names
   names = [names[i] for i in index] if images else [f'{split}/{i}' for i in index]
-  if images:
-    class_names, label_of = folder_labels(names, images)
+  if images:  # As prepare labels the folder: every file listed but an unreadable one next to the class folders.
+    unreadable_at_top = {name for name, _ in skipped if '/' not in name}
+    class_names, label_of = folder_labels([name for name in listed if name not in unreadable_at_top], images)
     labeled = label_of is not None
     if labeled:
       labels = np.asarray([label_of(name) for name in names], np.int64)
@@ -463,7 +465,7 @@ FLAGS = flags.FLAGS
 
 
 def folder_labels(names: Sequence[str], folder: str):
-  """(class names, fn(name) -> label, or None) of the images read from a folder, as prepare labels a folder.
+  """(class names, fn(name) -> label, or None) of a folder's image files, as prepare labels a folder.
 
   Labels come from class sub-folders; an image that lies directly in the folder
   next to sub-folders leaves every image unlabelled, which a warning says.

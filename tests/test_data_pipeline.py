@@ -9,6 +9,7 @@ tests), and coded images some of which are garbage (corrupt-image tests).
 
 import io
 import itertools
+import logging
 import os
 
 import numpy as np
@@ -17,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax.data import input_pipeline, prepare, sources
+from mae_jax.data import corrupt, input_pipeline, prepare, sources
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -449,6 +450,12 @@ CORRUPT_WARNINGS = {'record 3 of garbled-train.tfrecord-00000-of-00002': 'Input 
                     'record 15 of garbled-train.tfrecord-00001-of-00002': 'Invalid JPEG data'}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_corrupt_warnings():
+  """Each test sees the corrupt-image warnings (given once per process) anew."""
+  corrupt.forget_warned()
+
+
 def _check_corrupt_warnings(caplog):
   """Each corrupt record got one warning that names it and says why (epochs after the first: none), no other did."""
   prefix = 'Skipped an image that could not be decoded or preprocessed: '
@@ -490,6 +497,10 @@ def test_corrupt_images_are_replaced_and_counted_in_place(garbled, cache, caplog
   steps = 3 * GARBLED // 8  # Three epochs.
   batches = _train_batches(config, steps)
   _check_corrupt_warnings(caplog)
+  caplog.clear()  # Another pipeline of the process (an evaluation's, a resume's): the file only.
+  caplog.set_level(logging.INFO)
+  _train_batches(config, 2)
+  assert not [r for r in caplog.records if r.levelname == 'WARNING'] and 'Skipped again' in caplog.text
   clean = _train_batches(clean_config, steps)
   for epoch in range(3):  # Each corrupt record counted once per epoch.
     epoch_batches = batches[epoch * 5:(epoch + 1) * 5]

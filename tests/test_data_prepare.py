@@ -306,11 +306,15 @@ def test_an_unreadable_file_next_to_class_folders_is_skipped_and_the_folders_lab
     (root / pet).mkdir(parents=True, exist_ok=True)
     Image.new('RGB', (10, 10), (i * 60,) * 3).save(root / pet / f'{i}.png')
   (root / 'notes.png').write_bytes(b'not an image')  # Readable, it would leave every image unlabelled.
+  jpeg = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(jpeg, 'JPEG')
+  (root / 'cut.jpg').write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])  # A header that opens, cut data.
   data_dir = str(tmp_path / 'tfds')
   prepare.prepare_folder(str(root), data_dir, progress=False)
   info = input_pipeline.dataset_info({'name': 'pets', 'data_dir': data_dir, 'image_size': 8, 'channels': 3})
   assert info['has_labels'] and info['class_names'] == ['cat', 'dog'] and info['num_train_examples'] == 3
-  assert 'notes.png' in capsys.readouterr().out  # Reported as skipped.
+  printed = capsys.readouterr().out
+  assert 'notes.png' in printed and 'cut.jpg' in printed  # Reported as skipped.
 
 
 def test_prepare_folder_errors(tmp_path):

@@ -9,7 +9,7 @@ def test_demo_config_trains_on_plain_pixels_with_the_knn_monitor_on():
   assert config.norm_pix_loss is False  # Plain pixel targets: a recognisable reconstruction picture.
   assert config.num_train_steps == 40 and config.eval_every_steps == 10  # Four kNN evaluations, the last at the end.
   assert config.knn.pool == 'mean' and config.dataset.data_dir == '/data'
-  for steps in (40, 650, 7):  # Four evaluations at most, at a period's end or the last step, none back to back.
+  for steps in (40, 650, 7):  # Four evaluations at most, at a period's end or the last step, spread out.
     every = demo_config.get_config(f'steps={steps}').eval_every_steps
     evaluated = sorted({s for s in range(1, steps + 1) if s % every == 0} | {steps})
     assert len(evaluated) <= 4 and min(b - a for a, b in zip(evaluated, evaluated[1:])) >= every // 2, evaluated

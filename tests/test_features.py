@@ -112,6 +112,20 @@ def test_folder_labels_come_from_class_folders_and_a_mixed_folder_says_why_it_ha
                                              'top.png), not in a class sub-folder')
 
 
+def test_a_class_folder_without_a_readable_image_keeps_its_label_as_prepare_gives_it(weights_file, tmp_path):
+  root = tmp_path / 'imgs'
+  for sub in ('a', 'b', 'c'):
+    (root / sub).mkdir(parents=True)
+  Image.new('RGB', (32, 32), (10, 20, 30)).save(root / 'a' / 'x.png')
+  (root / 'b' / 'y.png').write_bytes(b'not an image')
+  Image.new('RGB', (32, 32), (90, 20, 30)).save(root / 'c' / 'z.png')
+  out = str(tmp_path / 'f.npz')
+  features.write_embeddings(out, weights=weights_file, images=str(root), pool='cls', progress=False)
+  arrays, names, meta = features.read_features(out)
+  assert names == ['a/x.png', 'c/z.png'] and meta['class_names'] == ['a', 'b', 'c']
+  assert arrays['labels'].tolist() == [0, 2]
+
+
 def test_command_line_on_a_folder_writes_every_token_of_the_layers(params, weights_file, folder, tmp_path):
   out = str(tmp_path / 'feats.safetensors')
   result = subprocess.run(

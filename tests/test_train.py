@@ -188,6 +188,7 @@ def test_grad_accumulation_matches_full_batch(monkeypatch):
   step = functools.partial(pretrain_step.train_step, model=model, tx=tx, lr_fn=lr_fn, mask_ratio=0.75, accum_steps=2,
                            max_nonfinite=10, base_rng=base_rng)
   jax.block_until_ready(jax.jit(step)(state, {'image': images}))  # The callback gives the values as arrays.
+  jax.effects_barrier()
 
   def loss_fn(params, chunk, key):
     return model.apply({'params': params}, chunk, mask_ratio=0.75, rngs={'mask': key}, train=True)[0]

@@ -61,28 +61,41 @@ def guarded_map(fn, args, names):
   return outputs, _warned(fn, args, names, valid)
 
 
+_WARNED = set()  # Records warned about in this process.
+_WARNED_LOCK = threading.Lock()
+
+
+def forget_warned() -> None:
+  """Warn again about records already warned about (a new run in the same process; tests)."""
+  with _WARNED_LOCK:
+    _WARNED.clear()
+
+
 def _warned(fn, args, names, valid):
   """valid, once each failed row has been logged (a no-op when none failed).
 
   TensorFlow's own warning for a skipped element names neither the element
   nor the data set, and spans several lines: a failed row is run again,
-  eagerly, to say why it failed. A record fails again in every epoch: the
-  warning is given once per pipeline, later ones go to the log file only.
+  eagerly, to say why it failed. A record fails again in every epoch and
+  every evaluation: the warning is given once per process (the terminal),
+  later ones go to the log file only.
   """
-  warned = set()
-  lock = threading.Lock()
 
   def log(names, valid, *args):
-    for row in np.flatnonzero(~valid.numpy()):
-      name = names[row].numpy().decode('utf-8', 'replace')
-      with lock:
-        again = name in warned
-        warned.add(name)
-      if again:
-        logging.info('Skipped again: %s', name)
-      else:
-        logging.warning('Skipped an image that could not be decoded or preprocessed: %s (%s)',
-                        name, _error(fn, [a[row] for a in args]))
+    try:
+      for row in np.flatnonzero(~valid.numpy()):
+        name = names[row].numpy().decode('utf-8', 'replace')
+        with _WARNED_LOCK:
+          again = name in _WARNED
+          _WARNED.add(name)
+        if again:
+          logging.info('Skipped again: %s', name)
+        else:
+          logging.warning('Skipped an image that could not be decoded or preprocessed: %s (%s)',
+                          name, _error(fn, [a[row] for a in args]))
+    except Exception as e:  # pylint: disable=broad-except  # A failed warning must not fail the batch.
+      logging.warning('Skipped %d images that could not be decoded or preprocessed (naming them failed: %s: %s)',
+                      int(np.sum(~valid.numpy())), type(e).__name__, e)
     return valid
 
   def warn():

@@ -244,7 +244,7 @@ def _unreadable_at_the_top_left_out(folder: str, files: list[str]) -> tuple[list
   for relpath in at_top:
     try:
       with tf.io.gfile.GFile(os.path.join(folder, relpath), 'rb') as f, Image.open(f) as image:
-        image.verify()
+        image.load()  # Decoded (verify() passes a truncated JPEG).
     except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
       skipped.append((relpath, 'not an image in a known format, or a corrupt header'
                       if isinstance(e, UnidentifiedImageError) else f'{type(e).__name__}: {e}'))

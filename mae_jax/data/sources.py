@@ -421,7 +421,9 @@ def read_records(builder: tfds.core.DatasetBuilder, split: Any,
   if 'tfds_id' in ds.element_spec:  # 'FILE__INDEX' for data TFDS reads from files.
     name = lambda index, ex: tf.strings.regex_replace(ex['tfds_id'], r'^(.*)__(\d+)$', r'record \2 of \1')
   else:
-    where = f' of {builder.name} {split}'
+    part = getattr(split, 'split', None)  # tfds.split_for_jax_process's part of a split: say which.
+    where = f' of {builder.name} {split}' if part is None else (
+        f' of {builder.name} {part} (part {split.index + 1} of {split.count})')
     name = lambda index, ex: tf.strings.join(['example ', tf.strings.as_string(index), where])
   return ds.enumerate().map(lambda index, ex: {**pack({k: ex[k] for k in keys}), 'record': name(index, ex)},
                             num_parallel_calls=tf.data.AUTOTUNE)

@@ -41,6 +41,7 @@ class Checkpointer:
     self.workdir = workdir
     self.every_steps = every_steps
     self._last_saved = None
+    self._preemption_failed = False  # The preemption sync point failed once (warned).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         create=True,
@@ -95,7 +96,7 @@ class Checkpointer:
     try:
       return bool(self.manager.reached_preemption(step))
     except Exception as e:  # pylint: disable=broad-except
-      if not getattr(self, '_preemption_failed', False):  # Once: it would fail at every step.
+      if not self._preemption_failed:  # Once: it would fail at every step.
         self._preemption_failed = True
         logging.warning('Cannot ask JAX\'s preemption service whether to stop (%s: %s): a preemption notice '
                         'will not save a checkpoint', type(e).__name__, e)

@@ -55,6 +55,11 @@ POLL_SECONDS = 10.0
 SETTLE_SECONDS = 2.0  # After writing a lease that others may write at the same moment, before reading it back.
 
 _PROCESS = uuid.uuid4().hex  # This process: a lease it took in an earlier run (a failed call) is its own.
+
+
+def _of_this_process(record) -> bool:
+  """Whether a lease record read back was written by this process (any of its jobs)."""
+  return isinstance(record, dict) and record.get('process') == _PROCESS
 _HELD = []  # The leases this process holds (released on the way out, also by main's fast exit).
 _ABSENT, _UNREADABLE = 'absent', 'unreadable'
 
@@ -154,7 +159,7 @@ class Lease:
       return None
     if created is False:  # A local file was there: the one being replaced, or a job that came first.
       found = self._read()
-      if found != replacing and not (isinstance(found, dict) and found.get('process') == _PROCESS):
+      if found != replacing and not _of_this_process(found):
         return found
     self._write()
     self.sleep(self.settle_seconds)  # Racing writes land; the last one holds the lease.
@@ -190,7 +195,7 @@ class Lease:
         return None, _ABSENT
       if now == _UNREADABLE or now == other:
         continue
-      if now.get('process') == _PROCESS:  # This process's own write (a read-back that failed): its lease.
+      if _of_this_process(now):  # This process's own write (a read-back that failed): its lease.
         return None, now
       if now.get('stopping'):  # Renewed by a job saving on its way out: wait for it from this renewal.
         other, deadline = now, float(now.get('renewed', self.clock())) + self.stale_seconds
@@ -207,7 +212,7 @@ class Lease:
     if jax.process_index() == 0:
       other = self._read(first=True)
       while True:
-        ours = other == _ABSENT or (isinstance(other, dict) and other.get('process') == _PROCESS)
+        ours = other == _ABSENT or _of_this_process(other)
         live, other = (None, other) if ours else self._wait_for(other)
         if live is not None:
           break

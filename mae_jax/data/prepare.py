@@ -205,9 +205,10 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
         f'--source=folder:{folder}: no images ({", ".join(IMAGE_EXTENSIONS)}) '
         'found in the folder or its sub-folders. Put your images there, '
         'optionally one sub-folder per class, and run this command again.')
+  convert = make_converter(folder, channels, max_size)
   skipped = []
   if labels == 'auto':  # An unreadable file next to the class folders does not take their labels away.
-    files, skipped = _unreadable_at_the_top_left_out(folder, files)
+    files, skipped = _unreadable_at_the_top_left_out(files, convert)
   splits, class_names, label_of = dataset_writer.split_layout(files, labels, folder, split_folders)
   labeled = bool(class_names)
 
@@ -216,7 +217,6 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
         f'({dataset_writer.describe_layout(splits, class_names)}) into {out_dir}.')
 
   start = time.time()
-  convert = make_converter(folder, channels, max_size)
   with dataset_writer.incomplete_dir(out_dir) as tmp_dir, dataset_writer.progress_bar(
       len(files), f'Preparing {name}', progress) as bar:
     split_infos = dataset_writer.write_splits(tmp_dir, name, 'folder', folder, splits, features, convert,
@@ -232,8 +232,9 @@ def prepare_folder(folder: str, data_dir: str, *, name: str | None = None,
   return out_dir
 
 
-def _unreadable_at_the_top_left_out(folder: str, files: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-  """(files, skipped): the files lying directly in `folder` next to sub-folders that PIL cannot open, left out.
+def _unreadable_at_the_top_left_out(files: list[str], convert) -> tuple[list[str], list[tuple[str, str]]]:
+  """(files, skipped): the files lying directly in the folder next to sub-folders that `convert` (the
+  conversion's own `make_converter`) cannot read, left out.
 
   Such a file would leave every image unlabelled (`dataset_writer.class_labels`) and then be skipped anyway.
   """
@@ -242,12 +243,9 @@ def _unreadable_at_the_top_left_out(folder: str, files: list[str]) -> tuple[list
     return files, []
   skipped = []
   for relpath in at_top:
-    try:
-      with tf.io.gfile.GFile(os.path.join(folder, relpath), 'rb') as f, Image.open(f) as image:
-        image.load()  # Decoded (verify() passes a truncated JPEG).
-    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
-      skipped.append((relpath, 'not an image in a known format, or a corrupt header'
-                      if isinstance(e, UnidentifiedImageError) else f'{type(e).__name__}: {e}'))
+    _, why = convert(relpath)
+    if why is not None:
+      skipped.append((relpath, why))
   left_out = {relpath for relpath, _ in skipped}
   return [f for f in files if f not in left_out], skipped
 
